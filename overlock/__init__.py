@@ -1,0 +1,14 @@
+"""OverLoCK (CVPR 2025) for PyTorch and timm: the official models, exact, natten-free and fast.
+
+``import overlock`` registers ``overlock_{xt,t,s,b}`` and their ``_reparam`` deploy forms with timm.
+"""
+from .checkpoint import CheckpointError, load_into
+from .contmix import ContMixBlock, get_backend, set_backend, use_backend
+from .models import MODEL_CONFIGS, VARIANTS, OverLoCK, OverLoCKDense, create_dense_backbone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OverLoCK", "OverLoCKDense", "ContMixBlock", "create_dense_backbone", "load_into", "CheckpointError",
+    "MODEL_CONFIGS", "VARIANTS", "set_backend", "get_backend", "use_backend", "__version__",
+]

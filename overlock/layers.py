@@ -1,0 +1,188 @@
+"""Small building blocks shared by the OverLoCK blocks.
+
+Parameter names and shapes follow the official code so its checkpoints load as they are. Every layer works
+on NCHW tensors in either memory format; none of them forces a layout change, so a model converted to
+``channels_last`` stays there end to end.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock",
+    "stem", "downsample", "fuse_conv_bn",
+]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over channels (eps 1e-6). In channels_last memory the permute below is free."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization (ConvNeXt-V2), on NCHW maps."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, dim, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.linalg.vector_norm(x, ord=2, dim=(-1, -2), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        return x * (self.gamma * nx + 1) + self.beta
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-excitation with GELU inside and a sigmoid gate (``proj.1`` / ``proj.3`` as in the official)."""
+
+    def __init__(self, dim: int, reduction: int = 8):
+        super().__init__()
+        inner = max(16, dim // reduction)
+        self.proj = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(dim, inner, kernel_size=1),
+            nn.GELU(),
+            nn.Conv2d(inner, dim, kernel_size=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.proj(x)
+
+
+class LayerScale(nn.Module):
+    """Per-channel affine ``x * w + b``; weight stored as ``(C, 1, 1, 1)`` like the official depthwise conv."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), float(init_value)))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class ResDWConv(nn.Conv2d):
+    """Depthwise conv with a residual connection (``x + dwconv(x)``)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """Weight and bias of a conv followed by an eval-mode BatchNorm, as one conv."""
+    std = (bn.running_var + bn.eps).sqrt()
+    scale = bn.weight / std
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
+
+
+# UniRepLKNet's dilated branches: (kernel sizes, dilations) per large kernel size.
+_DILATED_BRANCHES = {
+    19: ((5, 7, 9, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)),
+    17: ((5, 7, 9, 3, 3, 3), (1, 1, 2, 4, 5, 7)),
+    15: ((5, 7, 7, 3, 3, 3), (1, 1, 2, 3, 5, 7)),
+    13: ((5, 7, 7, 3, 3, 3), (1, 1, 2, 3, 4, 5)),
+    11: ((5, 7, 5, 3, 3, 3), (1, 1, 2, 3, 4, 5)),
+    9: ((5, 7, 5, 3, 3), (1, 1, 2, 3, 4)),
+    7: ((5, 3, 3, 3), (1, 1, 2, 3)),
+    5: ((3, 3), (1, 2)),
+}
+
+
+class DilatedReparamBlock(nn.Module):
+    """Large-kernel depthwise conv plus parallel dilated small-kernel branches (UniRepLKNet).
+
+    Training form: ``lk_origin`` (no bias) + ``origin_bn`` and one conv+BN per dilated branch. Deploy form:
+    a single biased ``lk_origin``; :meth:`reparameterize` converts in place (also what
+    ``timm.utils.reparameterize_model`` calls).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
+        super().__init__()
+        if kernel_size not in _DILATED_BRANCHES:
+            raise ValueError(f"DilatedReparamBlock supports kernel sizes {sorted(_DILATED_BRANCHES)}, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.kernel_sizes, self.dilates = _DILATED_BRANCHES[kernel_size]
+        self.lk_origin = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+                                   bias=deploy)
+        self.deploy = deploy
+        if not deploy:
+            self.origin_bn = nn.BatchNorm2d(channels)
+            for k, r in zip(self.kernel_sizes, self.dilates):
+                self.add_module(f"dil_conv_k{k}_{r}", nn.Conv2d(
+                    channels, channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r, groups=channels, bias=False))
+                self.add_module(f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
+
+    def _branches(self):
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            yield r, getattr(self, f"dil_conv_k{k}_{r}"), getattr(self, f"dil_bn_k{k}_{r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deploy:
+            return self.lk_origin(x)
+        out = self.origin_bn(self.lk_origin(x))
+        for _, conv, bn in self._branches():
+            out = out + bn(conv(x))
+        return out
+
+    @torch.no_grad()
+    def merged_kernel(self):
+        """Weight and bias of the single conv equal to this block in eval mode."""
+        weight, bias = fuse_conv_bn(self.lk_origin, self.origin_bn)
+        for r, conv, bn in self._branches():
+            w, b = fuse_conv_bn(conv, bn)
+            k = w.shape[-1]
+            span = r * (k - 1) + 1
+            dilated = w.new_zeros(w.shape[0], 1, span, span)
+            dilated[:, :, ::r, ::r] = w
+            pad = self.kernel_size // 2 - span // 2
+            weight = weight + F.pad(dilated, [pad] * 4)
+            bias = bias + b
+        return weight, bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if self.deploy:
+            return
+        weight, bias = self.merged_kernel()
+        conv = nn.Conv2d(weight.shape[0], weight.shape[0], self.kernel_size, padding=self.kernel_size // 2,
+                         groups=weight.shape[0], bias=True).to(weight.device, weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        if self.lk_origin.weight.is_contiguous(memory_format=torch.channels_last):
+            conv = conv.to(memory_format=torch.channels_last)
+        self.lk_origin = conv
+        del self.origin_bn
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            delattr(self, f"dil_conv_k{k}_{r}")
+            delattr(self, f"dil_bn_k{k}_{r}")
+        self.deploy = True
+
+
+def stem(in_chans: int, dim: int) -> nn.Sequential:
+    """Four 3x3 convs with BN (GELU between), stride 4 overall."""
+    half = dim // 2
+    return nn.Sequential(
+        nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
+        nn.Conv2d(half, dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
+        nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
+    )
+
+
+def downsample(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Stride-2 3x3 conv + BN between stages."""
+    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_dim))

@@ -1,0 +1,133 @@
+"""The two OverLoCK blocks: ``RepConvBlock`` (Base-Net and Overview-Net) and ``DynamicConvBlock`` (Focus-Net)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from ..contmix import context_mix, make_rpb, upsampled_size
+from ..layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
+
+__all__ = ["RepConvBlock", "DynamicConvBlock"]
+
+
+class RepConvBlock(nn.Module):
+    """Residual depthwise conv, then norm -> dilated large-kernel conv -> BN -> SE -> GRN MLP."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, mlp_ratio: float = 4, ls_init_value=None,
+                 res_scale: bool = False, drop_path: float = 0., norm_layer=LayerNorm2d, deploy: bool = False):
+        super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
+        self.res_scale = res_scale
+        self.dwconv = ResDWConv(dim, 3)
+        self.proj = nn.Sequential(
+            norm_layer(dim),
+            DilatedReparamBlock(dim, kernel_size, deploy=deploy),
+            nn.BatchNorm2d(dim),
+            SEModule(dim),
+            nn.Conv2d(dim, mlp_dim, 1),
+            nn.GELU(),
+            ResDWConv(mlp_dim, 3),
+            GRN(mlp_dim),
+            nn.Conv2d(mlp_dim, dim, 1),
+            DropPath(drop_path) if drop_path > 0 else nn.Identity(),
+        )
+        self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(x)
+        if self.res_scale:
+            return self.ls(x) + self.proj(x)
+        return x + self.proj[-1](self.ls(self.proj[:-1](x)))
+
+
+class DynamicConvBlock(nn.Module):
+    """Focus-Net block: fuse features with the context prior, mix space with ContMix, then a GRN MLP.
+
+    ``forward(x, ctx, ctx_prior)`` returns ``(x, ctx)``: the updated features and context (the context is
+    carried in the last ``ctx_dim // 4`` channels), or ``(features_and_context, None)`` for the last block.
+    """
+
+    def __init__(self, dim: int, ctx_dim: int, kernel_size: int = 7, smk_size: int = 5, num_heads: int = 2,
+                 mlp_ratio: float = 4, ls_init_value=None, res_scale: bool = False, drop_path: float = 0.,
+                 norm_layer=LayerNorm2d, is_first: bool = False, is_last: bool = False, deploy: bool = False):
+        super().__init__()
+        ctx_dim = ctx_dim // 4
+        out_dim = dim + ctx_dim
+        mlp_dim = int(dim * mlp_ratio)
+        self.dim, self.ctx_dim = dim, ctx_dim
+        self.kernel_size = kernel_size
+        self.smk_size = smk_size
+        self.num_heads = num_heads * 2
+        self.scale = (dim // self.num_heads) ** -0.5
+        self.res_scale = res_scale
+        self.is_first, self.is_last = is_first, is_last
+
+        self.rpb1 = make_rpb(self.num_heads, smk_size)
+        self.rpb2 = make_rpb(self.num_heads, kernel_size)
+        if not is_first:
+            self.x_scale = LayerScale(ctx_dim, init_value=1)
+            self.h_scale = LayerScale(ctx_dim, init_value=1)
+        self.dwconv1 = ResDWConv(out_dim, 3)
+        self.norm1 = norm_layer(out_dim)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), nn.GELU(),
+            nn.Conv2d(out_dim, dim, 1), GRN(dim))
+        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
+        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(ctx_dim, dim // 2, 1, bias=False),
+                                        nn.BatchNorm2d(dim // 2))
+        self.weight_proj = nn.Conv2d(49, kernel_size ** 2 + smk_size ** 2, 1)
+        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
+        self.se_layer = SEModule(dim)
+        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.dwconv2 = ResDWConv(out_dim, 3)
+        self.norm2 = norm_layer(out_dim)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(out_dim, mlp_dim, 1), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim),
+            nn.Conv2d(mlp_dim, out_dim, 1))
+        self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _mix(self, x: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:
+        """ContMix with queries from the features and keys from the context part of ``fused``."""
+        H, W = x.shape[-2:]
+        resized = min(H, W) < self.kernel_size
+        if resized:
+            size = upsampled_size(H, W, self.kernel_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
+        query, key = fused.split([self.dim, self.ctx_dim], dim=1)
+        out = context_mix(self.weight_query(query) * self.scale, self.weight_key(key), x, self.weight_proj,
+                          self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
+        if resized:
+            out = F.adaptive_avg_pool2d(out, (H, W))
+        return out
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
+        if not self.is_first:
+            ctx = self.x_scale(ctx) + self.h_scale(ctx_prior)
+        fused = self.dwconv1(torch.cat([x, ctx], dim=1))
+        identity = fused
+        fused = self.norm1(fused)
+        x = self.fusion(fused)
+        gate = self.gate(x)
+        lepe = self.lepe(x)
+        x = self.dyconv_proj(self._mix(x, fused)) + lepe
+        x = self.proj(gate * self.se_layer(x))
+        if self.res_scale:
+            x = self.ls1(identity) + self.drop_path(x)
+        else:
+            x = identity + self.drop_path(self.ls1(x))
+        x = self.dwconv2(x)
+        if self.res_scale:
+            x = self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
+        else:
+            x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        if self.is_last:
+            return x, None
+        x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
+        return x, ctx

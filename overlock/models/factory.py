@@ -1,0 +1,155 @@
+"""timm registration, pretrained configs and the dense-backbone factory."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ..checkpoint import CheckpointError, _strict_load, fit_state_dict, load_into, read_checkpoint, unwrap_state_dict
+from .dense import DENSE_KINDS, OverLoCKDense
+from .overlock import MODEL_CONFIGS, OverLoCK
+
+__all__ = ["create_dense_backbone", "RELEASE_URL", "VARIANTS"]
+
+_logger = logging.getLogger("overlock")
+
+RELEASE_URL = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/"
+VARIANTS = tuple(MODEL_CONFIGS)
+CROP_PCT = {"overlock_xt": 0.925, "overlock_t": 0.95, "overlock_s": 0.95, "overlock_b": 0.975}
+
+
+def _cfg(url: str, **kwargs):
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed1.0", "classifier": ("head.4", "aux_head.2"), "custom_load": True,
+        "license": "apache-2.0", "paper_ids": "arXiv:2502.20087", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    **{f"{v}.in1k": _cfg(f"{RELEASE_URL}{v}_in1k_224.pth", crop_pct=CROP_PCT[v]) for v in VARIANTS},
+    **{f"{v}_reparam.in1k": _cfg(f"{RELEASE_URL}{v}_in1k_224_reparam.pth", crop_pct=CROP_PCT[v]) for v in VARIANTS},
+})
+
+
+class _TimmOverLoCK(OverLoCK):
+    """OverLoCK as built by timm: ``load_pretrained`` reads official files safely (timm ``custom_load``)."""
+
+    def load_pretrained(self, path: str) -> None:
+        load_into(self, path)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
+    deploy = variant.endswith("_reparam")
+    base = variant[:-len("_reparam")] if deploy else variant
+    args = dict(MODEL_CONFIGS[base])
+    args.update(kwargs)
+    args.setdefault("deploy", deploy)
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    try:
+        return build_model_with_cfg(
+            _TimmOverLoCK, variant, pretrained,
+            feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+            **args)
+    except OSError as e:
+        if not pretrained or overlay.get("file") or isinstance(e, FileNotFoundError):
+            raise
+        url = default_cfgs[f"{variant}.in1k"].cfgs["in1k"].url
+        raise RuntimeError(
+            f"could not download the official {variant} weights from {url} ({e}). Without network access, download "
+            f"the file elsewhere and pass it: timm.create_model('{variant}', pretrained=True, "
+            f"pretrained_cfg_overlay=dict(file='/path/to/{os.path.basename(url)}'))") from e
+
+
+@register_model
+def overlock_xt(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_xt", pretrained, **kwargs)
+
+
+@register_model
+def overlock_t(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_t", pretrained, **kwargs)
+
+
+@register_model
+def overlock_s(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_s", pretrained, **kwargs)
+
+
+@register_model
+def overlock_b(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_b", pretrained, **kwargs)
+
+
+@register_model
+def overlock_xt_reparam(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_xt_reparam", pretrained, **kwargs)
+
+
+@register_model
+def overlock_t_reparam(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_t_reparam", pretrained, **kwargs)
+
+
+@register_model
+def overlock_s_reparam(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_s_reparam", pretrained, **kwargs)
+
+
+@register_model
+def overlock_b_reparam(pretrained: bool = False, **kwargs) -> OverLoCK:
+    return _create("overlock_b_reparam", pretrained, **kwargs)
+
+
+def create_dense_backbone(name: str, kind: str = "detection", checkpoint: Optional[str] = None,
+                          **kwargs) -> OverLoCKDense:
+    """Backbone of the official Mask R-CNN (``kind="detection"``) or UperNet (``"segmentation"``) models.
+
+    ``checkpoint`` may be an official detection/segmentation checkpoint (its ``backbone.`` keys load strictly;
+    neck and head keys are ignored) or an ImageNet classification checkpoint (heads dropped; the dense-only
+    layers ``extra_norm``/``h_proj`` start fresh and are listed in a warning). The result's ``out_channels``
+    gives the channels of its four outputs (strides 4, 8, 16, 32).
+    """
+    deploy = name.endswith("_reparam")
+    base = name[:-len("_reparam")] if deploy else name
+    if base not in MODEL_CONFIGS:
+        raise ValueError(f"unknown OverLoCK variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    if kind not in DENSE_KINDS:
+        raise ValueError(f"kind must be one of {DENSE_KINDS}, got {kind!r}")
+    args = dict(MODEL_CONFIGS[base])
+    args.update(kwargs)
+    args.setdefault("deploy", deploy)
+    model = OverLoCKDense(kind=kind, **args)
+    if checkpoint is not None:
+        load_dense_checkpoint(model, checkpoint)
+    return model
+
+
+def load_dense_checkpoint(model: OverLoCKDense, checkpoint) -> OverLoCKDense:
+    source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state = unwrap_state_dict(obj, source, prefer_ema=False)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if backbone:
+        state = fit_state_dict(backbone, model, source, classifiers=())
+        _strict_load(model, state, source)
+        return model
+    if any(k.startswith("extra_norm.") for k in state):  # a bare backbone state dict
+        _strict_load(model, fit_state_dict(state, model, source, classifiers=()), source)
+        return model
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "aux_head."))}
+    if not any(k.startswith("patch_embed1.") for k in state):
+        raise CheckpointError(f"{source}: neither an OverLoCK classification checkpoint nor a detection/"
+                              "segmentation checkpoint with 'backbone.' keys")
+    state = fit_state_dict(state, model, source, classifiers=())
+    fresh_prefixes = ("extra_norm.", "h_proj.")
+    fresh = _strict_load(model, state, source, allow_missing=fresh_prefixes)
+    warnings.warn(f"{source}: classification checkpoint loaded into the {model.kind} backbone; task-specific "
+                  f"layers initialised fresh: {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))}",
+                  stacklevel=2)
+    return model

@@ -1,0 +1,222 @@
+"""2-D neighbourhood aggregation (NATTEN's ``na2d_av``) and its relative position bias, in plain PyTorch.
+
+Every pixel ``(i, j)`` of an ``H x W`` map owns a ``k x k`` window of neighbours. Following NATTEN, the
+window is centred on the pixel when possible and *shifted* to stay inside the map near a border (never
+zero-padded): along an axis of length ``L`` the window starts at ``clamp(i - k // 2, 0, L - k)``.
+Hence every map side must be at least ``k``.
+
+``attn`` has shape ``(B, G, H, W, k*k)`` (row-major window offsets) and ``value`` ``(B, G, H, W, C)``;
+the result is ``out[b, g, i, j] = sum_a attn[b, g, i, j, a] * value[b, g, nbr(i, j, a)]``.
+
+Backends, all computing the same function:
+
+- ``naive``: explicit loops over pixels. Obviously correct, slow; the yardstick for the tests.
+- ``unfold``: what the official code does without natten (``F.unfold`` of the values, replicate padding,
+  one einsum). Materialises ``k*k`` copies of the values; kept to measure the official method in-project.
+- ``tiled``: the fast path. The output is cut into tiles; the neighbours of a tile lie in a region of
+  ``(t + k - 1)^2`` pixels, so each tile is one dense, masked matmul (the scattered softmax weights times
+  the region's values). A map that fits in one tile needs no gather at all. Cost is linear in pixels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "window_starts",
+    "neighbor_index",
+    "rpb_index",
+    "na2d_av",
+    "na2d_av_naive",
+    "na2d_av_unfold",
+    "na2d_av_tiled",
+    "BACKENDS",
+]
+
+
+def _check_size(height: int, width: int, kernel_size: int) -> None:
+    if kernel_size % 2 != 1:
+        raise ValueError(f"neighbourhood kernel_size must be odd, got {kernel_size}")
+    if height < kernel_size or width < kernel_size:
+        raise ValueError(
+            f"neighbourhood aggregation needs a map of at least {kernel_size}x{kernel_size}, got {height}x{width} "
+            "(ContMix resizes smaller maps up before aggregating)")
+
+
+def window_starts(length: int, kernel_size: int, device=None) -> torch.Tensor:
+    """First neighbour of each position along one axis (NATTEN's border rule)."""
+    pos = torch.arange(length, device=device)
+    return (pos - kernel_size // 2).clamp(0, length - kernel_size)
+
+
+def _axis_neighbors(length: int, kernel_size: int, device=None) -> torch.Tensor:
+    """``(length, k)`` absolute neighbour positions along one axis."""
+    return window_starts(length, kernel_size, device)[:, None] + torch.arange(kernel_size, device=device)
+
+
+def neighbor_index(height: int, width: int, kernel_size: int, device=None) -> torch.Tensor:
+    """``(H*W, k*k)`` flat index of each pixel's neighbours, window offsets row-major."""
+    _check_size(height, width, kernel_size)
+    nh = _axis_neighbors(height, kernel_size, device)  # (H, k)
+    nw = _axis_neighbors(width, kernel_size, device)  # (W, k)
+    idx = nh[:, None, :, None] * width + nw[None, :, None, :]  # (H, W, k, k)
+    return idx.reshape(height * width, kernel_size * kernel_size)
+
+
+def rpb_index(height: int, width: int, kernel_size: int, device=None) -> torch.Tensor:
+    """``(H*W, k*k)`` index into a flattened ``(2k-1, 2k-1)`` bias table: offset ``nbr - pixel + k - 1``."""
+    key = ("rpb", height, width, kernel_size, str(device))
+    idx = _PLAN_CACHE.get(key)
+    if idx is None:
+        idx = _rpb_index(height, width, kernel_size, device)
+        if not torch.compiler.is_compiling():
+            _PLAN_CACHE[key] = idx
+    return idx
+
+
+def _rpb_index(height: int, width: int, kernel_size: int, device=None) -> torch.Tensor:
+    _check_size(height, width, kernel_size)
+    span = 2 * kernel_size - 1
+
+    def axis(length):
+        pos = torch.arange(length, device=device)
+        return _axis_neighbors(length, kernel_size, device) - pos[:, None] + kernel_size - 1  # (L, k)
+
+    rh, rw = axis(height), axis(width)
+    idx = rh[:, None, :, None] * span + rw[None, :, None, :]
+    return idx.reshape(height * width, kernel_size * kernel_size)
+
+
+_PLAN_CACHE: Dict[Tuple, object] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# naive reference
+# ---------------------------------------------------------------------------------------------------------------
+
+def na2d_av_naive(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Loop over every pixel and window offset; the definition, used to check the other backends."""
+    B, G, H, W, C = value.shape
+    _check_size(H, W, kernel_size)
+    k = kernel_size
+    starts_h = window_starts(H, k).tolist()
+    starts_w = window_starts(W, k).tolist()
+    out = value.new_zeros(B, G, H, W, C)
+    for i in range(H):
+        for j in range(W):
+            sh, sw = starts_h[i], starts_w[j]
+            window = value[:, :, sh:sh + k, sw:sw + k, :].reshape(B, G, k * k, C)
+            out[:, :, i, j] = torch.einsum("bga,bgac->bgc", attn[:, :, i, j], window)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# official natten-free method
+# ---------------------------------------------------------------------------------------------------------------
+
+def na2d_av_unfold(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The official fallback: unfold the valid windows, replicate-pad them to the map, contract."""
+    B, G, H, W, C = value.shape
+    _check_size(H, W, kernel_size)
+    k, pad = kernel_size, kernel_size // 2
+    v = value.permute(0, 1, 4, 2, 3).reshape(B, G * C, H, W)
+    v = F.unfold(v, kernel_size=k).reshape(B, G * C * k * k, H - 2 * pad, W - 2 * pad)
+    v = F.pad(v, (pad, pad, pad, pad), mode="replicate").reshape(B, G, C, k * k, H, W)
+    return torch.einsum("bghwa,bgcahw->bghwc", attn, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tiled dense matmul (fast path)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _tiles(length: int, tile: int, kernel_size: int, device=None):
+    """Tile starts, region starts and region length along one axis.
+
+    The last tile is shifted back to end at the border (it may overlap its neighbour), so every tile has
+    the same size; its region is the span of its pixels' windows, at most ``tile + k - 1`` long.
+    """
+    tile = min(tile, length)
+    region = min(tile + kernel_size - 1, length)
+    n = math.ceil(length / tile)
+    t0 = torch.clamp(torch.arange(n, device=device) * tile, max=length - tile)
+    r0 = (t0 - kernel_size // 2).clamp(0, length - region)
+    return tile, region, t0, r0
+
+
+def _tiled_plan(height: int, width: int, kernel_size: int, tile: int, device):
+    """Index tensors for the tiled aggregation (cached per shape and device)."""
+    key = (height, width, kernel_size, tile, str(device))
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        return plan
+    k = kernel_size
+    th, rh, t0h, r0h = _tiles(height, tile, k, device)
+    tw, rw, t0w, r0w = _tiles(width, tile, k, device)
+    nth, ntw = t0h.numel(), t0w.numel()
+    # absolute rows/cols of each tile's pixels and of each region
+    pix_h = t0h[:, None] + torch.arange(th, device=device)  # (nth, th)
+    pix_w = t0w[:, None] + torch.arange(tw, device=device)
+    reg_h = r0h[:, None] + torch.arange(rh, device=device)  # (nth, rh)
+    reg_w = r0w[:, None] + torch.arange(rw, device=device)
+    # neighbours of each tile pixel, relative to its region
+    nb_h = _axis_neighbors(height, k, device)[pix_h] - r0h[:, None, None]  # (nth, th, k)
+    nb_w = _axis_neighbors(width, k, device)[pix_w] - r0w[:, None, None]
+    assert int(nb_h.min()) >= 0 and int(nb_h.max()) < rh and int(nb_w.min()) >= 0 and int(nb_w.max()) < rw
+    local = (nb_h[:, None, :, None, :, None] * rw + nb_w[None, :, None, :, None, :])  # (nth,ntw,th,tw,k,k)
+    local = local.reshape(nth * ntw, th * tw, k * k)
+    pix = (pix_h[:, None, :, None] * width + pix_w[None, :, None, :]).reshape(nth * ntw, th * tw)
+    reg = (reg_h[:, None, :, None] * width + reg_w[None, :, None, :]).reshape(nth * ntw, rh * rw)
+    single = nth * ntw == 1
+    # where each pixel's output lives in the flattened (tile, pixel-in-tile) result
+    owner = torch.empty(height * width, dtype=torch.long, device=device)
+    owner[pix.reshape(-1)] = torch.arange(pix.numel(), device=device)
+    plan = (single, pix, reg, local, owner, rh * rw)
+    if not torch.compiler.is_compiling():
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+def default_tile(height: int, width: int, kernel_size: int) -> int:
+    """One tile when the map is not much larger than a window, else tiles of about one kernel."""
+    if height * width <= 4 * kernel_size * kernel_size:
+        return max(height, width)
+    return max(kernel_size - 1, 8)
+
+
+def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, tile: int | None = None) -> torch.Tensor:
+    """Aggregate with one dense, masked matmul per tile: no ``k*k`` copies of the values."""
+    B, G, H, W, C = value.shape
+    _check_size(H, W, kernel_size)
+    kk = kernel_size * kernel_size
+    if tile is None:
+        tile = default_tile(H, W, kernel_size)
+    single, pix, reg, local, owner, region = _tiled_plan(H, W, kernel_size, tile, value.device)
+    a = attn.reshape(B, G, H * W, kk)
+    v = value.reshape(B, G, H * W, C)
+    if single:
+        dense = a.new_zeros(B, G, H * W, region).scatter_(-1, local[0].expand(B, G, -1, -1), a)
+        return torch.matmul(dense, v).reshape(B, G, H, W, C)
+    nt, P = pix.shape
+    a = a[:, :, pix]  # (B, G, nt, P, kk)
+    dense = a.new_zeros(B, G, nt, P, region).scatter_(-1, local.expand(B, G, -1, -1, -1), a)
+    out = torch.matmul(dense, v[:, :, reg])  # (B, G, nt, P, C)
+    return out.reshape(B, G, nt * P, C)[:, :, owner].reshape(B, G, H, W, C)
+
+
+BACKENDS = {
+    "naive": na2d_av_naive,
+    "unfold": na2d_av_unfold,
+    "tiled": na2d_av_tiled,
+}
+
+
+def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: str = "tiled") -> torch.Tensor:
+    """NATTEN-compatible ``na2d_av`` with a selectable backend (see module docstring)."""
+    try:
+        fn = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown neighbourhood backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    return fn(attn, value, kernel_size)
