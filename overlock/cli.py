@@ -1,0 +1,49 @@
+"""``overlock`` command line: one entry point, one module per subcommand in ``overlock.commands``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand name -> module in overlock.commands providing ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {
+    "train": "Train or fine-tune a model on an ImageFolder data set (single process or torchrun).",
+    "validate": "Top-1/top-5, loss and throughput of a model on an ImageFolder split.",
+    "predict": "Top-k labels for images or folders of images.",
+    "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
+    "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"overlock.commands.{name}")
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overlock", description="OverLoCK models: train, validate, predict, "
+                                     "inspect and benchmark.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # only import the module of the command being run (keeps `overlock info` fast)
+        if wanted == name:
+            _module(name).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return int(_module(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
