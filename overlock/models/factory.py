@@ -44,6 +44,11 @@ class _TimmOverLoCK(OverLoCK):
         load_into(self, path)
 
 
+def _filter_fn(state_dict, model):
+    """timm's path for local files (read weights-only by timm): fit official keys to the model."""
+    return fit_state_dict(unwrap_state_dict(state_dict, "pretrained file"), model, "pretrained file")
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     deploy = variant.endswith("_reparam")
     base = variant[:-len("_reparam")] if deploy else variant
@@ -51,9 +56,12 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     args.update(kwargs)
     args.setdefault("deploy", deploy)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and overlay.get("file") and not os.path.isfile(overlay["file"]):
+        raise FileNotFoundError(f"pretrained_cfg_overlay file not found: {overlay['file']}")
     try:
         return build_model_with_cfg(
             _TimmOverLoCK, variant, pretrained,
+            pretrained_filter_fn=_filter_fn,
             feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
             **args)
     except OSError as e:
