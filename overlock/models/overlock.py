@@ -109,7 +109,8 @@ class OverLoCK(nn.Module):
         self.high_level_proj = nn.Conv2d(embed_dim[-1], ctx_dim, 1)
         self.patch_embedx = CTXDownsample(embed_dim[2], embed_dim[3])
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depth) + sum(sub_depth)).tolist()
+        n_blocks = sum(depth) + sum(sub_depth)  # linear drop-path schedule over all blocks (pure Python: meta-safe)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         offsets = [sum(depth[:i]) for i in range(4)]
         for s in range(4):
             blocks = nn.ModuleList(
