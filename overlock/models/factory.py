@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import warnings
 from typing import Optional
 
@@ -31,9 +32,13 @@ def _cfg(url: str, **kwargs):
     }
 
 
+def _release_url(name: str) -> str:
+    return f"{RELEASE_URL}{name.replace('_reparam', '')}_in1k_224{'_reparam' if name.endswith('_reparam') else ''}.pth"
+
+
 default_cfgs = generate_default_cfgs({
-    **{f"{v}.in1k": _cfg(f"{RELEASE_URL}{v}_in1k_224.pth", crop_pct=CROP_PCT[v]) for v in VARIANTS},
-    **{f"{v}_reparam.in1k": _cfg(f"{RELEASE_URL}{v}_in1k_224_reparam.pth", crop_pct=CROP_PCT[v]) for v in VARIANTS},
+    **{f"{v}.in1k": _cfg(_release_url(v), crop_pct=CROP_PCT[v]) for v in VARIANTS},
+    **{f"{v}_reparam.in1k": _cfg(_release_url(f"{v}_reparam"), crop_pct=CROP_PCT[v]) for v in VARIANTS},
 })
 
 
@@ -64,10 +69,16 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
             pretrained_filter_fn=_filter_fn,
             feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
             **args)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if isinstance(e, CheckpointError) or not (pretrained and "pickle" in str(e)):
+            raise
+        raise CheckpointError(f"{overlay.get('file', variant)}: refused to unpickle objects other than tensors ({e}). "
+                              "If you trust the file, re-save only its tensors: "
+                              "torch.save(obj['state_dict'], 'clean.pth')") from e
     except OSError as e:
         if not pretrained or overlay.get("file") or isinstance(e, FileNotFoundError):
             raise
-        url = default_cfgs[f"{variant}.in1k"].cfgs["in1k"].url
+        url = _release_url(variant)
         raise RuntimeError(
             f"could not download the official {variant} weights from {url} ({e}). Without network access, download "
             f"the file elsewhere and pass it: timm.create_model('{variant}', pretrained=True, "
