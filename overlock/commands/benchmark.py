@@ -1,0 +1,101 @@
+"""``overlock benchmark``: throughput, latency and peak memory, side by side with any timm model.
+
+Example: ``overlock benchmark --model overlock_t --compare convnext_tiny --official --mode infer train``.
+The measuring logic lives in :mod:`overlock.benchmark`; this module only maps flags onto it and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", default=["overlock_t"], help="models to measure (ours or any timm name)")
+    p.add_argument("--compare", nargs="*", default=[], help="further models measured in the same run, "
+                   "e.g. convnext_tiny")
+    p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer"],
+                   help="inference (eval, inference_mode) and/or training step (forward, backward with the "
+                        "auxiliary loss for OverLoCK, AdamW step)")
+    p.add_argument("-b", "--batch-size", type=int, default=16)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one or more input sides")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory format (default on)")
+    p.add_argument("--reparam", action=argparse.BooleanOptionalAction, default=True,
+                   help="deploy (re-parameterized) form for inference (default on)")
+    p.add_argument("--backend", default=None, choices=["tiled", "unfold", "naive"],
+                   help="ContMix aggregation backend (default: the library's, tiled; unfold is the official method)")
+    p.add_argument("--official", action="store_true",
+                   help="also measure each OverLoCK configuration the official way (unfold backend, NCHW, "
+                        "training form) and report the speed-up")
+    p.add_argument("--amp", action="store_true", help="autocast mixed precision")
+    p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="cast model and input (inference)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed iterations; the median is reported (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each measurement")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero (random-init models then run far slower on CPU)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (faster start; peak memory then includes earlier runs)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per measurement")
+    p.add_argument("--json", metavar="PATH", default=None, help="write machine, versions, command and results")
+
+
+def configs(args: argparse.Namespace):
+    """All measurements the flags ask for, in order: each model, then its official-method twin."""
+    from overlock.benchmark import BenchConfig, is_overlock, official_method
+
+    out = []
+    for img_size in args.img_size:
+        for mode in args.mode:
+            for name in list(args.model) + list(args.compare):
+                cfg = BenchConfig(
+                    model=name, mode=mode, batch_size=args.batch_size, img_size=img_size,
+                    channels_last=args.channels_last, reparam=args.reparam, backend=args.backend, amp=args.amp,
+                    amp_dtype=args.amp_dtype, model_dtype=args.model_dtype, compile=args.compile,
+                    warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
+                    num_classes=args.num_classes, flush_denormal=not args.keep_denormals)
+                out.append(cfg)
+                if args.official and is_overlock(name):
+                    out.append(official_method(cfg))
+    return out
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    from overlock.benchmark import environment, measure, measure_in_subprocess
+
+    env = environment()
+    print(f"# {env['cpu']} ({env['cpu_count']} cpus), torch {env['torch']}, timm {env['timm']}", flush=True)
+    results = []
+    print("| run | img/s | latency ms | ms/img | peak MB | speed-up of the previous row |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for cfg in configs(args):
+        r = measure(cfg) if args.in_process else measure_in_subprocess(cfg, args.timeout)
+        results.append(r)
+        if "error" in r:
+            print(f"| {cfg.label} | error: {r['error'].splitlines()[-1]} |||||", flush=True)
+            continue
+        if cfg.label.endswith("training form)") and len(results) > 1 and "img_per_s" in results[-2]:
+            mine = results[-2]
+            r["speedup_of_previous"] = mine["img_per_s"] / r["img_per_s"]
+            mine["speedup_vs_official"] = r["speedup_of_previous"]
+            if r.get("peak_mb") and mine.get("peak_mb") is not None:
+                mine["memory_vs_official"] = mine["peak_mb"] / r["peak_mb"]
+        vs = f"{r['speedup_of_previous']:.2f}x" if "speedup_of_previous" in r else ""
+        print(f"| {r['label']} | {r['img_per_s']:.2f} | {r['latency_ms']:.1f} | {r['ms_per_img']:.1f} | "
+              f"{_fmt(r.get('peak_mb'), '.0f')} | {vs} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(command="overlock benchmark " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["benchmark"]
+                           else " ".join(sys.argv), environment=env, results=results), f, indent=2)
+        print(f"wrote {args.json}")
+    return 1 if any("error" in r for r in results) else 0
