@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from typing import List, Optional
@@ -14,6 +15,18 @@ COMMANDS = {
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
 }
+
+
+@contextlib.contextmanager
+def friendly_errors(prog: str):
+    """Turn the errors a user can fix (bad data, checkpoint, missing file) into one line and exit code 2."""
+    from overlock.checkpoint import CheckpointError
+    from overlock.data import DataError
+    try:
+        yield
+    except (DataError, CheckpointError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _module(name: str):
@@ -42,7 +55,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    return int(_module(args.command).run(args) or 0)
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a usage error with its message: print it the argparse way
+            print(f"overlock {args.command}: error: {e.code}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -36,7 +36,12 @@ def _release_url(name: str) -> str:
     return f"{RELEASE_URL}{name.replace('_reparam', '')}_in1k_224{'_reparam' if name.endswith('_reparam') else ''}.pth"
 
 
+# Tiny configuration (that of the reference data) for fast tests of training code, like timm's test_* models.
+TEST_CONFIG = dict(MODEL_CONFIGS["overlock_xt"], depth=(1, 1, 1, 1), sub_depth=(2, 1), embed_dim=(16, 32, 64, 96),
+                   sub_num_heads=(2, 2), projection=64)
+
 default_cfgs = generate_default_cfgs({
+    "test_overlock.untrained": _cfg("", input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=0.875),
     **{f"{v}.in1k": _cfg(_release_url(v), crop_pct=CROP_PCT[v]) for v in VARIANTS},
     **{f"{v}_reparam.in1k": _cfg(_release_url(f"{v}_reparam"), crop_pct=CROP_PCT[v]) for v in VARIANTS},
 })
@@ -57,7 +62,7 @@ def _filter_fn(state_dict, model):
 def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
     deploy = variant.endswith("_reparam")
     base = variant[:-len("_reparam")] if deploy else variant
-    args = dict(MODEL_CONFIGS[base])
+    args = dict(TEST_CONFIG if base == "test_overlock" else MODEL_CONFIGS[base])
     args.update(kwargs)
     args.setdefault("deploy", deploy)
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
@@ -125,6 +130,12 @@ def overlock_b_reparam(pretrained: bool = False, **kwargs) -> OverLoCK:
     return _create("overlock_b_reparam", pretrained, **kwargs)
 
 
+@register_model
+def test_overlock(pretrained: bool = False, **kwargs) -> OverLoCK:
+    """A 0.7 M-parameter OverLoCK for tests and smoke runs (no weights)."""
+    return _create("test_overlock", pretrained, **kwargs)
+
+
 def create_dense_backbone(name: str, kind: str = "detection", checkpoint: Optional[str] = None,
                           **kwargs) -> OverLoCKDense:
     """Backbone of the official Mask R-CNN (``kind="detection"``) or UperNet (``"segmentation"``) models.
@@ -140,7 +151,7 @@ def create_dense_backbone(name: str, kind: str = "detection", checkpoint: Option
         raise ValueError(f"unknown OverLoCK variant {name!r}; choose one of {', '.join(VARIANTS)}")
     if kind not in DENSE_KINDS:
         raise ValueError(f"kind must be one of {DENSE_KINDS}, got {kind!r}")
-    args = dict(MODEL_CONFIGS[base])
+    args = dict(TEST_CONFIG if base == "test_overlock" else MODEL_CONFIGS[base])
     args.update(kwargs)
     args.setdefault("deploy", deploy)
     model = OverLoCKDense(kind=kind, **args)

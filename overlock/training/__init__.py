@@ -1,0 +1,1 @@
+"""Training, evaluation and checkpointing for the ``overlock`` command line (timm recipe pieces)."""
