@@ -21,7 +21,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
+from .layers import GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
 from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
 
 __all__ = ["context_mix", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
@@ -131,20 +131,20 @@ class ContMixBlock(nn.Module):
 
         self.dwconv1 = ResDWConv(dim, 3)
         self.norm1 = norm_layer(dim)
-        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
-        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(dim, dim // 2, 1, bias=False),
+        self.weight_query = nn.Sequential(PointwiseConv(dim, dim // 2, bias=False), nn.BatchNorm2d(dim // 2))
+        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), PointwiseConv(dim, dim // 2, bias=False),
                                         nn.BatchNorm2d(dim // 2))
-        self.weight_value = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        self.weight_proj = nn.Conv2d(49, kernel_size ** 2 + smk_size ** 2, 1)
-        self.fusion_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.weight_value = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
+        self.weight_proj = PointwiseConv(49, kernel_size ** 2 + smk_size ** 2)
+        self.fusion_proj = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, dim, 1))
+        self.gate = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), PointwiseConv(dim, dim))
         self.dwconv2 = ResDWConv(dim, 3)
         self.norm2 = norm_layer(dim)
         self.mlp = nn.Sequential(
-            nn.Conv2d(dim, mlp_dim, 1), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim), nn.Conv2d(mlp_dim, dim, 1))
+            PointwiseConv(dim, mlp_dim), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim), PointwiseConv(mlp_dim, dim))
         self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -7,7 +7,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..contmix import context_mix, make_rpb, upsampled_size
-from ..layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
+from ..layers import GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
 
 __all__ = ["RepConvBlock", "DynamicConvBlock"]
 
@@ -26,11 +26,11 @@ class RepConvBlock(nn.Module):
             DilatedReparamBlock(dim, kernel_size, deploy=deploy),
             nn.BatchNorm2d(dim),
             SEModule(dim),
-            nn.Conv2d(dim, mlp_dim, 1),
+            PointwiseConv(dim, mlp_dim),
             nn.GELU(),
             ResDWConv(mlp_dim, 3),
             GRN(mlp_dim),
-            nn.Conv2d(mlp_dim, dim, 1),
+            PointwiseConv(mlp_dim, dim),
             DropPath(drop_path) if drop_path > 0 else nn.Identity(),
         )
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
@@ -73,21 +73,21 @@ class DynamicConvBlock(nn.Module):
         self.norm1 = norm_layer(out_dim)
         self.fusion = nn.Sequential(
             nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), nn.GELU(),
-            nn.Conv2d(out_dim, dim, 1), GRN(dim))
-        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
-        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(ctx_dim, dim // 2, 1, bias=False),
+            PointwiseConv(out_dim, dim), GRN(dim))
+        self.weight_query = nn.Sequential(PointwiseConv(dim, dim // 2, bias=False), nn.BatchNorm2d(dim // 2))
+        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), PointwiseConv(ctx_dim, dim // 2, bias=False),
                                         nn.BatchNorm2d(dim // 2))
-        self.weight_proj = nn.Conv2d(49, kernel_size ** 2 + smk_size ** 2, 1)
-        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.weight_proj = PointwiseConv(49, kernel_size ** 2 + smk_size ** 2)
+        self.dyconv_proj = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
         self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
         self.se_layer = SEModule(dim)
-        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.gate = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), PointwiseConv(dim, out_dim))
         self.dwconv2 = ResDWConv(out_dim, 3)
         self.norm2 = norm_layer(out_dim)
         self.mlp = nn.Sequential(
-            nn.Conv2d(out_dim, mlp_dim, 1), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim),
-            nn.Conv2d(mlp_dim, out_dim, 1))
+            PointwiseConv(out_dim, mlp_dim), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim),
+            PointwiseConv(mlp_dim, out_dim))
         self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

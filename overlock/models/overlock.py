@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LayerNorm2d, downsample, stem
+from ..layers import LayerNorm2d, PointwiseConv, downsample, stem
 from .blocks import DynamicConvBlock, RepConvBlock
 
 __all__ = ["OverLoCK", "CTXDownsample", "MODEL_CONFIGS"]
@@ -106,7 +106,7 @@ class OverLoCK(nn.Module):
         self.patch_embed2 = downsample(embed_dim[0], embed_dim[1])
         self.patch_embed3 = downsample(embed_dim[1], embed_dim[2])
         self.patch_embed4 = downsample(embed_dim[2], embed_dim[3])
-        self.high_level_proj = nn.Conv2d(embed_dim[-1], ctx_dim, 1)
+        self.high_level_proj = PointwiseConv(embed_dim[-1], ctx_dim)
         self.patch_embedx = CTXDownsample(embed_dim[2], embed_dim[3])
 
         n_blocks = sum(depth) + sum(sub_depth)  # linear drop-path schedule over all blocks (pure Python: meta-safe)
@@ -137,11 +137,11 @@ class OverLoCK(nn.Module):
         if use_ds:
             self.aux_head = nn.Sequential(
                 nn.BatchNorm2d(embed_dim[-1]), nn.AdaptiveAvgPool2d(1),
-                nn.Conv2d(embed_dim[-1], num_classes, 1) if num_classes > 0 else nn.Identity())
+                PointwiseConv(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity())
         self.head = nn.Sequential(
-            nn.Conv2d(fusion_dim, projection, 1, bias=False), nn.BatchNorm2d(projection), nn.SiLU(),
+            PointwiseConv(fusion_dim, projection, bias=False), nn.BatchNorm2d(projection), nn.SiLU(),
             nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
-            nn.Conv2d(projection, num_classes, 1) if num_classes > 0 else nn.Identity())
+            PointwiseConv(projection, num_classes) if num_classes > 0 else nn.Identity())
 
         self.feature_info = [
             dict(num_chs=embed_dim[0], reduction=4, module="blocks1"),
@@ -205,7 +205,7 @@ class OverLoCK(nn.Module):
     def _classifier(self, dim: int, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        conv = nn.Conv2d(dim, num_classes, 1)
+        conv = PointwiseConv(dim, num_classes)
         self._init_weights(conv)
         return conv
 
