@@ -81,21 +81,33 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)  # (B, G, HW, c)
     k = key.reshape(B, G, c, n_ctx)
     proj_w = weight_proj.weight.reshape(ss + kk, n_ctx)
+    bias_s, bias_l = _gather_rpb(rpb_small, H, W, smk_size), _gather_rpb(rpb_large, H, W, kernel_size)
     if backend == "tiled":
-        logits = torch.matmul(q, torch.matmul(k, proj_w.t())) + weight_proj.bias  # folded keys
+        # folded keys; the projection bias joins the (small) position-bias tables instead of the logits
+        # Biases are added in place (a matmul does not keep its output for backward): no extra big tensors.
+        keys = torch.matmul(k, proj_w.t())  # (B, G, c, ss + kk)
+        pb_s, pb_l = weight_proj.bias.split([ss, kk])
+        a1 = torch.matmul(q, keys[..., :ss]).add_(bias_s + pb_s)
+        a2 = torch.matmul(q, keys[..., ss:]).add_(bias_l + pb_l)
     else:
         logits = torch.matmul(torch.matmul(q, k), proj_w.t()) + weight_proj.bias  # official order
-    a1, a2 = logits.split([ss, kk], dim=-1)
-    a1 = a1 + rpb_small.flatten(1)[:, rpb_index(H, W, smk_size, query.device)]
-    a2 = a2 + rpb_large.flatten(1)[:, rpb_index(H, W, kernel_size, query.device)]
+        a1, a2 = logits.split([ss, kk], dim=-1)
+        a1 = a1 + bias_s
+        a2 = a2 + bias_l
     a1 = a1.softmax(dim=-1).reshape(B, G, H, W, ss)
     a2 = a2.softmax(dim=-1).reshape(B, G, H, W, kk)
     cv = value.shape[1] // (2 * G)
     v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
     x1 = na2d_av(a1, v[0], smk_size, backend)
     x2 = na2d_av(a2, v[1], kernel_size, backend)
-    out = torch.cat([x1, x2], dim=1)  # (B, 2G, H, W, cv)
-    return out.permute(0, 2, 3, 1, 4).reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+    out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv), one pass
+    return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+
+
+def _gather_rpb(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
+    """``(G, H*W, k*k)`` relative position biases of every pixel's window (``index_select``: one flat gather)."""
+    idx = rpb_index(height, width, kernel_size, table.device)
+    return table.flatten(1).index_select(1, idx.flatten()).view(table.shape[0], *idx.shape)
 
 
 def upsampled_size(height: int, width: int, kernel_size: int):

@@ -105,7 +105,24 @@ class ResDWConv(nn.Conv2d):
         c = self.kernel_size[0] // 2
         weight = self.weight.clone()
         weight[:, :, c, c] += 1
-        return self._conv_forward(x, weight, self.bias)
+        return depthwise_conv(x, weight, self.bias)
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
+    """Same-size depthwise conv (zero padding ``dilation * (k // 2)``) that skips taps which can never reach the map.
+
+    On a map smaller than the kernel's reach (a 13x13 kernel on a 2x2 map, dilated branches on small late maps)
+    the outer taps only ever see padding; the kernel is cropped to the taps that can land inside, which gives
+    the same output (and gradients, zero for the cropped taps) at a fraction of the cost.
+    """
+    k = weight.shape[-1]
+    c = k // 2
+    reach_h = min(c, (x.shape[-2] - 1) // dilation)
+    reach_w = min(c, (x.shape[-1] - 1) // dilation)
+    if reach_h < c or reach_w < c:
+        weight = weight[:, :, c - reach_h:c + reach_h + 1, c - reach_w:c + reach_w + 1]
+    return F.conv2d(x, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation,
+                    groups=weight.shape[0])
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -159,10 +176,10 @@ class DilatedReparamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
-            return self.lk_origin(x)
-        out = self.origin_bn(self.lk_origin(x))
-        for _, conv, bn in self._branches():
-            out = out + bn(conv(x))
+            return depthwise_conv(x, self.lk_origin.weight, self.lk_origin.bias)
+        out = self.origin_bn(depthwise_conv(x, self.lk_origin.weight))
+        for r, conv, bn in self._branches():
+            out = out + bn(depthwise_conv(x, conv.weight, dilation=r))
         return out
 
     @torch.no_grad()

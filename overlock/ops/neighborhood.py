@@ -180,8 +180,8 @@ def _tiled_plan(height: int, width: int, kernel_size: int, tile: int, device):
 
 
 def default_tile(height: int, width: int, kernel_size: int) -> int:
-    """One tile when the map is not much larger than a window, else tiles of about one kernel."""
-    if height * width <= 4 * kernel_size * kernel_size:
+    """One tile when the map is small or not much larger than a window, else tiles of about one kernel."""
+    if height * width <= max(4 * kernel_size * kernel_size, 256):
         return max(height, width)
     return max(kernel_size - 1, 8)
 
@@ -196,6 +196,9 @@ def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, til
     single, pix, reg, local, owner, region = _tiled_plan(H, W, kernel_size, tile, value.device)
     a = attn.reshape(B, G, H * W, kk)
     v = value.reshape(B, G, H * W, C)
+    if H == kernel_size and W == kernel_size:
+        # every window is the whole map and window offset ``a`` is pixel ``a``: the weights are already dense
+        return torch.matmul(a, v).reshape(B, G, H, W, C)
     if single:
         dense = a.new_zeros(B, G, H * W, region).scatter_(-1, local[0].expand(B, G, -1, -1), a)
         return torch.matmul(dense, v).reshape(B, G, H, W, C)

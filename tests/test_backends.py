@@ -1,0 +1,140 @@
+"""Every neighbourhood-aggregation backend and fast layer against its plain definition: values and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import overlock
+from overlock.contmix import context_mix, make_rpb
+from overlock.layers import GRN, DilatedReparamBlock, PointwiseConv, ResDWConv, depthwise_conv
+from overlock.ops.neighborhood import BACKENDS, na2d_av, na2d_av_naive, na2d_av_tiled
+
+from conftest import rel_err
+
+# (H, W, k): square and non-square maps, equal to the kernel, a little and much larger than it
+SHAPES = [(5, 5, 5), (7, 7, 7), (13, 13, 13), (13, 13, 5), (7, 11, 5), (14, 14, 13), (9, 16, 7), (20, 17, 3),
+          (30, 19, 5)]
+FAST = [b for b in BACKENDS if b != "naive"]
+
+
+def _inputs(H, W, k, B=2, G=3, C=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.randn(B, G, H, W, k * k, generator=g, dtype=torch.float64).softmax(-1)
+    value = torch.randn(B, G, H, W, C, generator=g, dtype=torch.float64)
+    return attn.requires_grad_(), value.requires_grad_()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("H,W,k", SHAPES)
+def test_backend_matches_naive_values_and_gradients(backend, H, W, k):
+    attn, value = _inputs(H, W, k)
+    ref = na2d_av_naive(attn, value, k)
+    grad = torch.randn_like(ref)
+    ref_ga, ref_gv = torch.autograd.grad(ref, (attn, value), grad)
+    out = na2d_av(attn, value, k, backend)
+    ga, gv = torch.autograd.grad(out, (attn, value), grad)
+    assert rel_err(out, ref) < 1e-12
+    assert rel_err(ga, ref_ga) < 1e-12 and rel_err(gv, ref_gv) < 1e-12
+
+
+@pytest.mark.parametrize("tile", [3, 4, 8, 64])
+def test_tiled_any_tile_size(tile):
+    attn, value = _inputs(17, 12, 5)
+    assert rel_err(na2d_av_tiled(attn, value, 5, tile=tile), na2d_av_naive(attn, value, 5)) < 1e-12
+
+
+def test_map_smaller_than_kernel_is_a_clear_error():
+    attn, value = _inputs(5, 5, 5)
+    with pytest.raises(ValueError, match="at least 7x7"):
+        na2d_av(attn[..., :1].expand(-1, -1, -1, -1, 49), value, 7, "tiled")
+
+
+def _contmix_args(H, W, k=7, s=5, G=4, c=4, B=2, memory_format=torch.contiguous_format):
+    g = torch.Generator().manual_seed(1)
+    def t(*shape):
+        return torch.randn(*shape, generator=g).contiguous(memory_format=memory_format) \
+            if len(shape) == 4 else torch.randn(*shape, generator=g)
+    proj = torch.nn.Conv2d(49, k * k + s * s, 1)
+    query, key, value = t(B, G * c, H, W), t(B, G * c, 7, 7), t(B, 2 * G * c, H, W)
+    rpb1, rpb2 = make_rpb(G, s), make_rpb(G, k)
+    with torch.no_grad():
+        rpb1.normal_(generator=g)
+        rpb2.normal_(generator=g)
+    leaves = [query, key, value, rpb1, rpb2, proj.weight, proj.bias]
+    for x in leaves[:3]:
+        x.requires_grad_()
+    return dict(query=query, key=key, value=value, weight_proj=proj, rpb_small=rpb1, rpb_large=rpb2, smk_size=s,
+                kernel_size=k, num_heads=G), leaves
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("H,W", [(7, 7), (13, 13), (9, 14), (16, 16)])
+def test_context_mix_fast_path_matches_official_order(memory_format, H, W):
+    """Folded keys, biases in place, tiled aggregation vs the official order with the naive aggregation."""
+    kw, leaves = _contmix_args(H, W, memory_format=memory_format)
+    ref = context_mix(**kw, backend="naive")
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    out = context_mix(**kw, backend="tiled")
+    grads = torch.autograd.grad(out, leaves, grad)
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("H,W,k,r", [(2, 2, 13, 1), (1, 1, 7, 1), (4, 3, 3, 5), (2, 5, 17, 1), (8, 8, 3, 7),
+                                     (20, 20, 5, 2)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cropped_depthwise_conv(H, W, k, r, memory_format):
+    x = torch.randn(2, 6, H, W, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, w, b, padding=r * (k // 2), dilation=r, groups=6)
+    out = depthwise_conv(x, w, b, dilation=r)
+    grad = torch.randn_like(ref)
+    assert rel_err(out, ref) < 1e-12
+    for a, b_ in zip(torch.autograd.grad(out, (x, w, b), grad), torch.autograd.grad(ref, (x, w, b), grad)):
+        assert rel_err(a, b_) < 1e-12
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_layers_match_definitions(memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
+    pw = PointwiseConv(8, 5).double()
+    ref = F.conv2d(x, pw.weight, pw.bias)
+    out = pw(x)
+    assert rel_err(out, ref) < 1e-12 and out.is_contiguous(memory_format=memory_format)
+    dw = ResDWConv(8, 3).double()
+    ref = x + F.conv2d(x, dw.weight, dw.bias, padding=1, groups=8)
+    out = dw(x)
+    assert rel_err(out, ref) < 1e-12
+    assert rel_err(torch.autograd.grad(out.sum(), dw.weight)[0], torch.autograd.grad(ref.sum(), dw.weight)[0]) < 1e-12
+    grn = GRN(8).double()
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    gx = torch.linalg.vector_norm(x, ord=2, dim=(-1, -2), keepdim=True)
+    ref = x * (grn.gamma * gx / (gx.mean(dim=1, keepdim=True) + 1e-6) + 1) + grn.beta
+    assert rel_err(grn(x), ref) < 1e-12
+
+
+def test_dilated_block_training_and_deploy_forms_on_small_maps():
+    block = DilatedReparamBlock(4, 13).double().eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    ref = block(x)
+    block.reparameterize()
+    assert rel_err(block(x), ref) < 1e-12
+
+
+def test_backend_selection_round_trip():
+    before = overlock.get_backend()
+    with overlock.use_backend("unfold"):
+        assert overlock.get_backend() == "unfold"
+    assert overlock.get_backend() == before
+    with pytest.raises(ValueError):
+        overlock.set_backend("natten")
