@@ -1,0 +1,47 @@
+"""``overlock benchmark`` runs on a tiny configuration and records what it measured (no timing assertions)."""
+import json
+
+import pytest
+
+from overlock.benchmark import BenchConfig, official_method
+from overlock.cli import main
+
+FIELDS = {"model", "mode", "batch_size", "img_size", "label", "img_per_s", "latency_ms", "ms_per_img", "peak_mb",
+          "times_ms", "backend_used", "channels_last", "reparam"}
+
+
+def test_benchmark_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["benchmark", "--model", "test_overlock", "--official", "--mode", "infer", "train", "-b", "2",
+               "--img-size", "48", "--warmup", "1", "--repeats", "2", "--num-classes", "10", "--threads", "1",
+               "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert {"command", "environment", "results"} <= set(data)
+    assert {"cpu", "torch", "timm", "overlock"} <= set(data["environment"])
+    results = data["results"]
+    assert [(r["mode"], r["backend_used"], r["channels_last"]) for r in results] == [
+        ("infer", "tiled", True), ("infer", "unfold", False), ("train", "tiled", True), ("train", "unfold", False)]
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert FIELDS <= set(r)
+        assert r["img_per_s"] > 0 and len(r["times_ms"]) == 2 and r["peak_mb"] is not None
+    assert "official method" in results[1]["label"] and results[0]["speedup_vs_official"] > 0
+    assert "| test_overlock infer b2 48px" in capsys.readouterr().out
+
+
+def test_benchmark_compares_a_timm_model_in_process(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--model", "test_overlock", "--compare", "resnet10t", "--in-process", "-b", "1",
+                 "--img-size", "32", "--warmup", "1", "--repeats", "1", "--no-channels-last", "--backend", "unfold",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in results] == ["test_overlock", "resnet10t"]
+    assert results[0]["backend_used"] == "unfold" and not results[0]["channels_last"]
+
+
+def test_official_method_config():
+    cfg = official_method(BenchConfig("overlock_t", mode="train", batch_size=8))
+    assert (cfg.backend, cfg.channels_last, cfg.reparam, cfg.batch_size) == ("unfold", False, False, 8)
+    with pytest.raises(ValueError):
+        BenchConfig("overlock_t", mode="eval")
