@@ -34,3 +34,6 @@ demo: venv
 		--reprob 0 -j 2 --output $(DEMO_RUN)
 	$(VENV)/bin/overlock predict --checkpoint $(DEMO_RUN)/best.pth --topk 3 \
 		$$(ls $(DEMO_DATA)/val/*/*.png | awk 'NR % 40 == 1')
+
+benchmark: venv
+	sh benchmarks/run.sh
