@@ -48,3 +48,12 @@ def test_posterize_to_zero_bits_gives_black_instead_of_crashing():
     img = Image.new("RGB", (4, 4), (200, 100, 50))
     assert auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 0).getpixel((0, 0)) == (0, 0, 0)
     assert auto_augment.NAME_TO_OP["Posterize"](img, 2).getpixel((0, 0)) == (192, 64, 0)
+
+
+def test_predict_names_imagenet_classes_offline():
+    from overlock.commands.predict import class_names
+
+    names = class_names(None, 1000)
+    assert len(names) == 1000 and names[0].startswith("tench") and "goldfish" in names[1]
+    assert class_names(["cat", "dog"], 2) == ["cat", "dog"]
+    assert class_names(None, 3) == ["class_0", "class_1", "class_2"]

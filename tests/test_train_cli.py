@@ -70,6 +70,15 @@ def test_validate_reproduces_training_metrics_and_writes_json(trained, data, tmp
                               "--results-file", results)
     assert code == 0, stderr
     assert json.loads(results.read_text())["loss"] == pytest.approx(r["loss"], rel=1e-4)
+    # the same weights as an official-style file (wrapped under "state_dict"): --model names the architecture
+    official = tmp_path / "official_style.pth"
+    torch.save({"state_dict": best["model"]}, official)
+    code, _, stderr = run_cli("validate", data, "--checkpoint", official, "-j", "0", "--results-file", results)
+    assert code == 2 and "--model" in stderr
+    code, _, stderr = run_cli("validate", data, "--checkpoint", official, "--model", "test_overlock",
+                              "--img-size", "32", "-j", "0", "--results-file", results)
+    assert code == 0, stderr
+    assert json.loads(results.read_text())["top1"] == pytest.approx(r["top1"], abs=1e-6)
     # EMA weights are a different model
     code, _, stderr = run_cli("validate", data, "--checkpoint", trained / "best_ema.pth", "--use-ema", "-j", "0",
                               "--results-file", results)
