@@ -29,9 +29,9 @@ DEMO_RUN ?= runs/demo
 demo: venv
 	$(PY) -m overlock.data.digits $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
-	$(VENV)/bin/overlock train --data-dir $(DEMO_DATA) --model overlock_xt --img-size 32 -b 32 --epochs 3 \
+	$(VENV)/bin/overlock train --data-dir $(DEMO_DATA) --model overlock_xt --img-size 32 -b 32 --epochs 4 \
 		--warmup-epochs 0 --cooldown-epochs 0 --sched-on-updates --lr 1e-3 --hflip 0 --aa '' --mixup 0 --cutmix 0 \
-		--reprob 0 -j 2 --output $(DEMO_RUN)
+		--reprob 0 --scale 0.6 1 --color-jitter 0 -j 2 --output $(DEMO_RUN)
 	$(VENV)/bin/overlock predict --checkpoint $(DEMO_RUN)/best.pth --topk 3 \
 		$$(ls $(DEMO_DATA)/val/*/*.png | awk 'NR % 40 == 1')
 

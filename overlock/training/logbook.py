@@ -97,8 +97,10 @@ def plot_curves(rows: List[Dict[str, str]], path: str) -> None:
     xs, ys = _series(rows, "lr")
     axes[2].plot(xs, ys, marker="o", ms=3)
     axes[2].set_title("learning rate")
+    from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
