@@ -384,7 +384,7 @@ class Trainer:
         if row.get("train_img_per_s"):
             parts.append(f"{row['train_img_per_s']:.1f} img/s, {row['epoch_time_s']:.0f} s")
         if row.get("bad_images"):
-            parts.append(f"{row['bad_images']} unreadable images")
+            parts.append(f"{row['bad_images']} unreadable images so far")
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 
