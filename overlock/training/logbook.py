@@ -81,22 +81,20 @@ def plot_curves(rows: List[Dict[str, str]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for key, label in (("train_loss", "train"), ("train_loss_aux", "train (aux head)"), ("val_loss", "val"),
-                       ("ema_val_loss", "val (EMA)")):
-        xs, ys = _series(rows, key)
-        if xs:
-            axes[0].plot(xs, ys, marker="o", ms=3, label=label)
-    axes[0].set_title("loss")
-    for key, label in (("val_top1", "top-1"), ("val_top5", "top-5"), ("ema_val_top1", "top-1 (EMA)"),
-                       ("ema_val_top5", "top-5 (EMA)")):
-        xs, ys = _series(rows, key)
-        if xs:
-            axes[1].plot(xs, ys, marker="o", ms=3, label=label)
-    axes[1].set_title("validation accuracy (%)")
-    xs, ys = _series(rows, "lr")
-    axes[2].plot(xs, ys, marker="o", ms=3)
-    axes[2].set_title("learning rate")
+    panels = (
+        ("loss", (("train_loss", "train"), ("train_loss_aux", "train (aux head)"), ("val_loss", "val"),
+                  ("ema_val_loss", "val (EMA)"))),
+        ("validation accuracy (%)", (("val_top1", "top-1"), ("val_top5", "top-5"), ("ema_val_top1", "top-1 (EMA)"),
+                                     ("ema_val_top5", "top-5 (EMA)"))),
+        ("learning rate", (("lr", None),)),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
+    for ax, (title, series) in zip(axes, panels):
+        for key, label in series:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.set_title(title)
     from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.set_xlabel("epoch")
