@@ -26,6 +26,7 @@ def test_info_command_json(capsys):
     assert rows[0]["model"] == "overlock_xt" and abs(rows[0]["params_m"] - 16.45) < 0.01
 
 
-def test_info_command_rejects_unknown_model():
-    with pytest.raises(SystemExit, match="overlock_q"):
-        main(["info", "--model", "overlock_q"])
+def test_info_command_rejects_unknown_model(capsys):
+    assert main(["info", "--model", "overlock_q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("overlock info: error: unknown model 'overlock_q'") and "overlock_xt" in err

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         base = name[:-len("_reparam")] if name.endswith("_reparam") else name
         if base not in overlock.VARIANTS:
-            raise SystemExit(f"overlock info: unknown model {name!r}; choose from {', '.join(overlock.VARIANTS)}")
+            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(overlock.VARIANTS)}")
     rows = [model_summary(name, args.img_size) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))

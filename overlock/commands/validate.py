@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _split_dir(args) -> str:
     root = args.data or args.data_dir
     if not root:
-        raise SystemExit("overlock validate: give the data set: DATA or --data-dir DIR")
+        raise SystemExit("give the data set: DATA or --data-dir DIR")
     candidate = os.path.join(root, args.split)
     return candidate if os.path.isdir(candidate) else root
 
