@@ -187,3 +187,15 @@ def test_arbitrary_pickles_are_refused_on_timm_path(tmp_path):
         pickle.dump({"state_dict": {}, "extra": _Payload()}, f)
     with pytest.raises(overlock.CheckpointError, match="evil2.pth"):
         timm.create_model("overlock_xt", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_training_after_inference_mode():
+    """Index plans first built under torch.inference_mode must not break a later training step."""
+    import overlock.ops.neighborhood as nb
+
+    nb._PLAN_CACHE.clear()
+    model = timm.create_model("test_overlock", num_classes=3)
+    with torch.inference_mode():
+        model.eval()(torch.randn(1, 3, 64, 48))
+    model.train()(torch.randn(2, 3, 64, 48)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -19,6 +19,8 @@ Backends, all computing the same function:
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Dict, Tuple
 
@@ -66,6 +68,17 @@ def neighbor_index(height: int, width: int, kernel_size: int, device=None) -> to
     return idx.reshape(height * width, kernel_size * kernel_size)
 
 
+def _normal_tensors(fn):
+    """Build cached index tensors outside inference mode: inference tensors in the cache would break a later
+    training step (autograd refuses to save them for backward)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_normal_tensors
 def rpb_index(height: int, width: int, kernel_size: int, device=None) -> torch.Tensor:
     """``(H*W, k*k)`` index into a flattened ``(2k-1, 2k-1)`` bias table: offset ``nbr - pixel + k - 1``."""
     key = ("rpb", height, width, kernel_size, str(device))
@@ -146,6 +159,7 @@ def _tiles(length: int, tile: int, kernel_size: int, device=None):
     return tile, region, t0, r0
 
 
+@_normal_tensors
 def _tiled_plan(height: int, width: int, kernel_size: int, tile: int, device):
     """Index tensors for the tiled aggregation (cached per shape and device)."""
     key = (height, width, kernel_size, tile, str(device))
