@@ -57,3 +57,13 @@ def test_predict_names_imagenet_classes_offline():
     assert len(names) == 1000 and names[0].startswith("tench") and "goldfish" in names[1]
     assert class_names(["cat", "dog"], 2) == ["cat", "dog"]
     assert class_names(None, 3) == ["class_0", "class_1", "class_2"]
+
+
+def test_validation_split_alias(tmp_path):
+    from overlock.data.folder import resolve_split
+
+    os.makedirs(tmp_path / "train")
+    os.makedirs(tmp_path / "validation")
+    assert resolve_split(str(tmp_path), "val") == "validation"
+    assert resolve_split(str(tmp_path), "train") == "train"
+    assert resolve_split(str(tmp_path), "test") == "test"

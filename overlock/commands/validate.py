@@ -23,7 +23,9 @@ def _split_dir(args) -> str:
     root = args.data or args.data_dir
     if not root:
         raise SystemExit("give the data set: DATA or --data-dir DIR")
-    candidate = os.path.join(root, args.split)
+    from overlock.data.folder import resolve_split
+
+    candidate = os.path.join(root, resolve_split(root, args.split))
     return candidate if os.path.isdir(candidate) else root
 
 

@@ -51,6 +51,16 @@ def _list_samples(split_dir: str, classes: Sequence[str]) -> Tuple[List[Tuple[st
     return samples, empty
 
 
+_SPLIT_ALIASES = {"val": ("validation", "valid"), "validation": ("val", "valid")}
+
+
+def resolve_split(root: str, split: str) -> str:
+    """``split`` if it exists under ``root``, else a common alias (``val`` <-> ``validation``)."""
+    if os.path.isdir(os.path.join(root, split)):
+        return split
+    return next((a for a in _SPLIT_ALIASES.get(split, ()) if os.path.isdir(os.path.join(root, a))), split)
+
+
 def check_image_folder(root: str, splits: Sequence[str] = ("train", "val")) -> Dict[str, List[Tuple[str, int]]]:
     """Validate ``root`` as an ImageFolder with the given splits; return each split's (path, class) samples.
 

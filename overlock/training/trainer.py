@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import DataError, ImageFolderSplit, check_image_folder, find_classes
-from ..data.folder import sample_seed, seed_everything
+from ..data.folder import resolve_split, sample_seed, seed_everything
 from ..data.loaders import data_config_for, eval_transform, train_loader, eval_loader, train_transform
 from . import checkpoints as ckpt
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
@@ -71,6 +71,8 @@ def _output_dir(args) -> str:
 
 def _preflight(args, info: DistInfo):
     """Every check that can fail without compute: data layout, classes, checkpoints, batch size."""
+    if os.path.isdir(args.data_dir):
+        args.val_split = resolve_split(args.data_dir, args.val_split)
     splits = check_image_folder(args.data_dir, (args.train_split, args.val_split))
     classes = find_classes(os.path.join(args.data_dir, args.train_split))
     if args.num_classes and args.num_classes != len(classes):
