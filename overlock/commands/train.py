@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("-b", "--batch-size", type=int, default=128, metavar="N", help="batch size per process")
     o.add_argument("-vb", "--validation-batch-size", type=int, default=None, metavar="N")
     o.add_argument("--epochs", type=int, default=300)
-    o.add_argument("--cooldown-epochs", type=int, default=10,
-                   help="epochs at --min-lr after the cosine schedule (the official script's 10)")
+    o.add_argument("--cooldown-epochs", type=int, default=0,
+                   help="extra epochs at --min-lr after --epochs (the official train.py adds 10: pass 10 to match)")
     o.add_argument("--warmup-epochs", type=int, default=5)
     o.add_argument("--lr", type=float, default=1e-3)
     o.add_argument("--auto-lr", action="store_true", help="lr = global batch / 1024 * 1e-3 (official)")
