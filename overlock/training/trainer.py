@@ -271,6 +271,7 @@ class Trainer:
             self.scaler.update()
         else:
             loss.backward()
+            self._check_gradients()
             if args.clip_grad:
                 dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
             self.optimizer.step()
@@ -281,6 +282,14 @@ class Trainer:
         if args.sched_on_updates:
             self.scheduler.step_update(self.step)
         return loss_main.item(), (loss_aux.item() if loss_aux is not None else None)
+
+    def _check_gradients(self) -> None:
+        """A finite loss can still give non-finite gradients (seen with bfloat16 autocast); without a loss scaler
+        to skip such a step, AdamW would write NaN into every weight, so stop before it does."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            raise NonFiniteLoss(f"non-finite gradients (finite loss) at epoch {self.epoch}, batch {self.batch} "
+                                f"(step {self.step + 1})")
 
     def train_epoch(self) -> Dict[str, float]:
         args, info = self.args, self.info
