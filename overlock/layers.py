@@ -46,8 +46,8 @@ class PointwiseConv(nn.Conv2d):
 class GRN(nn.Module):
     """Global Response Normalization (ConvNeXt-V2), on NCHW maps.
 
-    The spatial L2 norm is a sum of squares (a plain reduction, much faster on CPU than ``vector_norm``'s
-    generic path) and the affine response one fused multiply-add.
+    Without autograd the spatial L2 norm is a sum of squares (a plain reduction, much faster on CPU than
+    ``vector_norm``'s generic path); the affine response is one fused multiply-add.
     """
 
     def __init__(self, dim: int):
@@ -56,7 +56,11 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
+        if x.requires_grad and torch.is_grad_enabled():
+            # vector_norm's gradient at an all-zero map is 0 (as in the official code); sqrt's would be inf -> NaN
+            gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
+        else:
+            gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
         nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
         return torch.addcmul(self.beta, x, self.gamma * nx + 1)
 

@@ -199,3 +199,24 @@ def test_training_after_inference_mode():
         model.eval()(torch.randn(1, 3, 64, 48))
     model.train()(torch.randn(2, 3, 64, 48)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_grn_gradient_is_finite_on_an_all_zero_map():
+    """GRN's norm of an all-zero channel map has gradient 0 (torch.linalg.vector_norm), not NaN."""
+    from overlock.layers import GRN
+
+    grn = GRN(4)
+    with torch.no_grad():
+        grn.gamma.normal_()
+    x = torch.randn(2, 4, 3, 3)
+    x[0, 1] = 0
+    x.requires_grad_(True)
+    grn(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(grn.gamma.grad).all()
+    ref = x.detach().clone().requires_grad_(True)
+    gx = torch.linalg.vector_norm(ref, dim=(-1, -2), keepdim=True)
+    out = grn.beta + ref * (grn.gamma * gx / (gx.mean(dim=1, keepdim=True) + 1e-6) + 1)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+    with torch.no_grad():  # the fast inference path gives the same values
+        torch.testing.assert_close(grn(x), out.detach())
