@@ -12,7 +12,8 @@ from torch import nn
 
 __all__ = [
     "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock", "PointwiseConv",
-    "stem", "downsample", "fuse_conv_bn",
+    "stem", "downsample", "fuse_conv_bn", "inference_fast_path", "pointwise_scaled", "grn_pointwise",
+    "mlp_forward",
 ]
 
 
@@ -55,14 +56,17 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, dim, 1, 1))
         self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def response(self, x: torch.Tensor) -> torch.Tensor:
+        """``nx``: each channel's spatial L2 norm over the mean norm of the sample, ``(B, C, 1, 1)``."""
         if x.requires_grad and torch.is_grad_enabled():
             # vector_norm's gradient at an all-zero map is 0 (as in the official code); sqrt's would be inf -> NaN
             gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
         else:
             gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
-        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
-        return torch.addcmul(self.beta, x, self.gamma * nx + 1)
+        return gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.beta, x, self.gamma * self.response(x) + 1)
 
 
 class SEModule(nn.Module):
@@ -81,6 +85,10 @@ class SEModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.proj(x)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate alone, ``(B, C, 1, 1)`` (``forward(x) == x * scale(x)``)."""
+        return self.proj(x)
 
 
 class LayerScale(nn.Module):
@@ -135,6 +143,56 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     scale = bn.weight / std
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
+
+
+# ------------------------------------------------------------------------------------------- inference fast path
+# On CPU most time around the 1x1 convs goes to fresh multi-MB outputs (page faults on first touch) and extra
+# passes over them: a separate GELU output, GRN's ``x * s + beta``, SE's ``x * s``. Without autograd these are
+# folded away: per-sample channel scales go into per-sample 1x1 weights (one batched GEMM), shifts into the bias,
+# GELU runs in place on the GEMM output. Same function; only the floating-point summation order changes.
+
+def inference_fast_path(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when no autograd graph is recorded and ``x`` is a channels_last map (the NHWC view is a GEMM operand)."""
+    return (not torch.is_grad_enabled() and not module.training and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def pointwise_scaled(conv: nn.Conv2d, x: torch.Tensor, scale=None, shift=None, gelu: str | None = None):
+    """``conv(x * scale + shift)`` (then GELU, in place) for a channels_last ``x``, as one batched GEMM.
+
+    ``scale``: per-sample, per-channel ``(B, C, 1, 1)``; ``shift``: per-channel, broadcastable to ``(C,)``.
+    """
+    B, C, H, W = x.shape
+    w = conv.weight.flatten(1)  # (Cout, Cin)
+    bias = conv.bias
+    if shift is not None:
+        shifted = torch.mv(w, shift.reshape(C))
+        bias = shifted if bias is None else bias + shifted
+    xs = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    if scale is not None and H * W < w.shape[0]:
+        # small map: per-sample weights would outweigh the activations; scale the map instead
+        xs = xs * scale.reshape(B, 1, C)
+        scale = None
+    if scale is None:
+        out = F.linear(xs, w, bias)
+    else:
+        wb = w.t().unsqueeze(0) * scale.reshape(B, C, 1)  # (B, Cin, Cout)
+        out = torch.bmm(xs, wb) if bias is None else torch.baddbmm(bias.view(1, 1, -1), xs, wb)
+    if gelu is not None:
+        torch.ops.aten.gelu_(out, approximate=gelu)
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+def grn_pointwise(grn: "GRN", conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(grn(x))`` with GRN's response ``x * (gamma * nx + 1) + beta`` folded into the 1x1 weights."""
+    return pointwise_scaled(conv, x, scale=torch.addcmul(torch.ones_like(grn.gamma), grn.gamma, grn.response(x)),
+                            shift=grn.beta)
+
+
+def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The GRN MLP ``[1x1, GELU, ResDWConv, GRN, 1x1]`` on the fast path (see ``pointwise_scaled``)."""
+    x = pointwise_scaled(mlp[0], x, gelu=mlp[1].approximate)
+    return grn_pointwise(mlp[3], mlp[4], mlp[2](x))
 
 
 # UniRepLKNet's dilated branches: (kernel sizes, dilations) per large kernel size.

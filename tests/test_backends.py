@@ -138,3 +138,25 @@ def test_backend_selection_round_trip():
     assert overlock.get_backend() == before
     with pytest.raises(ValueError):
         overlock.set_backend("natten")
+
+
+@pytest.mark.parametrize("size", [3, 16])  # map smaller / larger than the 1x1 widths: scaled map / folded weights
+def test_inference_fast_path_matches_module_forward(size):
+    """Blocks without autograd on channels_last (SE, GELU, GRN folded into the 1x1s) equal the plain forward."""
+    from overlock.models.blocks import DynamicConvBlock, RepConvBlock
+    torch.manual_seed(0)
+    rep = RepConvBlock(8, 5, mlp_ratio=2, ls_init_value=0.5, res_scale=True).eval()
+    dyn = DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5,
+                           res_scale=True).eval()
+    for m in (rep, dyn):
+        for name, p in m.named_parameters():
+            if "gamma" in name or "beta" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
+    ctx = torch.randn(2, 4, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast_rep, fast_dyn = rep(x), dyn(x, ctx, ctx)[0]
+    with torch.enable_grad():  # autograd on: the plain module path
+        plain_rep, plain_dyn = rep(x), dyn(x, ctx, ctx)[0]
+    assert rel_err(fast_rep, plain_rep.detach()) < 1e-5
+    assert rel_err(fast_dyn, plain_dyn.detach()) < 1e-5

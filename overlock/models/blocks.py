@@ -7,7 +7,8 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..contmix import context_mix, make_rpb, upsampled_size
-from ..layers import GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
+from ..layers import (GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule,
+                      grn_pointwise, inference_fast_path, mlp_forward, pointwise_scaled)
 
 __all__ = ["RepConvBlock", "DynamicConvBlock"]
 
@@ -35,8 +36,17 @@ class RepConvBlock(nn.Module):
         )
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
 
+    def _proj_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj`` without autograd: SE gate folded into the first 1x1, GRN into the second (no DropPath in eval)."""
+        p = self.proj
+        x = p[2](p[1](p[0](x)))
+        x = pointwise_scaled(p[4], x, scale=p[3].scale(x), gelu=p[5].approximate)
+        return grn_pointwise(p[7], p[8], p[6](x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
+        if inference_fast_path(self, x):
+            return self.ls(x) + self._proj_fast(x) if self.res_scale else x + self.ls(self._proj_fast(x))
         if self.res_scale:
             return self.ls(x) + self.proj(x)
         return x + self.proj[-1](self.ls(self.proj[:-1](x)))
@@ -123,10 +133,11 @@ class DynamicConvBlock(nn.Module):
         else:
             x = identity + self.drop_path(self.ls1(x))
         x = self.dwconv2(x)
+        mlp = mlp_forward if inference_fast_path(self, x) else (lambda m, y: m(y))
         if self.res_scale:
-            x = self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
+            x = self.ls2(x) + self.drop_path(mlp(self.mlp, self.norm2(x)))
         else:
-            x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+            x = x + self.drop_path(self.ls2(mlp(self.mlp, self.norm2(x))))
         if self.is_last:
             return x, None
         x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
