@@ -141,9 +141,12 @@ def test_backend_selection_round_trip():
 
 
 @pytest.mark.parametrize("size", [3, 16])  # map smaller / larger than the 1x1 widths: scaled map / folded weights
-def test_inference_fast_path_matches_module_forward(size):
+@pytest.mark.parametrize("chunk_bytes", [1, 8 << 20])  # one sample per chunk / whole batch
+def test_inference_fast_path_matches_module_forward(size, chunk_bytes, monkeypatch):
     """Blocks without autograd on channels_last (SE, GELU, GRN folded into the 1x1s) equal the plain forward."""
+    from overlock.models import blocks
     from overlock.models.blocks import DynamicConvBlock, RepConvBlock
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     rep = RepConvBlock(8, 5, mlp_ratio=2, ls_init_value=0.5, res_scale=True).eval()
     dyn = DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5,
@@ -158,5 +161,6 @@ def test_inference_fast_path_matches_module_forward(size):
         fast_rep, fast_dyn = rep(x), dyn(x, ctx, ctx)[0]
     with torch.enable_grad():  # autograd on: the plain module path
         plain_rep, plain_dyn = rep(x), dyn(x, ctx, ctx)[0]
+    assert fast_rep.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(fast_rep, plain_rep.detach()) < 1e-5
     assert rel_err(fast_dyn, plain_dyn.detach()) < 1e-5

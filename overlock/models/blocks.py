@@ -10,7 +10,17 @@ from ..contmix import context_mix, make_rpb, upsampled_size
 from ..layers import (GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule,
                       grn_pointwise, inference_fast_path, mlp_forward, pointwise_scaled)
 
-__all__ = ["RepConvBlock", "DynamicConvBlock"]
+__all__ = ["RepConvBlock", "DynamicConvBlock", "batch_chunked"]
+
+CHUNK_BYTES = 8 << 20  # largest intermediate map per batch chunk on the inference fast path
+
+
+def batch_chunked(fn, x: torch.Tensor, bytes_per_sample: int) -> torch.Tensor:
+    """``fn(x)`` for a per-sample ``fn``, run on batch chunks of at most ``CHUNK_BYTES`` of intermediates."""
+    n = max(1, CHUNK_BYTES // max(bytes_per_sample, 1))
+    if n >= x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(c) for c in x.split(n)])
 
 
 class RepConvBlock(nn.Module):
@@ -43,10 +53,16 @@ class RepConvBlock(nn.Module):
         x = pointwise_scaled(p[4], x, scale=p[3].scale(x), gelu=p[5].approximate)
         return grn_pointwise(p[7], p[8], p[6](x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
+        return self.ls(x) + self._proj_fast(x) if self.res_scale else x + self.ls(self._proj_fast(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if inference_fast_path(self, x):
-            return self.ls(x) + self._proj_fast(x) if self.res_scale else x + self.ls(self._proj_fast(x))
+            # every op is per sample in eval: run in batch chunks whose 4x-wide MLP maps stay small enough
+            # for the allocator to reuse (fresh multi-MB buffers cost a page fault per 4 KB on first touch)
+            return batch_chunked(self._forward_fast, x, x[:1].numel() * 4 * self.proj[4].out_channels // x.shape[1])
+        x = self.dwconv(x)
         if self.res_scale:
             return self.ls(x) + self.proj(x)
         return x + self.proj[-1](self.ls(self.proj[:-1](x)))
