@@ -13,7 +13,7 @@ from torch import nn
 __all__ = [
     "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock", "PointwiseConv",
     "stem", "downsample", "fuse_conv_bn", "inference_fast_path", "pointwise_scaled", "grn_pointwise",
-    "mlp_forward",
+    "mlp_forward", "sequential_forward",
 ]
 
 
@@ -193,6 +193,58 @@ def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """The GRN MLP ``[1x1, GELU, ResDWConv, GRN, 1x1]`` on the fast path (see ``pointwise_scaled``)."""
     x = pointwise_scaled(mlp[0], x, gelu=mlp[1].approximate)
     return grn_pointwise(mlp[3], mlp[4], mlp[2](x))
+
+
+def _bn_affine(bn: nn.BatchNorm2d):
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))`` as one conv with the eval-mode BN folded into weight and bias (computed per call: the
+    module structure and state-dict keys stay those of the official code)."""
+    scale, shift = _bn_affine(bn)
+    inner = conv.lk_origin if isinstance(conv, DilatedReparamBlock) else conv
+    bias = shift if inner.bias is None else torch.addcmul(shift, inner.bias, scale)
+    weight = inner.weight * scale.view(-1, 1, 1, 1)
+    if isinstance(conv, DilatedReparamBlock):
+        return depthwise_conv(x, weight, bias)
+    if isinstance(conv, PointwiseConv) and x.is_contiguous(memory_format=torch.channels_last):
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return conv._conv_forward(x, weight, bias)
+
+
+_INPLACE = {nn.GELU: lambda m, x: torch.ops.aten.gelu_(x, approximate=m.approximate),
+            nn.SiLU: lambda m, x: F.silu(x, inplace=True)}
+
+
+def sequential_forward(seq, x: torch.Tensor) -> torch.Tensor:
+    """Run ``seq`` on the inference fast path: a conv (plain, 1x1 or deploy-form dilated block) followed by
+    BatchNorm becomes one conv, and GELU / SiLU right after a freshly made output run in place."""
+    mods = list(seq)
+    i, fresh = 0, False
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(nxt, nn.BatchNorm2d) and (
+                (type(m) in (nn.Conv2d, PointwiseConv) and m.padding_mode == "zeros")
+                or (isinstance(m, DilatedReparamBlock) and m.deploy)):
+            x, fresh, i = _conv_bn(m, nxt, x), True, i + 2
+            continue
+        if isinstance(m, nn.BatchNorm2d) and type(nxt) is PointwiseConv \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            scale, shift = _bn_affine(m)  # BN before a 1x1: scale its input columns, shift its bias
+            w = nxt.weight.flatten(1)
+            bias = torch.mv(w, shift) if nxt.bias is None else torch.addmv(nxt.bias, w, shift)
+            x = F.linear(x.permute(0, 2, 3, 1), w * scale, bias).permute(0, 3, 1, 2)
+            fresh, i = True, i + 2
+            continue
+        if fresh and type(m) in _INPLACE:
+            x = _INPLACE[type(m)](m, x)
+        else:
+            x, fresh = m(x), False
+        i += 1
+    return x
 
 
 # UniRepLKNet's dilated branches: (kernel sizes, dilations) per large kernel size.

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..contmix import context_mix, make_rpb, upsampled_size
 from ..layers import (GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule,
-                      grn_pointwise, inference_fast_path, mlp_forward, pointwise_scaled)
+                      grn_pointwise, inference_fast_path, mlp_forward, pointwise_scaled, sequential_forward)
 
 __all__ = ["RepConvBlock", "DynamicConvBlock", "batch_chunked"]
 
@@ -21,6 +21,10 @@ def batch_chunked(fn, x: torch.Tensor, bytes_per_sample: int) -> torch.Tensor:
     if n >= x.shape[0]:
         return fn(x)
     return torch.cat([fn(c) for c in x.split(n)])
+
+
+def _call(module, *args):
+    return module(*args)
 
 
 class RepConvBlock(nn.Module):
@@ -49,7 +53,7 @@ class RepConvBlock(nn.Module):
     def _proj_fast(self, x: torch.Tensor) -> torch.Tensor:
         """``proj`` without autograd: SE gate folded into the first 1x1, GRN into the second (no DropPath in eval)."""
         p = self.proj
-        x = p[2](p[1](p[0](x)))
+        x = sequential_forward(p[1:3], p[0](x))
         x = pointwise_scaled(p[4], x, scale=p[3].scale(x), gelu=p[5].approximate)
         return grn_pointwise(p[7], p[8], p[6](x))
 
@@ -127,7 +131,8 @@ class DynamicConvBlock(nn.Module):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=False)
         query, key = fused.split([self.dim, self.ctx_dim], dim=1)
-        out = context_mix(self.weight_query(query) * self.scale, self.weight_key(key), x, self.weight_proj,
+        seq = sequential_forward if inference_fast_path(self, query) else _call
+        out = context_mix(seq(self.weight_query, query) * self.scale, seq(self.weight_key, key), x, self.weight_proj,
                           self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
         if resized:
             out = F.adaptive_avg_pool2d(out, (H, W))
@@ -139,17 +144,19 @@ class DynamicConvBlock(nn.Module):
         fused = self.dwconv1(torch.cat([x, ctx], dim=1))
         identity = fused
         fused = self.norm1(fused)
-        x = self.fusion(fused)
-        gate = self.gate(x)
-        lepe = self.lepe(x)
-        x = self.dyconv_proj(self._mix(x, fused)) + lepe
-        x = self.proj(gate * self.se_layer(x))
+        seq = sequential_forward if inference_fast_path(self, fused) else _call
+        x = seq(self.fusion, fused)
+        gate = seq(self.gate, x)
+        lepe = seq(self.lepe, x)
+        x = seq(self.dyconv_proj, self._mix(x, fused)).add_(lepe) if seq is not _call \
+            else self.dyconv_proj(self._mix(x, fused)) + lepe
+        x = seq(self.proj, gate * self.se_layer(x))
         if self.res_scale:
             x = self.ls1(identity) + self.drop_path(x)
         else:
             x = identity + self.drop_path(self.ls1(x))
         x = self.dwconv2(x)
-        mlp = mlp_forward if inference_fast_path(self, x) else (lambda m, y: m(y))
+        mlp = mlp_forward if inference_fast_path(self, x) else _call
         if self.res_scale:
             x = self.ls2(x) + self.drop_path(mlp(self.mlp, self.norm2(x)))
         else:

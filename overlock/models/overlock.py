@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LayerNorm2d, PointwiseConv, downsample, stem
+from ..layers import LayerNorm2d, PointwiseConv, downsample, inference_fast_path, sequential_forward, stem
 from .blocks import DynamicConvBlock, RepConvBlock
 
 __all__ = ["OverLoCK", "CTXDownsample", "MODEL_CONFIGS"]
@@ -51,6 +51,8 @@ class CTXDownsample(nn.Module):
                                     nn.BatchNorm2d(h_dim // 4))
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor):
+        if inference_fast_path(self, x):
+            return sequential_forward(self.x_proj, x), sequential_forward(self.h_proj, ctx)
         return self.x_proj(x), self.h_proj(ctx)
 
 
@@ -216,23 +218,27 @@ class OverLoCK(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
+    def _seq(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """A conv/BN/activation sequence; without autograd on channels_last, with BN folded (``sequential_forward``)."""
+        return sequential_forward(seq, x) if inference_fast_path(self, x) else seq(x)
+
     def forward_pre(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stages 1 and 2 (strides 4 and 8)."""
-        x = self.patch_embed1(x)
+        x = self._seq(self.patch_embed1, x)
         for i, blk in enumerate(self.blocks1):
             x = self._run(blk, x, stage=0, index=i)
         s1 = x
-        x = self.patch_embed2(x)
+        x = self._seq(self.patch_embed2, x)
         for i, blk in enumerate(self.blocks2):
             x = self._run(blk, x, stage=1, index=i)
         return s1, x
 
     def forward_overview(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stage 3 (stride 16) and the Overview-Net (stride 32): features and the context prior."""
-        x = self.patch_embed3(x)
+        x = self._seq(self.patch_embed3, x)
         for i, blk in enumerate(self.blocks3):
             x = self._run(blk, x, stage=2, index=i)
-        ctx = self.patch_embed4(x)
+        ctx = self._seq(self.patch_embed4, x)
         for i, blk in enumerate(self.blocks4):
             ctx = self._run(blk, ctx, stage=3, index=i)
         return x, ctx
@@ -294,7 +300,7 @@ class OverLoCK(nn.Module):
         return x, ctx
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head[3](self.head[2](self.head[1](self.head[0](x))))
+        x = self.head[3](self._seq(self.head[:3], x))
         if self.drop_rate > 0.:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         if pre_logits:
