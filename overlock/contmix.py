@@ -21,7 +21,8 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule
+from .layers import (GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule,
+                     inference_fast_path, mlp_forward, sequential_forward)
 from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
 
 __all__ = ["context_mix", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
@@ -176,7 +177,8 @@ class ContMixBlock(nn.Module):
         resized = min(H, W) < self.kernel_size
         if resized:
             x = F.interpolate(x, size=upsampled_size(H, W, self.kernel_size), mode="bilinear", align_corners=False)
-        out = context_mix(self.weight_query(x) * self.scale, self.weight_key(x), self.weight_value(x),
+        seq = sequential_forward if inference_fast_path(self, x) else (lambda m, y: m(y))
+        out = context_mix(seq(self.weight_query, x) * self.scale, seq(self.weight_key, x), seq(self.weight_value, x),
                           self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
         if resized:
             out = F.adaptive_avg_pool2d(out, (H, W))
@@ -186,18 +188,21 @@ class ContMixBlock(nn.Module):
         x = self.dwconv1(x)
         identity = x
         x = self.norm1(x)
-        gate = self.gate(x)
-        lepe = self.lepe(x)
-        x = self.fusion_proj(self._mix(x)) + lepe
-        x = self.proj(gate * self.se_layer(x))
+        fast = inference_fast_path(self, x)  # eval, no autograd, channels_last: BN folded, activations in place
+        seq = sequential_forward if fast else (lambda m, y: m(y))
+        gate = seq(self.gate, x)
+        lepe = seq(self.lepe, x)
+        x = seq(self.fusion_proj, self._mix(x)) + lepe
+        x = seq(self.proj, gate * self.se_layer(x))
         if self.res_scale:
             x = self.ls1(identity) + self.drop_path(x)
         else:
             x = identity + self.drop_path(self.ls1(x))
         x = self.dwconv2(x)
+        mlp = mlp_forward if fast else (lambda m, y: m(y))
         if self.res_scale:
-            return self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+            return self.ls2(x) + self.drop_path(mlp(self.mlp, self.norm2(x)))
+        return x + self.drop_path(self.ls2(mlp(self.mlp, self.norm2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and x.requires_grad:

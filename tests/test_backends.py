@@ -155,7 +155,15 @@ def test_inference_fast_path_matches_module_forward(size, chunk_bytes, monkeypat
         for name, p in m.named_parameters():
             if "gamma" in name or "beta" in name:
                 torch.nn.init.normal_(p, std=0.5)
+    cmb = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5).eval()
+    for name, p in cmb.named_parameters():
+        if "gamma" in name or "beta" in name:
+            torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast_cmb = cmb(x)
+    with torch.enable_grad():
+        assert rel_err(fast_cmb, cmb(x).detach()) < 1e-5
     ctx = torch.randn(2, 4, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fast_rep, fast_dyn = rep(x), dyn(x, ctx, ctx)[0]
