@@ -10,6 +10,9 @@ Denormal floats are flushed to zero by default (``flush_denormal``): freshly ini
 CPUs 10-50x slower on the affected operators, and a benchmark of random weights would measure that artefact
 rather than the model. Every configuration, the official method included, runs under the same setting.
 
+With ``official_code_twin(cfg, repo)`` the official implementation itself is measured, imported from a checkout
+of LMMMEng/OverLoCK (see :mod:`overlock.official_code`).
+
 The *official method* configuration (``official_method(cfg)``) is our exact model run the way the official
 code runs without natten: ContMix on the ``unfold`` backend, NCHW memory format, training form (no
 re-parameterization). It gives the speed-up over the official implementation inside the project.
@@ -26,7 +29,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-__all__ = ["BenchConfig", "official_method", "measure", "measure_in_subprocess", "environment", "MODES"]
+__all__ = ["BenchConfig", "official_method", "official_code_twin", "measure", "measure_in_subprocess", "environment", "MODES"]
 
 MODES = ("infer", "train")
 AUX_WEIGHT = 0.4  # deep-supervision loss weight of the official training recipe
@@ -53,6 +56,8 @@ class BenchConfig:
     label: str = ""
     num_classes: int = 1000
     flush_denormal: bool = True  # randomly initialised models produce denormals that slow CPUs down ~40x
+    official_code: Optional[str] = None  # a checkout of LMMMEng/OverLoCK: measure its own model instead of ours
+    baseline: bool = False  # a row that the preceding row of ours is compared with (speed-up, memory ratio)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -87,6 +92,18 @@ def official_method(cfg: BenchConfig) -> BenchConfig:
     out = BenchConfig(**fields)
     out.label = f"{out.model} {out.mode} b{out.batch_size} {out.img_size}px official method (unfold, nchw, " \
                 f"training form)"
+    out.baseline = True
+    return out
+
+
+def official_code_twin(cfg: BenchConfig, repo: str) -> BenchConfig:
+    """The same measurement of the official implementation itself, run as it runs (NCHW, training form)."""
+    fields = dataclasses.asdict(cfg)
+    fields.update(backend=None, channels_last=False, reparam=False, compile=False, label="", official_code=repo,
+                  baseline=True)
+    out = BenchConfig(**fields)
+    out.label = f"{out.model} {out.mode} b{out.batch_size} {out.img_size}px official code (LMMMEng/OverLoCK, " \
+                f"natten-free unfold, nchw)"
     return out
 
 
@@ -121,10 +138,14 @@ def _build(cfg: BenchConfig):
     kwargs = dict(num_classes=cfg.num_classes)
     if cfg.mode == "train" and is_overlock(cfg.model):
         kwargs["use_ds"] = True
-    model = timm.create_model(cfg.model, **kwargs)
+    if cfg.official_code:
+        from .official_code import build_official_model
+        model = build_official_model(cfg.official_code, cfg.model, **kwargs)
+    else:
+        model = timm.create_model(cfg.model, **kwargs)
     if cfg.mode == "infer":
         model.eval()
-        if cfg.reparam:
+        if cfg.reparam and not cfg.official_code:
             from timm.utils import reparameterize_model
             model = reparameterize_model(model)
     else:
@@ -161,7 +182,10 @@ def _step_fn(cfg: BenchConfig, model, x):
 
     def step():
         with autocast():
-            if with_aux:
+            if with_aux and cfg.official_code:  # the official forward returns dict(main=..., aux=...)
+                out = model(x)
+                loss = F.cross_entropy(out["main"], target) + AUX_WEIGHT * F.cross_entropy(out["aux"], target)
+            elif with_aux:
                 logits, aux = model(x, return_aux=True)
                 loss = F.cross_entropy(logits, target) + AUX_WEIGHT * F.cross_entropy(aux, target)
             else:

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official", action="store_true",
                    help="also measure each OverLoCK configuration the official way (unfold backend, NCHW, "
                         "training form) and report the speed-up")
+    p.add_argument("--official-code", metavar="DIR", default=None,
+                   help="also measure the official implementation itself, imported from DIR, a checkout of "
+                        "github.com/LMMMEng/OverLoCK (natten replaced by its own natten-free fallback)")
     p.add_argument("--amp", action="store_true", help="autocast mixed precision")
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -47,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def configs(args: argparse.Namespace):
-    """All measurements the flags ask for, in order: each model, then its official-method twin."""
-    from overlock.benchmark import BenchConfig, is_overlock, official_method
+    """All measurements the flags ask for, in order: each model, then its official twins (method, code)."""
+    from overlock.benchmark import BenchConfig, is_overlock, official_code_twin, official_method
+
 
     out = []
     for img_size in args.img_size:
@@ -63,6 +67,8 @@ def configs(args: argparse.Namespace):
                 out.append(cfg)
                 if args.official and is_overlock(name):
                     out.append(official_method(cfg))
+                if args.official_code and is_overlock(name):
+                    out.append(official_code_twin(cfg, args.official_code))
     return out
 
 
@@ -73,24 +79,34 @@ def _fmt(value, spec):
 def run(args: argparse.Namespace) -> int:
     from overlock.benchmark import environment, measure, measure_in_subprocess
 
+    if args.official_code:  # a wrong folder fails before any measurement
+        from overlock.official_code import official_overlock_file
+        try:
+            official_overlock_file(args.official_code)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     env = environment()
     print(f"# {env['cpu']} ({env['cpu_count']} cpus), torch {env['torch']}, timm {env['timm']}", flush=True)
     results = []
-    print("| run | img/s | latency ms | ms/img | peak MB | speed-up of the previous row |")
+    ours = None  # the latest non-baseline result: baselines are compared with it
+    print("| run | img/s | latency ms | ms/img | peak MB | our speed-up over this row |")
     print("|---|---|---|---|---|---|", flush=True)
     for cfg in configs(args):
         r = measure(cfg) if args.in_process else measure_in_subprocess(cfg, args.timeout)
         results.append(r)
         if "error" in r:
+            ours = None if not cfg.baseline else ours
             print(f"| {cfg.label} | error: {r['error'].splitlines()[-1]} |||||", flush=True)
             continue
-        if cfg.label.endswith("training form)") and len(results) > 1 and "img_per_s" in results[-2]:
-            mine = results[-2]
-            r["speedup_of_previous"] = mine["img_per_s"] / r["img_per_s"]
-            mine["speedup_vs_official"] = r["speedup_of_previous"]
-            if r.get("peak_mb") and mine.get("peak_mb") is not None:
-                mine["memory_vs_official"] = mine["peak_mb"] / r["peak_mb"]
-        vs = f"{r['speedup_of_previous']:.2f}x" if "speedup_of_previous" in r else ""
+        if not cfg.baseline:
+            ours = r
+        elif ours is not None:
+            key = "official_code" if cfg.official_code else "official"
+            r["speedup_of_ours"] = ours["img_per_s"] / r["img_per_s"]
+            ours[f"speedup_vs_{key}"] = r["speedup_of_ours"]
+            if r.get("peak_mb") and ours.get("peak_mb") is not None:
+                ours[f"memory_vs_{key}"] = ours["peak_mb"] / r["peak_mb"]
+        vs = f"{r['speedup_of_ours']:.2f}x" if "speedup_of_ours" in r else ""
         print(f"| {r['label']} | {r['img_per_s']:.2f} | {r['latency_ms']:.1f} | {r['ms_per_img']:.1f} | "
               f"{_fmt(r.get('peak_mb'), '.0f')} | {vs} |", flush=True)
     if args.json:

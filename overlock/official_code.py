@@ -1,0 +1,113 @@
+"""Run the official implementation itself, from a checkout of LMMMEng/OverLoCK, for side-by-side measurements.
+
+The official ``models/overlock.py`` cannot be imported as it is on a current stack: it imports
+``natten.functional.na2d_av`` (removed from natten >= 0.20) and ``mmengine``, and registers its models under
+the same timm names as ours. :func:`load_official_models` imports it with three stand-ins, installed only for
+that import and only where the real package is missing:
+
+- ``natten.functional.na2d_av``: the official natten-free fallback of ``models/contmix.py`` (unfold of the
+  values, replicate padding, contraction), i.e. our ``unfold`` backend;
+- ``mmengine.runner.load_checkpoint``: raises (pretrained loading is not needed to measure speed);
+- ``timm.models.registry.register_model``: a no-op, so our registrations stay in place.
+
+Nothing of the official code is copied into this project; the user points at their own checkout.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import sys
+import types
+import warnings
+
+__all__ = ["load_official_models", "build_official_model", "official_overlock_file"]
+
+
+def official_overlock_file(repo: str) -> str:
+    """Path of ``models/overlock.py`` in a checkout, with an error that says what to pass otherwise."""
+    path = os.path.join(os.path.expanduser(repo), "models", "overlock.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --official-code must be a checkout of "
+                                f"https://github.com/LMMMEng/OverLoCK (the folder that contains models/overlock.py)")
+    return path
+
+
+def _stand_ins() -> dict:
+    from .ops.neighborhood import na2d_av_unfold
+
+    mods = {}
+    try:
+        from natten.functional import na2d_av  # noqa: F401
+    except ImportError:
+        natten = types.ModuleType("natten")
+        functional = types.ModuleType("natten.functional")
+
+        def na2d_av(attn, value, kernel_size, dilation=1, **unused):
+            if dilation != 1:
+                raise NotImplementedError("stand-in na2d_av supports dilation 1 only (all OverLoCK models use 1)")
+            return na2d_av_unfold(attn, value, kernel_size)
+        functional.na2d_av = na2d_av
+        natten.functional = functional
+        mods.update({"natten": natten, "natten.functional": functional})
+    try:
+        from mmengine.runner import load_checkpoint  # noqa: F401
+    except ImportError:
+        mmengine = types.ModuleType("mmengine")
+        runner = types.ModuleType("mmengine.runner")
+
+        def load_checkpoint(*args, **kwargs):
+            raise RuntimeError("the official code's pretrained loading needs mmengine; load weights with overlock")
+        runner.load_checkpoint = load_checkpoint
+        mmengine.runner = runner
+        mods.update({"mmengine": mmengine, "mmengine.runner": runner})
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda fn: fn
+    mods["timm.models.registry"] = registry
+    return mods
+
+
+@contextlib.contextmanager
+def _patched_modules(mods: dict):
+    saved = {name: sys.modules.get(name) for name in mods}
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+
+
+def load_official_models(repo: str) -> types.ModuleType:
+    """Import the official ``models/overlock.py`` of ``repo``; its ``overlock_t(...)`` etc. build official models.
+
+    The official layer constructors print to stdout; that output is swallowed. The natten stand-in stays bound
+    inside the returned module (it was imported by name), so the module keeps working after the import.
+    """
+    path = official_overlock_file(repo)
+    spec = importlib.util.spec_from_file_location("overlock_official_models", path)
+    module = importlib.util.module_from_spec(spec)
+    with _patched_modules(_stand_ins()), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            raise ImportError(f"importing {path} failed ({e}); the official code also needs einops "
+                              f"(pip install einops)") from e
+    return module
+
+
+def build_official_model(repo: str, name: str, **kwargs):
+    """An official model by its registered name (``overlock_t`` ...), constructor prints swallowed."""
+    module = load_official_models(repo)
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"{name!r} is not a model of the official code in {repo} "
+                         f"(it has overlock_xt, overlock_t, overlock_s, overlock_b)")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(**kwargs)
