@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.depthwise import depthwise_conv2d
+
 __all__ = [
     "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock", "PointwiseConv",
     "stem", "downsample", "fuse_conv_bn", "inference_fast_path", "pointwise_scaled", "grn_pointwise",
@@ -133,8 +135,7 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: i
     reach_w = min(c, (x.shape[-1] - 1) // dilation)
     if reach_h < c or reach_w < c:
         weight = weight[:, :, c - reach_h:c + reach_h + 1, c - reach_w:c + reach_w + 1]
-    return F.conv2d(x, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation,
-                    groups=weight.shape[0])
+    return depthwise_conv2d(x, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation)
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):

@@ -1,0 +1,68 @@
+"""The depthwise conv with the fast CPU weight gradient equals ``F.conv2d`` in value and in every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overlock.layers import DilatedReparamBlock, depthwise_conv
+from overlock.ops.depthwise import depthwise_conv2d, depthwise_weight_grad
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape,kernel,dilation,channels_last", [
+    ((2, 6, 14, 14), 13, 1, True),
+    ((3, 4, 9, 11), 5, 2, False),   # non-square map, dilated
+    ((2, 5, 20, 17), 7, 3, True),
+    ((1, 3, 6, 6), 17, 1, True),    # kernel larger than the map (cropped by depthwise_conv)
+    ((2, 4, 8, 8), 3, 1, False),    # 3x3: native path
+])
+def test_values_and_gradients_match_conv2d(shape, kernel, dilation, channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(*shape).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(shape[1], 1, kernel, kernel, requires_grad=True)
+    b = torch.randn(shape[1], requires_grad=True)
+    g = torch.randn(shape)
+    out = depthwise_conv(x, w, b, dilation=dilation)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    pad = dilation * (kernel // 2)
+    ref = F.conv2d(x2, w2, b2, padding=pad, dilation=dilation, groups=shape[1])
+    ref_grads = torch.autograd.grad(ref, (x2, w2, b2), g.double())
+    assert out.shape == ref.shape and rel_err(out.double(), ref) < 1e-6
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and rel_err(got.double(), want) < 1e-5
+
+
+def test_fast_weight_gradient_is_the_one_used_in_cpu_training():
+    x = torch.randn(2, 4, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 7, 7, requires_grad=True)
+    assert type(depthwise_conv2d(x, w, padding=(3, 3)).grad_fn).__name__ == "_DepthwiseConvBackward"
+    with torch.no_grad():
+        assert depthwise_conv2d(x, w, padding=(3, 3)).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the native conv (and its dtype rules)
+        assert type(depthwise_conv2d(x, w, padding=(3, 3)).grad_fn).__name__ != "_DepthwiseConvBackward"
+
+
+def test_weight_gradient_formula_on_a_hand_sized_case():
+    # one sample, one channel, 3x3 map, 3x3 kernel, padding 1: dW[i, j] = sum over the map of xpad(shifted) * dY
+    x = torch.arange(9.).view(1, 1, 3, 3)
+    dy = torch.ones(1, 1, 3, 3)
+    dw = depthwise_weight_grad(x, dy, (3, 3), (1, 1))
+    # the centre tap sees every pixel (sum 36); a corner tap sees the 2x2 block opposite to it
+    assert dw[0, 0, 1, 1] == 36 and dw[0, 0, 0, 0] == 0 + 1 + 3 + 4 and dw[0, 0, 2, 2] == 4 + 5 + 7 + 8
+
+
+def test_dilated_reparam_block_trains_the_same_as_with_native_convs(monkeypatch):
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(8, 13).train()
+    x = torch.randn(4, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    block(x).square().sum().backward()
+    fast = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    monkeypatch.setattr("overlock.ops.depthwise.MIN_TAPS", 10 ** 6)  # every conv native
+    block(x).square().sum().backward()
+    for n, p in block.named_parameters():
+        assert rel_err(fast[n], p.grad) < 1e-5, n
