@@ -131,8 +131,9 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: i
     """
     k = weight.shape[-1]
     c = k // 2
-    reach_h = min(c, (x.shape[-2] - 1) // dilation)
-    reach_w = min(c, (x.shape[-1] - 1) // dilation)
+    # int(): under torch.compile this specializes on the map size (symbolic padding breaks inductor's conv)
+    reach_h = min(c, (int(x.shape[-2]) - 1) // dilation)
+    reach_w = min(c, (int(x.shape[-1]) - 1) // dilation)
     if reach_h < c or reach_w < c:
         weight = weight[:, :, c - reach_h:c + reach_h + 1, c - reach_w:c + reach_w + 1]
     return depthwise_conv2d(x, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation)

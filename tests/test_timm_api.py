@@ -181,6 +181,19 @@ def test_torch_compile(tiny):
     assert rel_err(compiled, eager) < 1e-4
 
 
+def test_torch_compile_training_step(tiny):
+    """Forward and backward compiled with default settings (one graph: index plans trace without graph breaks,
+    which would otherwise re-enter frames with new shapes and trip inductor's dynamic-shape path)."""
+    model = tiny(sub_depth=(1, 1)).train()
+    x = torch.randn(2, 3, 64, 64)
+    torch.compile(model)(x).square().sum().backward()
+    compiled = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    model(x).square().sum().backward()
+    eager = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert rel_err(compiled, eager) < 1e-3
+
+
 def test_arbitrary_pickles_are_refused_on_timm_path(tmp_path):
     path = tmp_path / "evil2.pth"
     with open(path, "wb") as f:
