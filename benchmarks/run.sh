@@ -1,20 +1,22 @@
 #!/bin/sh
 # The measurements recorded in benchmarks/*.json (see benchmarks/README.md). Run from the repository root on a
 # quiet machine; each measurement runs in its own process. Override OVERLOCK with another entry point if needed.
+# OFFICIAL_CODE=/path/to/a/checkout/of/LMMMEng/OverLoCK adds the official implementation itself to rows 1-4.
 set -e
 OVERLOCK=${OVERLOCK:-.venv/bin/overlock}
 OUT=${OUT:-benchmarks}
+OFFICIAL=${OFFICIAL_CODE:+--official-code $OFFICIAL_CODE}
 # 1. overlock_t inference, batch 16, 224 px: deploy form + channels_last vs the official method and convnext_tiny
-$OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official --mode infer -b 16 --img-size 224 \
+$OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode infer -b 16 --img-size 224 \
     --warmup 1 --repeats 3 --json $OUT/cpu_infer_t_b16_224.json
 # 2. overlock_t training step (aux loss, AdamW), batch 8, 224 px vs the official method
-$OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official --mode train -b 8 --img-size 224 \
+$OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode train -b 8 --img-size 224 \
     --warmup 1 --repeats 3 --json $OUT/cpu_train_t_b8_224.json
 # 3. overlock_xt on one large image (peak memory) and scaling 224..1024
-$OVERLOCK benchmark --model overlock_xt --official --mode infer -b 1 --img-size 1024 \
+$OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode infer -b 1 --img-size 1024 \
     --warmup 1 --repeats 3 --json $OUT/cpu_infer_xt_b1_1024.json
 $OVERLOCK benchmark --model overlock_xt --mode infer -b 1 --img-size 224 448 640 1024 \
     --warmup 1 --repeats 3 --json $OUT/cpu_scaling_xt_b1.json
 # 4. the demo setting: overlock_xt training at 32 px, batch 64
-$OVERLOCK benchmark --model overlock_xt --official --mode train -b 64 --img-size 32 --num-classes 10 \
+$OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode train -b 64 --img-size 32 --num-classes 10 \
     --warmup 1 --repeats 3 --json $OUT/cpu_train_xt_b64_32.json

@@ -42,6 +42,15 @@ def test_tiled_any_tile_size(tile):
     assert rel_err(na2d_av_tiled(attn, value, 5, tile=tile), na2d_av_naive(attn, value, 5)) < 1e-12
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 8 * 81 * 81, 1 << 30])  # 1, 3 (of 2x3 = 6) and all pairs per chunk
+def test_tiled_single_tile_without_autograd_in_chunks(chunk_bytes, monkeypatch):
+    monkeypatch.setattr("overlock.ops.neighborhood.DENSE_CHUNK_BYTES", chunk_bytes)
+    attn, value = _inputs(9, 9, 7, B=3, G=2)
+    with torch.no_grad():
+        out = na2d_av_tiled(attn, value, 7)
+    assert rel_err(out, na2d_av_naive(attn, value, 7)) < 1e-12
+
+
 def test_map_smaller_than_kernel_is_a_clear_error():
     attn, value = _inputs(5, 5, 5)
     with pytest.raises(ValueError, match="at least 7x7"):

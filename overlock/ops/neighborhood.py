@@ -199,6 +199,29 @@ def default_tile(height: int, width: int, kernel_size: int) -> int:
     return max(kernel_size - 1, 8)
 
 
+DENSE_CHUNK_BYTES = 2 << 20  # dense weight buffer per chunk without autograd: reused while it is in cache
+
+
+def _single_tile_chunked(a: torch.Tensor, v: torch.Tensor, local: torch.Tensor, region: int) -> torch.Tensor:
+    """The one-tile dense matmul over chunks of (sample, head) pairs sharing one reused weight buffer.
+
+    A whole-batch dense buffer (16 x 8 x 196 x 196 floats = 20 MB for overlock_t at 224) leaves the cache
+    before the matmul reads it, and zeroing it cost more than the matmul; a small buffer stays cached.
+    """
+    B, G, P, kk = a.shape
+    a, v = a.reshape(B * G, P, kk), v.reshape(B * G, P, v.shape[-1])
+    n = max(1, min(B * G, DENSE_CHUNK_BYTES // (P * region * a.element_size())))
+    dense = a.new_empty(n, P, region)
+    out = v.new_empty(B * G, P, v.shape[-1])
+    idx = local.expand(n, -1, -1)
+    for s in range(0, B * G, n):
+        e = min(s + n, B * G)
+        d = dense[:e - s]
+        d.zero_().scatter_(-1, idx[:e - s], a[s:e])
+        torch.matmul(d, v[s:e], out=out[s:e])
+    return out.view(B, G, P, -1)
+
+
 def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, tile: int | None = None) -> torch.Tensor:
     """Aggregate with one dense, masked matmul per tile: no ``k*k`` copies of the values."""
     B, G, H, W, C = value.shape
@@ -213,6 +236,8 @@ def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, til
         # every window is the whole map and window offset ``a`` is pixel ``a``: the weights are already dense
         return torch.matmul(a, v).reshape(B, G, H, W, C)
     if single:
+        if not torch.is_grad_enabled() or not (a.requires_grad or v.requires_grad):
+            return _single_tile_chunked(a, v, local[0], region).reshape(B, G, H, W, C)
         dense = a.new_zeros(B, G, H * W, region).scatter_(-1, local[0].expand(B, G, -1, -1), a)
         return torch.matmul(dense, v).reshape(B, G, H, W, C)
     nt, P = pix.shape
