@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-__all__ = ["BenchConfig", "official_method", "official_code_twin", "measure", "measure_in_subprocess", "environment", "MODES"]
+__all__ = ["BenchConfig", "official_method", "official_code_twin", "measure", "measure_in_subprocess", "environment",
+           "MODES"]
 
 MODES = ("infer", "train")
 AUX_WEIGHT = 0.4  # deep-supervision loss weight of the official training recipe

@@ -53,7 +53,6 @@ def configs(args: argparse.Namespace):
     """All measurements the flags ask for, in order: each model, then its official twins (method, code)."""
     from overlock.benchmark import BenchConfig, is_overlock, official_code_twin, official_method
 
-
     out = []
     for img_size in args.img_size:
         for mode in args.mode:
