@@ -2,7 +2,7 @@
 
 ``import overlock`` registers ``overlock_{xt,t,s,b}`` and their ``_reparam`` deploy forms with timm.
 """
-from .checkpoint import CheckpointError, load_into
+from .weights import CheckpointError, load_into
 from .contmix import ContMixBlock, get_backend, set_backend, use_backend
 from .models import MODEL_CONFIGS, VARIANTS, OverLoCK, OverLoCKDense, create_dense_backbone
 

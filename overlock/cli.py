@@ -20,7 +20,7 @@ COMMANDS = {
 @contextlib.contextmanager
 def friendly_errors(prog: str):
     """Turn the errors a user can fix (bad data, checkpoint, missing file) into one line and exit code 2."""
-    from overlock.checkpoint import CheckpointError
+    from overlock.weights import CheckpointError
     from overlock.data import DataError
     try:
         yield

@@ -10,7 +10,7 @@ from typing import Optional
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..checkpoint import CheckpointError, _strict_load, fit_state_dict, load_into, read_checkpoint, unwrap_state_dict
+from ..weights import CheckpointError, _strict_load, fit_state_dict, load_into, read_checkpoint, unwrap_state_dict
 from .dense import DENSE_KINDS, OverLoCKDense
 from .overlock import MODEL_CONFIGS, OverLoCK
 

@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Tuple
 import timm
 import torch
 
-from ..checkpoint import CheckpointError, load_into, read_checkpoint, unwrap_state_dict
-from .checkpoints import is_run_checkpoint
+from ..weights import CheckpointError, load_into, read_checkpoint, unwrap_state_dict
+from .run_state import is_run_checkpoint
 
 _logger = logging.getLogger("overlock")
 

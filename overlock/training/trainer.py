@@ -18,11 +18,11 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..weights import CheckpointError, read_checkpoint
 from ..data import DataError, ImageFolderSplit, check_image_folder, find_classes
 from ..data.folder import resolve_split, sample_seed, seed_everything
 from ..data.loaders import data_config_for, eval_transform, train_loader, eval_loader, train_transform
-from . import checkpoints as ckpt
+from . import run_state as ckpt
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .evaluate import evaluate
 from .logbook import Logbook

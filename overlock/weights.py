@@ -1,4 +1,4 @@
-"""Reading official and project checkpoints safely, and fitting them to a model.
+"""Model weights: reading official and project checkpoint files safely, and fitting them to a model.
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors: tensors and plain containers only, never
 arbitrary pickled objects. Official files come as a raw state dict or wrapped under ``state_dict``,

@@ -1,4 +1,4 @@
-"""Run checkpoints: the full training state, written atomically, read back weights-only.
+"""Run state (resume checkpoints): the full training state, written atomically, read back weights-only.
 
 A run directory holds ``last.pth`` (written every epoch and every ``--checkpoint-every`` steps), ``best.pth``
 (best validation top-1 of the model) and, with EMA, ``best_ema.pth``. Each is the whole state (model, EMA,
@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..weights import CheckpointError, read_checkpoint
 
 FORMAT = "overlock-run-v1"
 
