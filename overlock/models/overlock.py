@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LayerNorm2d, PointwiseConv, downsample, inference_fast_path, sequential_forward, stem
+from ..layers import ConvNorm, LayerNorm2d, PointwiseConv, downsample, stem
 from .blocks import DynamicConvBlock, RepConvBlock
 
 __all__ = ["OverLoCK", "CTXDownsample", "MODEL_CONFIGS"]
@@ -46,13 +46,10 @@ class CTXDownsample(nn.Module):
 
     def __init__(self, dim: int, h_dim: int):
         super().__init__()
-        self.x_proj = nn.Sequential(nn.Conv2d(dim, h_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(h_dim))
-        self.h_proj = nn.Sequential(nn.Conv2d(h_dim // 4, h_dim // 4, 3, stride=2, padding=1, bias=False),
-                                    nn.BatchNorm2d(h_dim // 4))
+        self.x_proj = downsample(dim, h_dim)
+        self.h_proj = downsample(h_dim // 4, h_dim // 4)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor):
-        if inference_fast_path(self, x):
-            return sequential_forward(self.x_proj, x), sequential_forward(self.h_proj, ctx)
         return self.x_proj(x), self.h_proj(ctx)
 
 
@@ -140,7 +137,7 @@ class OverLoCK(nn.Module):
             self.aux_head = nn.Sequential(
                 nn.BatchNorm2d(embed_dim[-1]), nn.AdaptiveAvgPool2d(1),
                 PointwiseConv(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity())
-        self.head = nn.Sequential(
+        self.head = ConvNorm(
             PointwiseConv(fusion_dim, projection, bias=False), nn.BatchNorm2d(projection), nn.SiLU(),
             nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
             PointwiseConv(projection, num_classes) if num_classes > 0 else nn.Identity())
@@ -218,27 +215,23 @@ class OverLoCK(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _seq(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """A conv/BN/activation sequence; without autograd on channels_last, with BN folded (``sequential_forward``)."""
-        return sequential_forward(seq, x) if inference_fast_path(self, x) else seq(x)
-
     def forward_pre(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stages 1 and 2 (strides 4 and 8)."""
-        x = self._seq(self.patch_embed1, x)
+        x = self.patch_embed1(x)
         for i, blk in enumerate(self.blocks1):
             x = self._run(blk, x, stage=0, index=i)
         s1 = x
-        x = self._seq(self.patch_embed2, x)
+        x = self.patch_embed2(x)
         for i, blk in enumerate(self.blocks2):
             x = self._run(blk, x, stage=1, index=i)
         return s1, x
 
     def forward_overview(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stage 3 (stride 16) and the Overview-Net (stride 32): features and the context prior."""
-        x = self._seq(self.patch_embed3, x)
+        x = self.patch_embed3(x)
         for i, blk in enumerate(self.blocks3):
             x = self._run(blk, x, stage=2, index=i)
-        ctx = self._seq(self.patch_embed4, x)
+        ctx = self.patch_embed4(x)
         for i, blk in enumerate(self.blocks4):
             ctx = self._run(blk, ctx, stage=3, index=i)
         return x, ctx
@@ -300,7 +293,7 @@ class OverLoCK(nn.Module):
         return x, ctx
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head[3](self._seq(self.head[:3], x))
+        x = self.head[:4](x)  # 1x1, BN, SiLU, pool
         if self.drop_rate > 0.:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         if pre_logits:

@@ -261,4 +261,10 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, backend: 
         fn = BACKENDS[backend]
     except KeyError:
         raise ValueError(f"unknown neighbourhood backend {backend!r}; choose one of {sorted(BACKENDS)}") from None
+    if attn.dtype != value.dtype:
+        # under autocast the softmax weights come in float32 and the values in the low precision: contract in
+        # the autocast dtype, as a matmul under autocast would (explicit ``out=`` buffers are not autocast)
+        dtype = value.dtype if torch.is_autocast_enabled(value.device.type) else torch.promote_types(attn.dtype,
+                                                                                                    value.dtype)
+        attn, value = attn.to(dtype), value.to(dtype)
     return fn(attn, value, kernel_size)
