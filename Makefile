@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision versions for the venv; override to use another build (TORCH_SPEC="torch torchvision").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test test-fast demo info benchmark clean
+.PHONY: venv test test-all demo info benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# `make test`: the quick tests a developer runs often (not marked slow). `make test-all`: every test, what CI
+# runs, with the slowest listed.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" --durations=5
+
+test-all: venv
+	$(PY) -m pytest -q --durations=15
 
 info: venv
 	$(VENV)/bin/overlock info

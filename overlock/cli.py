@@ -19,14 +19,20 @@ COMMANDS = {
 
 @contextlib.contextmanager
 def friendly_errors(prog: str):
-    """Turn the errors a user can fix (bad data, checkpoint, missing file) into one line and exit code 2."""
-    from overlock.weights import CheckpointError
-    from overlock.data import DataError
+    """Turn the errors a user can fix (bad flag, data, checkpoint, missing file) into one line and exit code 2."""
     try:
         yield
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except user_errors() as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def user_errors() -> tuple:
+    """The exception types whose message is meant for the user (they name the flag, file or key)."""
+    from overlock.data import DataError
+    from overlock.errors import UsageError
+    from overlock.weights import CheckpointError
+    return UsageError, DataError, CheckpointError, FileNotFoundError
 
 
 def _module(name: str):
@@ -61,9 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # flushing them to zero changes nothing measurable
         torch.set_flush_denormal(True)
     try:
-        return int(_module(args.command).run(args) or 0)
+        with friendly_errors(f"overlock {args.command}"):
+            return int(_module(args.command).run(args) or 0)
     except SystemExit as e:
-        if isinstance(e.code, str):  # a usage error with its message: print it the argparse way
+        if isinstance(e.code, str):  # argparse-style exit with a message
             print(f"overlock {args.command}: error: {e.code}", file=sys.stderr)
             return 2
         raise

@@ -29,7 +29,7 @@ from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerSc
                      SEModule, conv_bn)
 from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
 
-__all__ = ["context_mix", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
+__all__ = ["context_mix", "context_mix_reference", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("tiled", "unfold", "naive")
 _backend = os.environ.get("OVERLOCK_CONTMIX_BACKEND", "tiled")
@@ -98,6 +98,27 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     x2 = na2d_av(a2, v[1], kernel_size, backend)
     out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv)
     return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+
+
+def context_mix_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight_proj: nn.Conv2d,
+                          rpb_small: torch.Tensor, rpb_large: torch.Tensor, smk_size: int, kernel_size: int,
+                          num_heads: int, backend: str = "naive") -> torch.Tensor:
+    """:func:`context_mix` in the official order of operations (affinities ``q . k``, then ``weight_proj``).
+
+    The yardstick for tests, and what ``overlock info`` counts (the paper's FLOPs are those of this order).
+    """
+    B, Cq, H, W = query.shape
+    G, c = num_heads, Cq // num_heads
+    ss = smk_size * smk_size
+    q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)
+    affinity = torch.matmul(q, key.reshape(B, G, c, -1))  # (B, G, HW, 49)
+    logits = torch.matmul(affinity, weight_proj.weight.flatten(1).t()) + weight_proj.bias
+    a1 = (logits[..., :ss] + _gather_rpb(rpb_small, H, W, smk_size)).softmax(-1).reshape(B, G, H, W, -1)
+    a2 = (logits[..., ss:] + _gather_rpb(rpb_large, H, W, kernel_size)).softmax(-1).reshape(B, G, H, W, -1)
+    cv = value.shape[1] // (2 * G)
+    v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)
+    x1, x2 = na2d_av(a1, v[0], smk_size, backend), na2d_av(a2, v[1], kernel_size, backend)
+    return torch.cat([x1, x2], dim=1).permute(0, 1, 4, 2, 3).reshape(B, 2 * G * cv, H, W)
 
 
 def _gather_rpb(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv, fuse_conv_bn
 
@@ -58,7 +59,7 @@ def _fuse_children(module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
-def _bn_affine(bn: nn.BatchNorm2d):
+def _bn_affine(bn: _BatchNorm):
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
     return scale, bn.bias - bn.running_mean * scale
 
@@ -161,11 +162,11 @@ def fuse_conv_norm(seq: nn.Sequential) -> nn.Sequential:
     while i < len(mods):
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if _is_conv(m) and isinstance(nxt, nn.BatchNorm2d):
+        if _is_conv(m) and isinstance(nxt, _BatchNorm):
             out += [_conv_with_bn(m, nxt), nn.Identity()]
             fresh, i = True, i + 2
             continue
-        if isinstance(m, nn.BatchNorm2d) and type(nxt) is PointwiseConv:
+        if isinstance(m, _BatchNorm) and type(nxt) is PointwiseConv:
             out += [nn.Identity(), _bn_then_pointwise(m, nxt)]
             fresh, i = True, i + 2
             continue

@@ -30,7 +30,8 @@ def build(form: str):
         if "/" in form:
             kind, name = form.split("/")
             return create_dense_backbone(name, kind=kind)
-        return timm.create_model(form, use_ds=True)  # official classification files carry the aux head
+        # official classification files carry the aux head; fuse=False: the deploy form as released
+        return timm.create_model(form, use_ds=True, **({"fuse": False} if form.endswith("_reparam") else {}))
 
 
 def test_all_forms_present():

@@ -53,6 +53,19 @@ class CTXDownsample(nn.Module):
         return self.x_proj(x), self.h_proj(ctx)
 
 
+def _take_indices(n: int, indices) -> Tuple[List[int], int]:
+    """timm's rule: ``None`` all maps, an int the last ``indices`` maps, a list those (negative from the end)."""
+    if indices is None:
+        take = list(range(n))
+    elif isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: OverLoCK has {n} feature maps")
+        take = list(range(n - indices, n))
+    else:
+        take = [i % n for i in indices]
+    return take, max(take)
+
+
 def _as_list(value, n: int, name: str) -> list:
     if isinstance(value, (int, float)) or value is None:
         return [value] * n
@@ -242,14 +255,17 @@ class OverLoCK(nn.Module):
         x, ctx = self.forward_overview(s2)
         return s1, s2, x, ctx
 
-    def forward_focus(self, x: torch.Tensor, ctx_prior: torch.Tensor):
-        """Focus-Net guided by the context prior: stride-16 output (features and context) and final features."""
+    def forward_focus(self, x: torch.Tensor, ctx_prior: torch.Tensor, stop_after_stride16: bool = False):
+        """Focus-Net guided by the context prior: stride-16 output (features and context) and final features
+        (only the former with ``stop_after_stride16``)."""
         ctx_ori = self.high_level_proj(ctx_prior)
         ctx_up = F.interpolate(ctx_ori, size=x.shape[2:], mode="bilinear", align_corners=False)
         ctx = ctx_up
         for i, blk in enumerate(self.sub_blocks3):
             x, ctx = self._run(blk, x, ctx, ctx_up, stage=2, index=i)
         s3 = torch.cat([x, ctx], dim=1)
+        if stop_after_stride16:
+            return (s3,)
         x, ctx = self.patch_embedx(x, ctx)
         for i, blk in enumerate(self.sub_blocks4):
             x, ctx = self._run(blk, x, ctx, ctx_ori, stage=3, index=i)
@@ -258,29 +274,37 @@ class OverLoCK(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """The four feature maps (strides 4, 8, 16, 32) for ``features_only`` and dense tasks."""
+        """The four feature maps (strides 4, 8, 16, 32) for ``features_only`` and dense tasks.
+
+        ``indices``: the last ``n`` maps (int) or a list of indices. ``stop_early`` runs the network only as far
+        as the last requested map (stride 4/8: Base-Net stages 1-2; stride 16: the Focus-Net's first half, which
+        needs the Overview-Net's context prior). OverLoCK has no final norm layer, so ``norm=True`` is refused
+        (the dense backbones, ``create_dense_backbone``, give the normalised maps of the official dense code).
+        """
         if output_fmt != "NCHW":
             raise ValueError("OverLoCK intermediates are NCHW only")
-        s1, s2, x3, ctx = self.forward_base(x)
-        s3, x = self.forward_focus(x3, ctx)
-        feats = [s1, s2, s3, x]
-        if indices is None:
-            take = list(range(4))
-        elif isinstance(indices, int):
-            take = list(range(4 - indices, 4))
-        else:
-            take = [i % 4 for i in indices]
+        if norm:
+            raise ValueError("OverLoCK has no final norm layer to apply (norm=True); the official dense backbones "
+                             "normalise each map: overlock.create_dense_backbone(name, kind=...)")
+        take, last = _take_indices(4, indices)
+        stop = last if stop_early or intermediates_only else 3
+        s1, s2 = self.forward_pre(x)
+        feats = [s1, s2]
+        if stop >= 2:
+            x3, ctx = self.forward_overview(s2)
+            feats += list(self.forward_focus(x3, ctx, stop_after_stride16=stop == 2))
         intermediates = [feats[i] for i in take]
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return feats[-1], intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the heads (``prune_head``); returns the feature indices ``indices`` selects."""
         if prune_head:
             self.reset_classifier(0, "")
             if self.has_aux_head:
                 del self.aux_head
-        return list(range(4))
+        return _take_indices(4, indices)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final Focus-Net features (with context channels), before the head: ``(B, num_features, H/32, W/32)``."""
