@@ -67,8 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # flushing them to zero changes nothing measurable
         torch.set_flush_denormal(True)
     try:
-        with friendly_errors(f"overlock {args.command}"):
-            return int(_module(args.command).run(args) or 0)
+        return int(_module(args.command).run(args) or 0)
+    except user_errors() as e:
+        print(f"overlock {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except SystemExit as e:
         if isinstance(e.code, str):  # argparse-style exit with a message
             print(f"overlock {args.command}: error: {e.code}", file=sys.stderr)

@@ -36,6 +36,7 @@ def trained(data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_full_state_metrics_and_curves(trained):
     files = set(os.listdir(trained))
     assert {"last.pth", "best.pth", "best_ema.pth", "metrics.csv", "curves.png", "steps.csv"} <= files
@@ -55,6 +56,7 @@ def test_train_writes_full_state_metrics_and_curves(trained):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_validate_reproduces_training_metrics_and_writes_json(trained, data, tmp_path):
     best = torch.load(trained / "best.pth", weights_only=True)
     results = tmp_path / "val.json"
@@ -86,6 +88,7 @@ def test_validate_reproduces_training_metrics_and_writes_json(trained, data, tmp
     assert json.loads(results.read_text())["loss"] != pytest.approx(r["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_uses_checkpoint_class_names(trained, data):
     images = [os.path.join(data, "val", "red", "red_000.png"), os.path.join(data, "val", "blue")]
     code, stdout, stderr = run_cli("predict", *images, "--checkpoint", trained / "best.pth", "--json",
@@ -166,6 +169,7 @@ def test_impossible_numbers_are_refused_up_front(data, tmp_path, flag, value):
     assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_run_says_how_to_get_curves(data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     out = tmp_path / "run"
@@ -202,6 +206,7 @@ def test_torchrun_two_processes_train_and_validate(data, tmp_path):
     assert r2["top1"] == pytest.approx(r1["top1"]) and r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_logged_and_counted(data, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(data, root)
@@ -224,6 +229,7 @@ def test_corrupt_images_are_skipped_logged_and_counted(data, tmp_path):
     assert r["images"] == 18 and r["unreadable_images"] == 1
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_advice_and_keeps_last_good_checkpoint(data, tmp_path):
     out = tmp_path / "nan"
     code, stdout, stderr = run_cli("train", "--data-dir", data, *FAST, "--epochs", "3", "--lr", "1e30",
@@ -257,6 +263,7 @@ def test_bad_data_is_refused_before_compute(data, tmp_path, case):
     assert not os.path.exists(tmp_path / "o" / "last.pth")
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_name_the_file(trained, data, tmp_path):
     # a checkpoint with another class count
     other = tmp_path / "four"
