@@ -1,0 +1,170 @@
+"""UperNet + OverLoCK: the official ``upernet_overlock_{tiny,small,base}_ade20k_8xb2`` models.
+
+``create_segmentation_model`` builds the segmentation-form dense backbone (``create_dense_backbone``), the
+UperNet decode head on its four maps and the FCN auxiliary head on the stride-16 map, and loads
+
+- an official mmseg checkpoint (``backbone.``, ``decode_head.``, ``auxiliary_head.``; ``meta`` ignored)
+  strictly, or a checkpoint written by ``overlock train-seg``;
+- or an ImageNet classification checkpoint: the backbone loads, the dense-only layers and both heads start
+  fresh (listed in a warning).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..models.dense import OverLoCKDense
+from ..models.factory import TEST_CONFIG, create_dense_backbone
+from ..models.overlock import MODEL_CONFIGS
+from ..weights import CheckpointError, _strict_load, fit_state_dict, read_checkpoint, unwrap_state_dict
+from .heads import FCNHead, UPerHead, resize
+
+__all__ = ["OverLoCKUperNet", "create_segmentation_model", "load_segmentation_checkpoint",
+           "SEGMENTATION_DEFAULTS", "checkpoint_class_names"]
+
+# official drop path rates of the UperNet configs (T/S/B); XT has no official UperNet: we use T's rate
+SEGMENTATION_DEFAULTS = {
+    "overlock_xt": dict(drop_path_rate=0.2),
+    "overlock_t": dict(drop_path_rate=0.2),
+    "overlock_s": dict(drop_path_rate=0.3),
+    "overlock_b": dict(drop_path_rate=0.5),
+    "test_overlock": dict(drop_path_rate=0.0),
+}
+
+
+class OverLoCKUperNet(nn.Module):
+    """Backbone + UperNet (+ FCN auxiliary head).
+
+    ``model(x)`` returns the logits resized to the input size (mmseg's whole-image test path, before softmax);
+    ``model.forward_train(x)`` returns ``(decode_logits, aux_logits)`` at the heads' resolutions (strides 4, 16)
+    for the loss; ``aux_logits`` is None without an auxiliary head.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 150, channels: int = 512, aux_channels: int = 256,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), aux_in_index: int = 2, dropout: float = 0.1,
+                 aux_head: bool = True, class_names: Optional[List[str]] = None):
+        super().__init__()
+        self.backbone = backbone
+        in_channels = list(backbone.out_channels)
+        self.num_classes = num_classes
+        self.decode_head = UPerHead(in_channels, channels, num_classes, pool_scales, dropout)
+        self.auxiliary_head = (FCNHead(in_channels[aux_in_index], aux_channels, num_classes, aux_in_index,
+                                       dropout=dropout) if aux_head else None)
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.config = dict(num_classes=num_classes, channels=channels, aux_channels=aux_channels,
+                           pool_scales=list(pool_scales), aux_in_index=aux_in_index, dropout=dropout,
+                           aux_head=aux_head)
+
+    def forward_train(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        feats = self.backbone(x)
+        aux = self.auxiliary_head(feats) if self.auxiliary_head is not None else None
+        return self.decode_head(feats), aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        return resize(self.decode_head(feats), x.shape[-2:])
+
+
+def checkpoint_class_names(obj) -> Optional[List[str]]:
+    """Class names stored in a checkpoint: mmseg ``meta.CLASSES`` or our ``class_names``."""
+    if not isinstance(obj, dict):
+        return None
+    names = obj.get("class_names")
+    if not names and isinstance(obj.get("meta"), dict):
+        names = obj["meta"].get("CLASSES")
+    return [str(n) for n in names] if names else None
+
+
+def _checkpoint_classes(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    w = state.get("decode_head.conv_seg.weight")
+    return int(w.shape[0]) if w is not None else None
+
+
+def load_segmentation_checkpoint(model: OverLoCKUperNet, checkpoint, source: Optional[str] = None) -> List[str]:
+    """Load a segmentation (strict) or ImageNet classification (backbone only) checkpoint into ``model``.
+
+    Returns the names of the parameters/buffers that were left fresh (empty for a full segmentation file).
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = source or os.fspath(checkpoint)
+        obj = read_checkpoint(checkpoint)
+    else:
+        source, obj = source or "state dict", checkpoint
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and obj.get("format"):
+        obj = obj["model"]  # an overlock training run state: the model weights
+    state = unwrap_state_dict(obj, source, prefer_ema=False)
+    if any(k.startswith("decode_head.") for k in state):
+        n = _checkpoint_classes(state)
+        if n is not None and n != model.num_classes:
+            raise CheckpointError(f"{source}: the checkpoint segments {n} classes but the model was built for "
+                                  f"{model.num_classes}; pass num_classes={n} (or fine-tune from the backbone only)")
+        if model.auxiliary_head is None:
+            state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        backbone = fit_state_dict(backbone, model.backbone, source, classifiers=())
+        state = {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
+                 **{f"backbone.{k}": v for k, v in backbone.items()}}
+        _strict_load(model, state, source)
+        return []
+    # an ImageNet classification checkpoint (or a bare/dense backbone file): backbone only, heads fresh
+    from ..models.factory import load_dense_checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one warning below lists everything that starts fresh
+        load_dense_checkpoint(model.backbone, state)
+    fresh = [] if any(k.startswith(("extra_norm.", "backbone.extra_norm.")) for k in state) else ["backbone.extra_norm"]
+    fresh += ["decode_head"] + (["auxiliary_head"] if model.auxiliary_head is not None else [])
+    warnings.warn(f"{source}: backbone weights loaded; initialised fresh: {', '.join(fresh)}", stacklevel=2)
+    return fresh
+
+
+def dense_backbone(name: str, kind: str = "segmentation", checkpoint=None, **kwargs) -> OverLoCKDense:
+    """``create_dense_backbone``, plus ``test_overlock`` (the tiny test configuration) for fast tests."""
+    if name != "test_overlock":
+        return create_dense_backbone(name, kind=kind, checkpoint=checkpoint, **kwargs)
+    model = OverLoCKDense(kind=kind, **{**TEST_CONFIG, **kwargs})
+    if checkpoint is not None:
+        from ..models.factory import load_dense_checkpoint
+        load_dense_checkpoint(model, checkpoint)
+    return model
+
+
+def create_segmentation_model(name: str = "overlock_t", num_classes: int = 150, checkpoint=None, *,
+                              channels: int = 512, aux_channels: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6),
+                              aux_head: bool = True, dropout: float = 0.1, class_names: Optional[List[str]] = None,
+                              **backbone_kwargs) -> OverLoCKUperNet:
+    """The official UperNet-OverLoCK (``name``: ``overlock_{xt,t,s,b}``; ``test_overlock`` for tests).
+
+    Defaults are those of the official ADE20K configs (150 classes, 512 decode channels, 256 auxiliary
+    channels on level 2, pool scales 1/2/3/6, dropout 0.1, drop path 0.2/0.3/0.5 for T/S/B; pass
+    ``drop_path_rate`` to change it). ``backbone_kwargs`` go to the OverLoCK constructor. ``checkpoint``: a path
+    or a state dict; see :func:`load_segmentation_checkpoint`. Class names come from ``class_names``, else from
+    the checkpoint (mmseg ``meta.CLASSES``), else the 150 ADE20K names when ``num_classes`` is 150.
+    """
+    base = name[:-len("_reparam")] if name.endswith("_reparam") else name
+    if base not in MODEL_CONFIGS and base != "test_overlock":
+        raise ValueError(f"unknown OverLoCK variant {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    kwargs = dict(SEGMENTATION_DEFAULTS.get(base, {}))
+    kwargs.update(backbone_kwargs)
+    backbone = dense_backbone(name, kind="segmentation", **kwargs)
+    obj = None
+    if checkpoint is not None and isinstance(checkpoint, (str, os.PathLike)):
+        obj = read_checkpoint(checkpoint)
+    elif checkpoint is not None:
+        obj = checkpoint
+    if class_names is None and obj is not None:
+        class_names = checkpoint_class_names(obj)
+    if class_names is None and num_classes == 150:
+        from .ade20k import ADE20K_CLASSES
+        class_names = list(ADE20K_CLASSES)
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None
+    model = OverLoCKUperNet(backbone, num_classes, channels, aux_channels, pool_scales, dropout=dropout,
+                            aux_head=aux_head, class_names=class_names)
+    if obj is not None:
+        source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
+        load_segmentation_checkpoint(model, obj, source)
+    return model
