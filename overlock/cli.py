@@ -14,6 +14,7 @@ COMMANDS = {
     "predict": "Top-k labels for images or folders of images.",
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
+    "segment": "Semantic segmentation masks and overlays for images (UperNet-OverLoCK checkpoints).",
 }
 
 
@@ -55,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if args.command in ("train", "validate", "predict"):
+    if args.command in ("train", "validate", "predict", "segment"):
         import torch
         # denormal floats appear in freshly initialised deep networks and slow CPU kernels many times over;
         # flushing them to zero changes nothing measurable

@@ -168,3 +168,61 @@ def create_segmentation_model(name: str = "overlock_t", num_classes: int = 150, 
         source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
         load_segmentation_checkpoint(model, obj, source)
     return model
+
+
+def _infer_variant(state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The OverLoCK variant whose widths and depths match a state dict's ``backbone.`` keys."""
+    def width(i):
+        w = state.get(f"backbone.patch_embed{i}.0.weight") if i == 1 else None
+        if i > 1:
+            w = next((v for k, v in state.items() if k.startswith(f"backbone.blocks{i}.0.") and
+                      k.endswith("dwconv.weight")), None)
+        return None if w is None else int(w.shape[0])
+
+    def depth(prefix):
+        idx = {int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix)}
+        return max(idx) + 1 if idx else 0
+
+    found = ([depth(f"backbone.blocks{i}.") for i in (1, 2, 3, 4)],
+             [depth("backbone.sub_blocks3."), depth("backbone.sub_blocks4.")])
+    candidates = {**MODEL_CONFIGS, "test_overlock": TEST_CONFIG}
+    for name, cfg in candidates.items():
+        if ([cfg["depth"][0], cfg["depth"][1], cfg["depth"][2], cfg["depth"][3]], list(cfg["sub_depth"])) == \
+                (found[0], found[1]) and width(2) in (None, cfg["embed_dim"][1]):
+            return name
+    return None
+
+
+def model_from_checkpoint(path: str, model: Optional[str] = None, **overrides) -> OverLoCKUperNet:
+    """A segmentation model built and loaded from one file: an ``overlock train-seg`` checkpoint (it names its
+    model and head) or an official mmseg UperNet file (variant, classes and head widths read from its keys;
+    ``model`` overrides the variant)."""
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("seg_model"), dict):
+        cfg = dict(obj["seg_model"])
+        name = model or cfg.pop("model")
+        cfg.pop("model", None)
+        backbone = cfg.pop("backbone", {}) or {}
+        cfg.update(overrides)
+        return create_segmentation_model(name, checkpoint=obj["model"] if "model" in obj else obj,
+                                         class_names=obj.get("class_names"), **backbone, **cfg)
+    state = unwrap_state_dict(obj, path, prefer_ema=False)
+    if "decode_head.conv_seg.weight" not in state:
+        raise CheckpointError(f"{path}: not a segmentation checkpoint (no 'decode_head.conv_seg.weight'); expected "
+                              "an official UperNet file or a checkpoint written by 'overlock train-seg'")
+    name = model or _infer_variant(state)
+    if name is None:
+        raise CheckpointError(f"{path}: could not tell the OverLoCK variant from its keys; pass --model "
+                              "overlock_{xt,t,s,b}")
+    w = state["decode_head.conv_seg.weight"]
+    aux = state.get("auxiliary_head.conv_seg.weight")
+    pools = sorted({int(k.split(".")[2]) for k in state if k.startswith("decode_head.psp_modules.")})
+    cfg = dict(num_classes=int(w.shape[0]), channels=int(w.shape[1]), aux_head=aux is not None,
+               aux_channels=int(aux.shape[1]) if aux is not None else 256,
+               pool_scales=(1, 2, 3, 6),
+               class_names=checkpoint_class_names(obj))
+    if len(pools) != 4:
+        raise CheckpointError(f"{path}: {len(pools)} pyramid pooling branches; the official UperNet has 4 (scales 1, "
+                              "2, 3, 6) and other scales cannot be read from the weights")
+    cfg.update(overrides)
+    return create_segmentation_model(name, checkpoint=obj, **cfg)
