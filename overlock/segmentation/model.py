@@ -64,7 +64,10 @@ class OverLoCKUperNet(nn.Module):
         aux = self.auxiliary_head(feats) if self.auxiliary_head is not None else None
         return self.decode_head(feats), aux
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_heads: bool = False):
+        """Logits at the input size; ``return_heads=True``: ``forward_train``'s outputs (for DDP training)."""
+        if return_heads:
+            return self.forward_train(x)
         feats = self.backbone(x)
         return resize(self.decode_head(feats), x.shape[-2:])
 
@@ -84,10 +87,20 @@ def _checkpoint_classes(state: Dict[str, torch.Tensor]) -> Optional[int]:
     return int(w.shape[0]) if w is not None else None
 
 
-def load_segmentation_checkpoint(model: OverLoCKUperNet, checkpoint, source: Optional[str] = None) -> List[str]:
+def _fit_backbone(state: Dict[str, torch.Tensor], model: OverLoCKUperNet, source: str) -> Dict[str, torch.Tensor]:
+    """``backbone.`` keys adapted to the backbone (e.g. merged dilated branches for a deploy-form model)."""
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    backbone = fit_state_dict(backbone, model.backbone, source, classifiers=())
+    return {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
+            **{f"backbone.{k}": v for k, v in backbone.items()}}
+
+
+def load_segmentation_checkpoint(model: OverLoCKUperNet, checkpoint, source: Optional[str] = None,
+                                 fresh_classifier: bool = False) -> List[str]:
     """Load a segmentation (strict) or ImageNet classification (backbone only) checkpoint into ``model``.
 
-    Returns the names of the parameters/buffers that were left fresh (empty for a full segmentation file).
+    ``fresh_classifier``: a segmentation file with another class count loads all but the two final 1x1
+    classifiers (fine-tuning, e.g. from ADE20K to your classes). Returns what was left fresh.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source = source or os.fspath(checkpoint)
@@ -99,16 +112,21 @@ def load_segmentation_checkpoint(model: OverLoCKUperNet, checkpoint, source: Opt
     state = unwrap_state_dict(obj, source, prefer_ema=False)
     if any(k.startswith("decode_head.") for k in state):
         n = _checkpoint_classes(state)
+        if n is not None and n != model.num_classes and fresh_classifier:
+            heads = ("decode_head.conv_seg.", "auxiliary_head.conv_seg.")
+            state = {k: v for k, v in state.items() if not k.startswith(heads)}
+            warnings.warn(f"{source}: {n} classes in the checkpoint, {model.num_classes} in the model: fresh "
+                          "classifiers decode_head.conv_seg, auxiliary_head.conv_seg", stacklevel=2)
+            if model.auxiliary_head is None:
+                state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
+            _strict_load(model, _fit_backbone(state, model, source), source, allow_missing=heads)
+            return [h.rstrip(".") for h in heads]
         if n is not None and n != model.num_classes:
             raise CheckpointError(f"{source}: the checkpoint segments {n} classes but the model was built for "
                                   f"{model.num_classes}; pass num_classes={n} (or fine-tune from the backbone only)")
         if model.auxiliary_head is None:
             state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
-        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        backbone = fit_state_dict(backbone, model.backbone, source, classifiers=())
-        state = {**{k: v for k, v in state.items() if not k.startswith("backbone.")},
-                 **{f"backbone.{k}": v for k, v in backbone.items()}}
-        _strict_load(model, state, source)
+        _strict_load(model, _fit_backbone(state, model, source), source)
         return []
     # an ImageNet classification checkpoint (or a bare/dense backbone file): backbone only, heads fresh
     from ..models.factory import load_dense_checkpoint
@@ -134,8 +152,8 @@ def dense_backbone(name: str, kind: str = "segmentation", checkpoint=None, **kwa
 
 def create_segmentation_model(name: str = "overlock_t", num_classes: int = 150, checkpoint=None, *,
                               channels: int = 512, aux_channels: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6),
-                              aux_head: bool = True, dropout: float = 0.1, class_names: Optional[List[str]] = None,
-                              **backbone_kwargs) -> OverLoCKUperNet:
+                              aux_head: bool = True, aux_in_index: int = 2, dropout: float = 0.1,
+                              class_names: Optional[List[str]] = None, **backbone_kwargs) -> OverLoCKUperNet:
     """The official UperNet-OverLoCK (``name``: ``overlock_{xt,t,s,b}``; ``test_overlock`` for tests).
 
     Defaults are those of the official ADE20K configs (150 classes, 512 decode channels, 256 auxiliary
@@ -162,8 +180,8 @@ def create_segmentation_model(name: str = "overlock_t", num_classes: int = 150, 
         class_names = list(ADE20K_CLASSES)
     if class_names is not None and len(class_names) != num_classes:
         class_names = None
-    model = OverLoCKUperNet(backbone, num_classes, channels, aux_channels, pool_scales, dropout=dropout,
-                            aux_head=aux_head, class_names=class_names)
+    model = OverLoCKUperNet(backbone, num_classes, channels, aux_channels, pool_scales, aux_in_index=aux_in_index,
+                            dropout=dropout, aux_head=aux_head, class_names=class_names)
     if obj is not None:
         source = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "state dict"
         load_segmentation_checkpoint(model, obj, source)
