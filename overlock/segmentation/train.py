@@ -202,6 +202,10 @@ class SegTrainer:
                                     pipeline, bad_log=bad_log)
         self.val_set = SegDataset(layout.splits[args.val_split], len(self.classes), layout.reduce_zero_label,
                                   None, test_scale=args.scale, bad_log=bad_log)
+        syncbn = info.distributed and args.sync_bn and info.device.type == "cuda"
+        if args.batch_size * (info.world_size if syncbn else 1) < 2:
+            raise DataError(f"-b/--batch-size {args.batch_size}: BatchNorm of the 1x1 pyramid-pooling branch needs at "
+                            "least 2 images per batch (per process, or over all GPUs with SyncBN); use -b 2 or more")
         if len(self.train_set) < args.batch_size * info.world_size:
             raise DataError(f"{args.data_dir}: {len(self.train_set)} training pairs, fewer than one batch "
                             f"({args.batch_size} x {info.world_size} processes); lower --batch-size")
