@@ -7,10 +7,12 @@ from .weights import CheckpointError, load_into
 from .contmix import ContMixBlock, get_backend, set_backend, use_backend
 from .fused import fuse
 from .models import MODEL_CONFIGS, VARIANTS, OverLoCK, OverLoCKDense, create_dense_backbone
+from .segmentation import create_segmentation_model  # also registers timm's dense_overlock_* feature models
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OverLoCK", "OverLoCKDense", "ContMixBlock", "fuse", "create_dense_backbone", "load_into", "CheckpointError",
     "MODEL_CONFIGS", "VARIANTS", "set_backend", "get_backend", "use_backend", "__version__",
+    "create_segmentation_model",
 ]

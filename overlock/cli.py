@@ -14,6 +14,9 @@ COMMANDS = {
     "predict": "Top-k labels for images or folders of images.",
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
+    "segment": "Semantic segmentation masks and overlays for images (UperNet-OverLoCK checkpoints).",
+    "train-seg": "Train UperNet-OverLoCK for semantic segmentation (ADE20K or your own masks; official recipe).",
+    "eval-seg": "mIoU, mAcc, aAcc and per-class IoU of a segmentation checkpoint on a data set split.",
 }
 
 
@@ -36,7 +39,7 @@ def user_errors() -> tuple:
 
 
 def _module(name: str):
-    return importlib.import_module(f"overlock.commands.{name}")
+    return importlib.import_module(f"overlock.commands.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
@@ -61,7 +64,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if args.command in ("train", "validate", "predict"):
+    if args.command in ("train", "validate", "predict", "segment", "train-seg", "eval-seg"):
         import torch
         # denormal floats appear in freshly initialised deep networks and slow CPU kernels many times over;
         # flushing them to zero changes nothing measurable
