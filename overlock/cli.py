@@ -13,6 +13,7 @@ COMMANDS = {
     "validate": "Top-1/top-5, loss and throughput of a model on an ImageFolder split.",
     "predict": "Top-k labels for images or folders of images.",
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
+    "detect": "Object detection and instance segmentation (Mask R-CNN) on images: annotated PNGs, COCO JSON.",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
 }
 

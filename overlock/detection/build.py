@@ -172,3 +172,34 @@ def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] 
         load_detection_checkpoint(model, obj, source=os.fspath(checkpoint) if isinstance(
             checkpoint, (str, os.PathLike)) else None)
     return model.eval()
+
+
+def infer_variant(checkpoint) -> str:
+    """The backbone variant of a detection checkpoint: stored with ours, else read from the FPN's input
+    widths (official files name no variant)."""
+    from ..models.overlock import MODEL_CONFIGS
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    cfg = _checkpoint_info(obj).get("config", {})
+    if cfg.get("name"):
+        return cfg["name"]
+    state = unwrap_state_dict(obj, str(checkpoint), prefer_ema=False)
+    widths = []
+    for i in range(4):
+        for key in (f"neck.lateral_convs.{i}.conv.weight", f"backbone.fpn.inner_blocks.{i}.0.weight"):
+            if key in state:
+                widths.append(int(state[key].shape[1]))
+    for name, c in MODEL_CONFIGS.items():
+        e = c["embed_dim"]
+        if widths == [e[0], e[1], e[2] + e[3] // 4, e[3] + e[3] // 4]:
+            return name
+    raise CheckpointError(f"{checkpoint}: cannot tell the OverLoCK variant from the FPN input widths {widths}; "
+                          "pass --model")
+
+
+def detection_checkpoint(model: OverLoCKMaskRCNN, category_ids: Optional[Sequence[int]] = None) -> dict:
+    """A self-describing weights file: state dict, class names, category ids and model settings (readable
+    with ``torch.load(weights_only=True)``; ``create_detection_model(checkpoint=...)`` rebuilds the model)."""
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items()}
+    return {"format": "overlock-detection-v1", "state_dict": model.state_dict(),
+            "class_names": list(model.class_names), "category_ids": list(category_ids or []),
+            "detection_config": cfg}
