@@ -14,6 +14,8 @@ COMMANDS = {
     "predict": "Top-k labels for images or folders of images.",
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
     "detect": "Object detection and instance segmentation (Mask R-CNN) on images: annotated PNGs, COCO JSON.",
+    "detect-train": "Train Mask R-CNN + OverLoCK on COCO-format data (official recipe; torchrun, resume).",
+    "detect-eval": "COCO box and mask AP of a Mask R-CNN checkpoint on COCO-format data.",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
 }
 
@@ -31,7 +33,7 @@ def friendly_errors(prog: str):
 
 
 def _module(name: str):
-    return importlib.import_module(f"overlock.commands.{name}")
+    return importlib.import_module(f"overlock.commands.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:

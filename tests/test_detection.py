@@ -41,16 +41,27 @@ def case(ref, i):
     return torch.from_numpy(ref[f"input_{i}"]), tuple(int(v) for v in ref[f"img_shape_{i}"])
 
 
+@pytest.fixture(scope="module")
+def outputs(model, ref):
+    """FPN levels, RPN proposals (boxes, scores) and final detections of each reference input, computed once."""
+    out = {}
+    with torch.no_grad():
+        for i in (0, 1):
+            x, hw = case(ref, i)
+            feats = model.backbone(x)
+            proposals = model.rpn.propose(ImageList(x, [hw]), feats)
+            out[i] = (list(feats.values()), proposals, model.predict_preprocessed(x, [hw])[0])
+    return out
+
+
 def test_loads_official_layout_with_class_names(model):
     assert model.num_classes == 3 and model.class_names == ["a", "b", "c"]
     assert model.backbone.body.out_channels == [16, 32, 88, 120]
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_fpn_levels(model, ref, i):
-    x, _ = case(ref, i)
-    with torch.no_grad():
-        feats = model.extract_features(x)
+def test_fpn_levels(outputs, ref, i):
+    feats = outputs[i][0]
     assert len(feats) == 5
     for j, f in enumerate(feats):
         assert f.shape == ref[f"fpn_{i}_level{j}"].shape
@@ -70,10 +81,8 @@ def match(ours, theirs, ours_labels=None, theirs_labels=None):
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_rpn_proposals(model, ref, i):
-    x, hw = case(ref, i)
-    with torch.no_grad():
-        boxes, scores = model.rpn.propose(ImageList(x, [hw]), model.backbone(x))
+def test_rpn_proposals(outputs, ref, i):
+    boxes, scores = outputs[i][1]
     expected = torch.from_numpy(ref[f"proposals_{i}"])
     assert boxes[0].shape[0] == expected.shape[0]  # same survivors of min-size filter and NMS
     ours = torch.cat([boxes[0], scores[0][:, None]], 1)
@@ -85,9 +94,9 @@ def test_rpn_proposals(model, ref, i):
 
 
 @pytest.mark.parametrize("i", [0, 1])
-def test_detections_and_masks(model, ref, i):
-    x, (h, w) = case(ref, i)
-    out = model.predict_preprocessed(x, [(h, w)])[0]
+def test_detections_and_masks(outputs, ref, i):
+    _, (h, w) = case(ref, i)
+    out = outputs[i][2]
     expected = torch.from_numpy(ref[f"boxes_{i}"])
     labels = torch.from_numpy(ref[f"labels_{i}"])
     assert out["boxes"].shape == (len(expected), 4) and out["masks"].shape == (len(expected), h, w)
@@ -100,6 +109,23 @@ def test_detections_and_masks(model, ref, i):
     disagree = (out["masks"][idx] != masks).float().mean().item()
     assert disagree < 1e-5  # measured ~2e-6: a few pixels at the 0.5 threshold
     assert masks.any(dim=(1, 2)).float().mean() > 0.5  # the reference masks are not trivially empty
+
+
+def test_extract_features_and_batch_of_two(model, ref, outputs):
+    """A batch gives each image the detections it gets alone at the same padded size (each clipped to its own
+    size; the backbone's global context makes padding itself matter, as in mmdet)."""
+    x0, hw0 = case(ref, 0)
+    x1, hw1 = case(ref, 1)
+    batch = torch.zeros(2, 3, 128, 160)
+    batch[0] = x0[0]
+    batch[1, :, :96, :96] = x1[0]
+    out = model.predict_preprocessed(batch, [hw0, hw1])
+    for i, o in enumerate(out):
+        alone = outputs[0][2] if i == 0 else model.predict_preprocessed(batch[1:], [hw1])[0]
+        idx, dist = match(torch.cat([o["boxes"], o["scores"][:, None]], 1),
+                          torch.cat([alone["boxes"], alone["scores"][:, None]], 1), o["labels"], alone["labels"])
+        assert dist.max() < 1e-3 and len(o["boxes"]) == len(alone["boxes"])
+    assert len(model.extract_features(x1)) == 5
 
 
 def test_full_model_call_equals_preprocess_then_test(model):

@@ -169,11 +169,12 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, img_h: int, img_w: int
     n = masks.shape[0]
     out = torch.zeros(n, img_h, img_w, dtype=torch.bool, device=masks.device)
     masks = masks.to(torch.float32)
+    coords = boxes.detach().cpu().tolist()
     for i in range(n):
         box = boxes[i:i + 1]
-        x0_int, y0_int = torch.clamp(box.min(dim=0).values.floor()[:2] - 1, min=0).to(dtype=torch.int32).tolist()
-        x1_int = int(torch.clamp(box[:, 2].max().ceil() + 1, max=img_w).item())
-        y1_int = int(torch.clamp(box[:, 3].max().ceil() + 1, max=img_h).item())
+        bx0, by0, bx1, by1 = coords[i]
+        x0_int, y0_int = max(math.floor(bx0) - 1, 0), max(math.floor(by0) - 1, 0)
+        x1_int, y1_int = min(math.ceil(bx1) + 1, img_w), min(math.ceil(by1) + 1, img_h)
         x0, y0, x1, y1 = torch.split(box, 1, dim=1)
         img_y = torch.arange(y0_int, y1_int, device=masks.device).to(torch.float32) + 0.5
         img_x = torch.arange(x0_int, x1_int, device=masks.device).to(torch.float32) + 0.5
