@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--fpn-channels", type=int, default=256)
     m.add_argument("--box-fc", type=int, default=1024, help="width of the box head's two fc layers")
     m.add_argument("--mask-channels", type=int, default=256)
+    m.add_argument("--rcnn-samples", type=int, default=512, metavar="N",
+                   help="RoIs sampled per image for the box/mask losses (official 512; fewer is faster)")
     m.add_argument("--resume", default=None, metavar="FILE", help="continue a run from its last.pth (exactly)")
 
     o = p.add_argument_group("optimization (official recipe)")

@@ -4,7 +4,8 @@ Built from torchvision's detection modules (``GeneralizedRCNN``, ``FeaturePyrami
 ``RegionProposalNetwork``, ``RoIHeads``, ``TwoMLPHead``, ``MaskRCNNHeads``, ``roi_align``, ``nms``); the
 subclasses below replace the places where torchvision computes another function than mmdet (anchors, box
 coding, proposal filtering, RoI levels, detection post-processing, mask pasting, preprocessing).
-Training reuses torchvision's assigners, samplers and losses.
+Training reuses torchvision's assigners, samplers and R-CNN losses (smooth L1 on boxes where mmdet's config
+has L1; the RPN losses are mmdet's).
 
 The box and mask predictors keep mmdet's parameter layout (classifier with the background *last*, 4 box deltas
 per foreground class, one mask channel per foreground class) so that official checkpoints load 1:1; they hand
@@ -120,6 +121,19 @@ class MMDetRPN(RegionProposalNetwork):
             boxes_out.append(boxes[keep])
             scores_out.append(scores[keep])
         return boxes_out, scores_out
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        """mmdet's RPN losses: sigmoid cross-entropy on the sampled anchors, L1 (not torchvision's smooth L1)
+        on the positive deltas, both over the number of sampled anchors."""
+        pos, neg = self.fg_bg_sampler(labels)
+        pos = torch.where(torch.cat(pos, dim=0))[0]
+        neg = torch.where(torch.cat(neg, dim=0))[0]
+        sampled = torch.cat([pos, neg], dim=0)
+        labels = torch.cat(labels, dim=0)
+        targets = torch.cat(regression_targets, dim=0)
+        box_loss = F.l1_loss(pred_bbox_deltas[pos], targets[pos], reduction="sum") / max(sampled.numel(), 1)
+        cls_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return cls_loss, box_loss
 
     def propose(self, images: ImageList, features: Dict[str, torch.Tensor]):
         """Test-time proposals and their scores (mmdet ``simple_test_rpn``), per image."""

@@ -160,6 +160,7 @@ class DetectionTrainer:
             args.model, num_classes=len(self.classes), class_names=self.classes, fpn_channels=args.fpn_channels,
             representation_size=args.box_fc, mask_channels=args.mask_channels, drop_path_rate=args.drop_path,
             test_scale=scale, train_scales=MULTISCALE if args.multiscale else [scale])
+        self.model.roi_heads.fg_bg_sampler.batch_size_per_image = args.rcnn_samples
         if args.pretrained_path:
             from .build import load_detection_checkpoint
             load_detection_checkpoint(self.model, args.pretrained_path)
