@@ -2,7 +2,6 @@
 official checkpoint layouts."""
 import gzip
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from torchvision.models.detection.image_list import ImageList
 
 import overlock
-from overlock.detection import create_detection_model, load_detection_checkpoint
+from overlock.detection import create_detection_model
 from overlock.detection.build import map_mmdet_keys
 from overlock.weights import CheckpointError
 

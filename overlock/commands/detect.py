@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lowest score drawn and written to the results JSON (the model keeps scores > 0.05)")
     p.add_argument("--output", default="detections", metavar="DIR",
                    help="folder for the annotated PNGs and results.json")
+    p.add_argument("--img-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
+                   help="keep-ratio resize limit (default: the checkpoint's, else mmdet's 1333 800)")
     p.add_argument("--no-images", action="store_true", help="write results.json only")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
 
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
                               ("cpu" if args.device == "auto" else args.device))
         obj = read_checkpoint(args.checkpoint)
         name = args.model or infer_variant(obj)
-        model = create_detection_model(name, checkpoint=obj).to(device).eval()
+        scale = (max(args.img_scale), min(args.img_scale)) if args.img_scale else None
+        model = create_detection_model(name, checkpoint=obj, test_scale=scale).to(device).eval()
         category_ids = category_ids_for(model.class_names, obj.get("category_ids") if isinstance(obj, dict) else None)
         os.makedirs(args.output, exist_ok=True)
         results, failed, used_ids = [], 0, {}

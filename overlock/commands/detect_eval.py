@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, metavar="DIR", help="its image folder")
     p.add_argument("--model", default=None, help="overlock_{xt,t,s,b}; default: read from the checkpoint")
     p.add_argument("--img-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
-                   help="test resize limit (default: the checkpoint's, else 1333 800)")
+                   help="test resize limit (default: the one stored with the checkpoint, else 1333 800)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--results", default=None, metavar="FILE", help="write the detections (COCO results format)")
     p.add_argument("--amp", action="store_true")
@@ -37,10 +37,7 @@ def run(args: argparse.Namespace) -> int:
         info = init_distributed(args.device)
         data = CocoInstances(args.ann, args.images)
         obj = read_checkpoint(args.checkpoint)
-        kwargs = {}
-        cfg_args = obj.get("args", {}) if isinstance(obj, dict) else {}
-        scale = args.img_scale or cfg_args.get("img_scale") or [1333, 800]
-        kwargs["test_scale"] = (max(scale), min(scale))
+        kwargs = {"test_scale": (max(args.img_scale), min(args.img_scale))} if args.img_scale else {}
         model = create_detection_model(args.model or infer_variant(obj), checkpoint=obj, **kwargs).to(info.device)
         if model.num_classes != len(data.class_names):
             raise DataError(f"{args.ann}: {len(data.class_names)} categories, the checkpoint detects "

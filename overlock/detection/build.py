@@ -129,13 +129,14 @@ def load_detection_checkpoint(model: OverLoCKMaskRCNN, checkpoint, source: Optio
 def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] = None,
                            checkpoint: Optional[str] = None, *, class_names: Optional[Sequence[str]] = None,
                            fpn_channels: int = 256, representation_size: int = 1024, mask_channels: int = 256,
-                           drop_path_rate: Optional[float] = None, test_scale=(1333, 800), train_scales=None,
+                           drop_path_rate: Optional[float] = None, test_scale=None, train_scales=None,
                            backbone_args: Optional[dict] = None) -> OverLoCKMaskRCNN:
     """The official Mask R-CNN + OverLoCK (``name`` = overlock_{xt,t,s,b}[_reparam]).
 
     ``checkpoint``: an official mmdet file (``mask_rcnn_overlock_*_coco*.pth``), one saved by ``overlock``
     detection training, or an ImageNet classification checkpoint (backbone only). ``num_classes`` and
-    ``class_names`` default to the checkpoint's (80 COCO classes for official files). ``backbone_args``
+    ``class_names`` default to the checkpoint's (80 COCO classes for official files); ``test_scale`` (long,
+    short) to the checkpoint's, else mmdet's (1333, 800). ``backbone_args``
     override the backbone configuration (e.g. the tiny test model's widths)."""
     obj, info = None, {}
     if checkpoint is not None:
@@ -145,6 +146,8 @@ def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] 
         fpn_channels = cfg.get("fpn_channels", fpn_channels)
         representation_size = cfg.get("representation_size", representation_size)
         mask_channels = cfg.get("mask_channels", mask_channels)
+        if test_scale is None and cfg.get("test_scale"):
+            test_scale = tuple(cfg["test_scale"])
         backbone_args = backbone_args if backbone_args is not None else cfg.get("backbone_args")
         if num_classes is None:
             state = unwrap_state_dict(obj, os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike))
@@ -171,8 +174,9 @@ def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] 
     else:
         body = create_dense_backbone(name, kind="detection", **args)
     model = OverLoCKMaskRCNN(body, num_classes, class_names, fpn_channels, representation_size, mask_channels,
-                             transform=MMDetTransform(test_scale, train_scales))
-    model.config.update(name=name, backbone_args=dict(backbone_args or {}))
+                             transform=MMDetTransform(tuple(test_scale or (1333, 800)), train_scales))
+    model.config.update(name=name, backbone_args=dict(backbone_args or {}),
+                        test_scale=list(model.transform.test_scale))
     if obj is not None:
         load_detection_checkpoint(model, obj, source=os.fspath(checkpoint) if isinstance(
             checkpoint, (str, os.PathLike)) else None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import List
 
 import numpy as np
 import torch

@@ -103,7 +103,8 @@ class MMDetRPN(RegionProposalNetwork):
         boxes_out, scores_out = [], []
         for props, logits, shape in zip(proposals, objectness, image_shapes):
             sel_scores, sel_boxes, sel_levels = [], [], []
-            for level, (b, s) in enumerate(zip(props.split(num_anchors_per_level), logits.split(num_anchors_per_level))):
+            per_level = zip(props.split(num_anchors_per_level), logits.split(num_anchors_per_level))
+            for level, (b, s) in enumerate(per_level):
                 s = s.sigmoid()
                 if 0 < self.pre_nms_top_n() < s.shape[0]:
                     s, order = s.sort(descending=True)

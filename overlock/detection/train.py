@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -235,7 +234,8 @@ class DetectionTrainer:
         if info.distributed:
             finite = all_reduce_sum([0.0 if finite else 1.0], info)[0] == 0
         if not finite:
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {self.epoch}, batch {self.batch} (step {self.step + 1})")
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {self.epoch}, batch {self.batch} "
+                                f"(step {self.step + 1})")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()

@@ -3,13 +3,12 @@
 Test: keep-ratio resize so that the image fits 1333x800 (mmcv ``imrescale``: new size ``int(w * s + 0.5)``),
 bilinear, rounded back to 0-255 integers as mmcv's uint8 resize does; normalise with mmdet's mean/std on
 0-255 RGB; zero padding to a multiple of 32. Training: the same, at a scale drawn from ``train_scales``
-(mmdet ``multiscale_mode='range'`` over the short edge when two scales are given), boxes and masks scaled
-with it.
+(mmdet ``multiscale_mode='value'``), boxes and masks scaled with it.
 """
 from __future__ import annotations
 
 import random
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,11 +55,9 @@ class MMDetTransform(GeneralizedRCNNTransform):
         self.train_scales = [tuple(s) for s in train_scales] if train_scales else [self.test_scale]
 
     def _scale(self) -> Tuple[int, int]:
-        if not self.training or len(self.train_scales) == 1:
-            return self.test_scale if not self.training else self.train_scales[0]
-        longs = [max(s) for s in self.train_scales]
-        shorts = [min(s) for s in self.train_scales]
-        return (random.randint(min(longs), max(longs)), random.randint(min(shorts), max(shorts)))
+        if not self.training:
+            return self.test_scale
+        return random.choice(self.train_scales)
 
     def forward(self, images, targets=None):
         out_images, sizes, factors, originals = [], [], [], []
