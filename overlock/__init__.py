@@ -16,3 +16,9 @@ __all__ = [
     "MODEL_CONFIGS", "VARIANTS", "set_backend", "get_backend", "use_backend", "__version__",
     "create_segmentation_model",
 ]
+
+
+def create_detection_model(*args, **kwargs):
+    """The official Mask R-CNN + OverLoCK on torchvision; see :func:`overlock.detection.create_detection_model`."""
+    from .detection import create_detection_model as create
+    return create(*args, **kwargs)
