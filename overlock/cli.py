@@ -14,6 +14,9 @@ COMMANDS = {
     "predict": "Top-k labels for images or folders of images.",
     "info": "Parameters and FLOPs of every OverLoCK variant (computed).",
     "benchmark": "Inference and training throughput, latency and memory, side by side with any timm model.",
+    "convert": "Convert an official or project checkpoint to safetensors (with metadata), or back.",
+    "inspect": "What a checkpoint file holds: task, variant, form, classes, EMA, parameters, differing keys.",
+    "export": "Export a classifier in deploy form to ONNX or torch.export, verified against PyTorch.",
 }
 
 
