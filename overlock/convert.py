@@ -20,8 +20,8 @@ from typing import Dict, List, Optional
 import torch
 
 from . import __version__
-from .inspection import (DENSE_HEADS, class_names_of, inspect_state, load_checked, model_name, sha256_file,
-                         variant_config)
+from .inspection import (DENSE_HEADS, class_names_of, inspect_state, load_checked, model_name, resolve_path,
+                         sha256_file, variant_config)
 from .weights import CheckpointError, fit_state_dict
 
 __all__ = ["convert_checkpoint", "ConversionResult", "to_deploy_form", "METADATA_FORMAT"]
@@ -89,7 +89,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, repara
                        drop_aux: bool = False, ema: Optional[bool] = None, class_names: Optional[List[str]] = None,
                        overwrite: bool = False) -> ConversionResult:
     """Convert ``src`` (official/project checkpoint, ``.pth`` or ``.safetensors``) to ``dst`` (format by suffix)."""
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = resolve_path(src), os.fspath(dst)
     if not dst.endswith(SAFETENSORS_EXT + TORCH_EXT):
         raise ValueError(f"{dst}: the destination must end in .safetensors (safetensors) or .pth/.pt (PyTorch)")
     if os.path.exists(dst) and not overwrite:

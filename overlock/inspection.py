@@ -147,6 +147,18 @@ def check_container(path: str) -> str:
                           "archive ('PK\\x03\\x04'), a pickle, nor a safetensors header")
 
 
+def resolve_path(path_or_release: str | os.PathLike) -> str:
+    """A local file, or an official release file name (``overlock_t_in1k_224.pth``, ``upernet_overlock_tiny_ade20k.pth``,
+    ...) downloaded to the cache directory on first use."""
+    path = os.fspath(path_or_release)
+    if os.path.exists(path):
+        return path
+    from .models.factory import download_release, release_files
+    if os.path.basename(path) == path and path in release_files():
+        return download_release(path)
+    return path
+
+
 def safetensors_metadata(path: str) -> Dict[str, str]:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
@@ -433,7 +445,7 @@ def class_names_of(obj, metadata: Dict[str, str]) -> Optional[List[str]]:
 
 def load_checked(path: str, ema: Optional[bool] = None):
     """Read ``path`` after checking its bytes: ``(container, obj, state, wrapper, has_ema, metadata)``."""
-    path = os.fspath(path)
+    path = resolve_path(path)
     container = check_container(path)
     obj = read_checkpoint(path)
     metadata = safetensors_metadata(path) if container == "safetensors" else {}
@@ -446,7 +458,7 @@ def load_checked(path: str, ema: Optional[bool] = None):
 
 def inspect_checkpoint(path: str | os.PathLike, ema: Optional[bool] = None) -> CheckpointInfo:
     """Describe an official or project checkpoint without building or running its model."""
-    path = os.fspath(path)
+    path = resolve_path(path)
     container, obj, state, wrapper, has_ema, metadata = load_checked(path, ema)
     found = inspect_state(state, path, metadata.get("task"))
     names = class_names_of(obj, metadata)

@@ -215,3 +215,35 @@ def test_foreign_and_incomplete_checkpoints_name_the_keys(tmp_path):
     with pytest.raises(CheckpointError) as e:
         convert_checkpoint(tmp_path / "broken.pth", tmp_path / "y.safetensors")
     assert missing in str(e.value) and "blocks1.0.extra.weight" in str(e.value)
+
+
+def test_every_official_release_file_is_named_and_offline_says_what_to_do(tmp_path, monkeypatch):
+    from overlock.models import factory
+    files = factory.release_files()
+    base = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/"
+    for size, v in (("tiny", "t"), ("small", "s"), ("base", "b")):
+        for sched in ("1x", "3x"):
+            assert files[f"maskrcnn{sched}_overlock_{size}_coco.pth"] == f"{base}maskrcnn{sched}_overlock_{size}_coco.pth"
+        assert f"upernet_overlock_{size}_ade20k.pth" in files
+        assert factory.dense_release(f"overlock_{v}", "segmentation") == f"upernet_overlock_{size}_ade20k.pth"
+    for v in ("xt", "t", "s", "b"):
+        assert f"overlock_{v}_in1k_224.pth" in files and f"overlock_{v}_in1k_224_reparam.pth" in files
+    assert len(files) == 17
+    assert factory.dense_release("overlock_s", "detection", "3x") == "maskrcnn3x_overlock_small_coco.pth"
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(factory.ReleaseUnavailable) as e:
+        factory.download_release("maskrcnn3x_overlock_base_coco.pth", cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert f"{base}maskrcnn3x_overlock_base_coco.pth" in msg and str(tmp_path / "maskrcnn3x_overlock_base_coco.pth") in msg
+    assert "create_dense_backbone('overlock_b', kind='detection', checkpoint=" in msg
+    import timm.models._hub
+    monkeypatch.setattr(timm.models._hub, "get_cache_dir", lambda *a, **k: str(tmp_path))
+    code, _, err = run_cli("inspect", "overlock_t_in1k_224_reparam.pth")  # a release name, not a local file
+    assert code == 2 and f"{base}overlock_t_in1k_224_reparam.pth" in err and "pretrained_cfg_overlay=dict(file=" in err
+    # a file already in the cache directory is used as it is
+    (tmp_path / "upernet_overlock_tiny_ade20k.pth").write_bytes((DATA / "upernet.pth").read_bytes())
+    code, out, err = run_cli("inspect", "upernet_overlock_tiny_ade20k.pth")
+    assert code == 0 and "task:        segmentation" in out, err

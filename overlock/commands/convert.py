@@ -7,7 +7,9 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="checkpoint to read: official .pth (raw, state_dict, model, "
-                   "state_dict_ema), an overlock run checkpoint, an mmdet/mmseg file, or .safetensors")
+                   "state_dict_ema), an overlock run checkpoint, an mmdet/mmseg file, or .safetensors; or an "
+                   "official release file name (e.g. overlock_t_in1k_224.pth, maskrcnn1x_overlock_tiny_coco.pth), "
+                   "downloaded to the cache directory")
     p.add_argument("dst", metavar="DST", help="file to write: .safetensors, or .pth/.pt for the PyTorch layout "
                    "({'state_dict': ..., 'meta': ...})")
     p.add_argument("--reparam", action="store_true",

@@ -6,7 +6,9 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="+", metavar="CHECKPOINT", help=".pth/.pt/.safetensors files")
+    p.add_argument("checkpoint", nargs="+", metavar="CHECKPOINT",
+                   help=".pth/.pt/.safetensors files, or official release file names "
+                   "(e.g. upernet_overlock_tiny_ade20k.pth; downloaded to the cache directory)")
     p.add_argument("--json", action="store_true", help="print JSON (one object per file, in a list)")
     p.add_argument("--strict", action="store_true",
                    help="exit with code 1 unless every key matches the nearest variant")
