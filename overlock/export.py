@@ -217,6 +217,8 @@ def export_checkpoint(checkpoint: str, output: str, fmt="onnx", img_size: Tuple[
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"--format must be among {', '.join(FORMATS)}, got {', '.join(bad) or 'nothing'}")
+    if "onnx" in formats and opset < 17:
+        raise ValueError(f"--opset must be 17 or newer, got {opset}")
     height, width = img_size
     model, info = load_classifier(checkpoint, ema)
     accepts = _plan(model, height, width)
