@@ -245,3 +245,57 @@ def export_checkpoint(checkpoint: str, output: str, fmt="onnx", img_size: Tuple[
                        "checks": checks, "opset": opset if f == "onnx" else None, "contmix_backend": EXPORT_BACKEND,
                        "source_checkpoint": os.path.basename(str(checkpoint))}, fh, indent=2)
     return results
+
+
+def measure_onnxruntime(cfg) -> Dict:
+    """Latency of ``cfg.model`` (deploy form, random weights) in onnxruntime on the CPU, for ``overlock benchmark
+    --onnxruntime``: exported here at the configuration's batch and size, then timed like the PyTorch rows
+    (warm-up runs, then the median of ``repeats``). Export time is not counted."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+    import timm
+
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError("onnxruntime rows need the export extra: pip install 'overlock[export]'") from e
+    if cfg.mode != "infer" or not cfg.device.startswith("cpu"):
+        raise ExportError("onnxruntime is measured for CPU inference only")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(cfg.flush_denormal)
+    model = timm.create_model(cfg.model, num_classes=cfg.num_classes).eval()
+    model = timm.utils.reparameterize_model(model)
+    start = time.perf_counter()
+    program = trace(model, cfg.img_size, cfg.img_size, cfg.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        save_onnx(program, path)
+        export_s = time.perf_counter() - start
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cfg.threads or torch.get_num_threads()
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    t0 = time.perf_counter()
+    for _ in range(max(cfg.warmup, 1)):
+        out = session.run(None, {"input": x})[0]
+    warmup_s = time.perf_counter() - t0
+    times = []
+    for _ in range(cfg.repeats):
+        t = time.perf_counter()
+        session.run(None, {"input": x})
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    import dataclasses
+    result = dict(dataclasses.asdict(cfg))
+    result.update(backend_used=f"onnxruntime {ort.__version__} (exported with {EXPORT_BACKEND})",
+                  latency_ms=median * 1e3, latency_min_ms=min(times) * 1e3, latency_max_ms=max(times) * 1e3,
+                  img_per_s=cfg.batch_size / median, ms_per_img=median * 1e3 / cfg.batch_size,
+                  times_ms=[t * 1e3 for t in times], warmup_s=warmup_s, export_s=export_s,
+                  threads=options.intra_op_num_threads, peak_mb=None, memory_kind=None,
+                  rel_err_vs_pytorch=_rel_err(torch.from_numpy(out), ref))
+    return result

@@ -56,3 +56,14 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
     code, _, err = run_cli("export", DATA / "classification.pth", "--opset", "13", "-o", tmp_path / "x.onnx")
     assert code == 2 and "17 or newer" in err
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.pt2"))
+
+
+def test_benchmark_adds_an_onnxruntime_row_beside_pytorch():
+    from overlock.cli import build_parser
+    from overlock.commands.benchmark import configs
+    argv = ["benchmark", "--model", "overlock_t", "resnet18", "--mode", "infer", "train", "--onnxruntime"]
+    rows = configs(build_parser(argv).parse_args(argv))
+    labels = [r.label for r in rows]
+    assert labels.index("overlock_t infer b16 224px nchw deploy onnxruntime") == \
+        labels.index("overlock_t infer b16 224px channels_last deploy") + 1
+    assert [r.runtime for r in rows].count("onnxruntime") == 1  # OverLoCK inference only
