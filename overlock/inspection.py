@@ -443,11 +443,29 @@ def class_names_of(obj, metadata: Dict[str, str]) -> Optional[List[str]]:
     return None
 
 
+def _read(path: str, container: str):
+    """``read_checkpoint``, also accepting the ``argparse.Namespace`` that timm's training scripts (the official
+    ``train.py``) store under ``args``: a plain attribute holder, allowed by name; nothing else is."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        if container == "safetensors" or "argparse.Namespace" not in str(e):
+            raise
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - another non-tensor object: the project's message
+            raise CheckpointError(f"{path}: refused to unpickle objects other than tensors, plain containers and "
+                                  f"argparse.Namespace ({str(e).splitlines()[-1][:300]}). If you trust the file, "
+                                  "re-save only its tensors: torch.save(obj['state_dict'], 'clean.pth')") from e
+
+
 def load_checked(path: str, ema: Optional[bool] = None):
     """Read ``path`` after checking its bytes: ``(container, obj, state, wrapper, has_ema, metadata)``."""
     path = resolve_path(path)
     container = check_container(path)
-    obj = read_checkpoint(path)
+    obj = _read(path, container)
     metadata = safetensors_metadata(path) if container == "safetensors" else {}
     meta = obj.get("meta") if isinstance(obj, dict) else None
     if isinstance(meta, dict) and meta.get("format") == "overlock-weights-v1":  # written by `overlock convert`

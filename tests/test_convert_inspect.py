@@ -126,7 +126,11 @@ def test_convert_chooses_ema_or_not_and_reads_run_checkpoints(tmp_path):
     sd = torch.load(DATA / "classification.pth", weights_only=True)["state_dict"]
     ema_sd = {k: v * 2 if v.is_floating_point() else v for k, v in sd.items()}
     src = tmp_path / "with_ema.pth"
-    torch.save({"state_dict": sd, "state_dict_ema": ema_sd, "epoch": 3}, src)
+    # the layout of timm's / the official train.py checkpoints: argparse.Namespace under 'args'
+    import argparse
+    torch.save({"state_dict": sd, "state_dict_ema": ema_sd, "epoch": 3, "arch": "overlock_xt", "version": 2,
+                "optimizer": {"state": {}, "param_groups": []}, "args": argparse.Namespace(model="overlock_xt"),
+                "metric": 80.0}, src)
     assert inspect_checkpoint(src).has_ema
     r = convert_checkpoint(src, tmp_path / "ema.safetensors")
     assert r.metadata["ema"] == "true" and r.metadata["source_weights"] == "state_dict_ema"
@@ -190,6 +194,10 @@ def test_truncated_and_corrupted_files_name_the_bytes(tmp_path):
     code, _, err = run_cli("convert", tmp_path / "cut.safetensors", tmp_path / "out.pth")
     assert code == 2 and f"the file has {len(st) - 1000} bytes (1000 missing)" in err
     assert not (tmp_path / "out.pth").exists()
+    import pathlib
+    torch.save({"state_dict": {}, "path": pathlib.PurePosixPath("x")}, tmp_path / "object.pth")
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        inspect_checkpoint(tmp_path / "object.pth")
     (tmp_path / "text.pth").write_text("hello, not a checkpoint")
     with pytest.raises(CheckpointError, match="first bytes b'hello, n'"):
         inspect_checkpoint(tmp_path / "text.pth")
