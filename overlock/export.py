@@ -135,6 +135,7 @@ def _dynamic_shapes():
 def trace(model: torch.nn.Module, height: int = 224, width: int = 224, batch: int = 2):
     """``torch.export`` of ``model`` (already fused) on the exporting backend, with a dynamic batch dimension."""
     from . import use_backend
+    batch = max(batch, 2)  # torch.export specialises dimensions of size 1: an example batch of 1 would fix it
     example = torch.randn(batch, 3, height, width)
     with use_backend(EXPORT_BACKEND), torch.no_grad():
         try:
