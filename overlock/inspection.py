@@ -148,8 +148,8 @@ def check_container(path: str) -> str:
 
 
 def resolve_path(path_or_release: str | os.PathLike) -> str:
-    """A local file, or an official release file name (``overlock_t_in1k_224.pth``, ``upernet_overlock_tiny_ade20k.pth``,
-    ...) downloaded to the cache directory on first use."""
+    """A local file, or an official release file name (``overlock_t_in1k_224.pth``,
+    ``upernet_overlock_tiny_ade20k.pth``, ...) downloaded to the cache directory on first use."""
     path = os.fspath(path_or_release)
     if os.path.exists(path):
         return path
@@ -284,7 +284,8 @@ class CheckpointInfo:
             loads = (f"dilated branches merged: load into {model}" if self.form == "deploy" else
                      f"loads into {self.variant} and {model_name(self.variant, True)} (merged on load)")
         else:
-            loads = (f"create_dense_backbone({self.variant!r}, kind={self.task!r}, checkpoint=...)"
+            name = "'overlock_t', **TEST_CONFIG" if self.variant == "test_overlock" else repr(self.variant)
+            loads = (f"create_dense_backbone({name}, kind={self.task!r}, checkpoint=...)"
                      + (", deploy form" if self.form == "deploy" else ""))
         lines = [
             f"file:        {self.path} ({self.size / 1e6:.1f} MB)",
@@ -295,15 +296,18 @@ class CheckpointInfo:
             f"form:        {self.form} ({loads})",
         ]
         if self.task == "classification":
-            lines.append(f"aux head:    {'yes (deep supervision; kept with use_ds=True)' if self.has_aux_head else 'no'}")
+            aux = "yes (deep supervision; kept with use_ds=True)" if self.has_aux_head else "no"
+            lines.append(f"aux head:    {aux}")
         if self.num_classes is not None:
             names = f": {few(self.class_names, 8)}" if self.class_names else " (names not stored)"
             lines.append(f"classes:     {self.num_classes}{names}")
         lines.append(f"EMA weights: {'present' if self.has_ema else 'no'}"
-                     + (f" (reported: '{self.wrapper}')" if self.has_ema else ""))
+                     + (f" (described here: '{self.wrapper}'; `convert --no-ema` takes the raw ones)"
+                        if self.has_ema and self.wrapper in ("state_dict_ema", "model_ema") else ""))
         lines.append(f"parameters:  {self.num_params:,} ({self.num_params / 1e6:.2f} M) in {self.num_tensors} tensors")
         if self.head_keys:
-            lines.append(f"dense heads: {self.head_keys} keys ({', '.join(p.rstrip('.') for p in DENSE_HEADS[self.task])})"
+            heads = ", ".join(p.rstrip(".") for p in DENSE_HEADS[self.task])
+            lines.append(f"dense heads: {self.head_keys} keys ({heads})"
                          + (f"; missing against the official layout: {few(self.head_missing)}"
                             if self.head_missing else ""))
         if self.other_keys:
@@ -398,7 +402,7 @@ def match_variant(backbone: Dict[str, torch.Tensor], task: str, source: str):
 
 
 def inspect_state(state: Dict[str, torch.Tensor], source: str, task: Optional[str] = None) -> dict:
-    """Task, variant, form and key differences of a state dict (the part of :func:`inspect_checkpoint` after reading)."""
+    """Task, variant, form and key differences of a state dict (:func:`inspect_checkpoint` after reading)."""
     found_task, prefix = detect_task(state)
     task = task or found_task
     backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else dict(state)

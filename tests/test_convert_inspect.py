@@ -231,7 +231,8 @@ def test_every_official_release_file_is_named_and_offline_says_what_to_do(tmp_pa
     base = "https://github.com/LMMMEng/OverLoCK/releases/download/v1/"
     for size, v in (("tiny", "t"), ("small", "s"), ("base", "b")):
         for sched in ("1x", "3x"):
-            assert files[f"maskrcnn{sched}_overlock_{size}_coco.pth"] == f"{base}maskrcnn{sched}_overlock_{size}_coco.pth"
+            name = f"maskrcnn{sched}_overlock_{size}_coco.pth"
+            assert files[name] == base + name
         assert f"upernet_overlock_{size}_ade20k.pth" in files
         assert factory.dense_release(f"overlock_{v}", "segmentation") == f"upernet_overlock_{size}_ade20k.pth"
     for v in ("xt", "t", "s", "b"):
@@ -245,7 +246,8 @@ def test_every_official_release_file_is_named_and_offline_says_what_to_do(tmp_pa
     with pytest.raises(factory.ReleaseUnavailable) as e:
         factory.download_release("maskrcnn3x_overlock_base_coco.pth", cache_dir=str(tmp_path))
     msg = str(e.value)
-    assert f"{base}maskrcnn3x_overlock_base_coco.pth" in msg and str(tmp_path / "maskrcnn3x_overlock_base_coco.pth") in msg
+    assert f"{base}maskrcnn3x_overlock_base_coco.pth" in msg
+    assert str(tmp_path / "maskrcnn3x_overlock_base_coco.pth") in msg
     assert "create_dense_backbone('overlock_b', kind='detection', checkpoint=" in msg
     import timm.models._hub
     monkeypatch.setattr(timm.models._hub, "get_cache_dir", lambda *a, **k: str(tmp_path))
