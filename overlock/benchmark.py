@@ -59,6 +59,7 @@ class BenchConfig:
     flush_denormal: bool = True  # randomly initialised models produce denormals that slow CPUs down ~40x
     official_code: Optional[str] = None  # a checkout of LMMMEng/OverLoCK: measure its own model instead of ours
     baseline: bool = False  # a row that the preceding row of ours is compared with (speed-up, memory ratio)
+    runtime: str = "torch"  # "onnxruntime": the deploy form exported to ONNX, run by onnxruntime (CPU inference)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -79,6 +80,8 @@ class BenchConfig:
             parts.append(self.model_dtype)
         if self.compile:
             parts.append("compiled")
+        if self.runtime != "torch":
+            parts.append(self.runtime)
         return " ".join(parts)
 
 
@@ -204,6 +207,9 @@ def measure(cfg: BenchConfig) -> Dict:
 
     import overlock
 
+    if cfg.runtime == "onnxruntime":
+        from .export import measure_onnxruntime
+        return measure_onnxruntime(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(cfg.flush_denormal)

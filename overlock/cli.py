@@ -20,6 +20,9 @@ COMMANDS = {
     "segment": "Semantic segmentation masks and overlays for images (UperNet-OverLoCK checkpoints).",
     "train-seg": "Train UperNet-OverLoCK for semantic segmentation (ADE20K or your own masks; official recipe).",
     "eval-seg": "mIoU, mAcc, aAcc and per-class IoU of a segmentation checkpoint on a data set split.",
+    "convert": "Convert an official or project checkpoint to safetensors (with metadata), or back.",
+    "inspect": "What a checkpoint file holds: task, variant, form, classes, EMA, parameters, differing keys.",
+    "export": "Export a classifier in deploy form to ONNX or torch.export, verified against PyTorch.",
 }
 
 

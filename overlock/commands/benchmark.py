@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero (random-init models then run far slower on CPU)")
     p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="add a row per OverLoCK CPU inference run: the deploy form exported to ONNX and run by "
+                   "onnxruntime (needs the export extra; export time not counted)")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (faster start; peak memory then includes earlier runs)")
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds allowed per measurement")
@@ -67,6 +70,9 @@ def configs(args: argparse.Namespace):
                     warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
                     num_classes=args.num_classes, flush_denormal=not args.keep_denormals)
                 out.append(cfg)
+                if getattr(args, "onnxruntime", False) and is_overlock(name) and mode == "infer":
+                    import dataclasses
+                    out.append(dataclasses.replace(cfg, runtime="onnxruntime", channels_last=False, label=""))
                 if args.official and is_overlock(name):
                     out.append(official_method(cfg))
                 if args.official_code and is_overlock(name):

@@ -14,7 +14,8 @@ from ..weights import CheckpointError, _strict_load, fit_state_dict, load_into, 
 from .dense import DENSE_KINDS, OverLoCKDense
 from .overlock import MODEL_CONFIGS, OverLoCK
 
-__all__ = ["create_dense_backbone", "RELEASE_URL", "VARIANTS"]
+__all__ = ["create_dense_backbone", "RELEASE_URL", "VARIANTS", "DENSE_RELEASES", "release_files", "dense_release",
+           "download_release", "offline_message", "ReleaseUnavailable"]
 
 _logger = logging.getLogger("overlock")
 
@@ -34,6 +35,79 @@ def _cfg(url: str, **kwargs):
 
 def _release_url(name: str) -> str:
     return f"{RELEASE_URL}{name.replace('_reparam', '')}_in1k_224{'_reparam' if name.endswith('_reparam') else ''}.pth"
+
+
+# Official dense-prediction release files (detection/readme.md and segmentation/readme.md of the official code):
+# Mask R-CNN 1x and 3x on COCO and UperNet 160k on ADE20K, for T, S and B. They load with
+# ``create_dense_backbone(variant, kind, checkpoint=download_release(dense_release(variant, kind, schedule)))``.
+_SIZE_NAMES = {"overlock_t": "tiny", "overlock_s": "small", "overlock_b": "base"}
+DENSE_RELEASES = {
+    **{(v, "detection", sched): f"maskrcnn{sched}_overlock_{size}_coco.pth"
+       for v, size in _SIZE_NAMES.items() for sched in ("1x", "3x")},
+    **{(v, "segmentation", "160k"): f"upernet_overlock_{size}_ade20k.pth" for v, size in _SIZE_NAMES.items()},
+}
+
+
+def release_files() -> dict:
+    """Every official release file: name -> URL (ImageNet training and deploy forms, Mask R-CNN, UperNet)."""
+    names = [os.path.basename(_release_url(v)) for v in VARIANTS]
+    names += [os.path.basename(_release_url(f"{v}_reparam")) for v in VARIANTS]
+    names += list(DENSE_RELEASES.values())
+    return {n: RELEASE_URL + n for n in names}
+
+
+def dense_release(variant: str, kind: str = "detection", schedule: Optional[str] = None) -> str:
+    """File name of the official ``kind`` checkpoint of ``variant`` (``schedule``: '1x'/'3x' or '160k')."""
+    options = {k[2]: n for k, n in DENSE_RELEASES.items() if k[:2] == (variant, kind)}
+    if not options:
+        raise ValueError(f"no official {kind} release for {variant!r}; there are: "
+                         f"{', '.join(sorted({f'{v} {k}' for v, k, _ in DENSE_RELEASES}))}")
+    schedule = schedule or next(iter(options))
+    if schedule not in options:
+        raise ValueError(f"{variant} {kind}: schedule {schedule!r} not released; choose {', '.join(options)}")
+    return options[schedule]
+
+
+def offline_message(name: str, error: BaseException, cache_dir: Optional[str] = None) -> str:
+    """What to do when an official file cannot be downloaded: its URL, the cache path and the local-file option."""
+    if cache_dir is None:
+        from timm.models._hub import get_cache_dir
+        cache_dir = get_cache_dir()
+    if name.startswith(("maskrcnn", "upernet")):
+        variant, kind, _ = next(k for k, n in DENSE_RELEASES.items() if n == name)
+        use = f"overlock.create_dense_backbone('{variant}', kind='{kind}', checkpoint='/path/to/{name}')"
+    else:
+        variant = name.split("_in1k")[0] + ("_reparam" if name.endswith("_reparam.pth") else "")
+        use = (f"timm.create_model('{variant}', pretrained=True, "
+               f"pretrained_cfg_overlay=dict(file='/path/to/{name}'))")
+    return (f"could not download the official file {RELEASE_URL}{name} ({type(error).__name__}: {error}). Without "
+            f"network access, download it elsewhere and either copy it to {os.path.join(cache_dir, name)} (the "
+            f"cache directory) or pass the local file: {use}")
+
+
+class ReleaseUnavailable(CheckpointError):
+    """An official file that could not be downloaded; the message names the URL and the local-file option."""
+
+
+def download_release(name: str, cache_dir: Optional[str] = None, progress: bool = True) -> str:
+    """Path of the official release file ``name`` in the cache directory (timm's: torch hub ``checkpoints/``),
+    downloaded on first use."""
+    files = release_files()
+    if name not in files:
+        raise ValueError(f"{name!r} is not an official OverLoCK release file; the files are: {', '.join(files)}")
+    if cache_dir is None:
+        from timm.models._hub import get_cache_dir
+        cache_dir = get_cache_dir()
+    path = os.path.join(cache_dir, name)
+    if os.path.isfile(path):
+        return path
+    import torch.hub
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.hub.download_url_to_file(files[name], path, progress=progress)
+    except Exception as e:  # noqa: BLE001 - URLError, HTTPError, OSError, ...: re-raised with what to do
+        raise ReleaseUnavailable(offline_message(name, e, cache_dir)) from e
+    return path
 
 
 # Tiny configuration (that of the reference data) for fast tests of training code, like timm's test_* models.
@@ -93,11 +167,7 @@ def _build(variant: str, deploy: bool, pretrained: bool, **kwargs) -> OverLoCK:
     except OSError as e:
         if not pretrained or overlay.get("file") or isinstance(e, FileNotFoundError):
             raise
-        url = _release_url(variant)
-        raise RuntimeError(
-            f"could not download the official {variant} weights from {url} ({e}). Without network access, download "
-            f"the file elsewhere and pass it: timm.create_model('{variant}', pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file='/path/to/{os.path.basename(url)}'))") from e
+        raise RuntimeError(offline_message(os.path.basename(_release_url(variant)), e)) from e
 
 
 @register_model
