@@ -59,6 +59,11 @@ def _fuse_children(module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ pieces
+def _tracing() -> bool:
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+
+
 def _bn_affine(bn: _BatchNorm):
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
     return scale, bn.bias - bn.running_mean * scale
@@ -273,6 +278,6 @@ class FusedRepConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_sample = x[:1].numel() * x.element_size() * self.hidden_dim // x.shape[1]
         n = max(1, CHUNK_BYTES // max(per_sample, 1))
-        if n >= x.shape[0]:
+        if _tracing() or n >= x.shape[0]:  # an exported or compiled graph keeps the batch dynamic
             return self._forward(x)
         return torch.cat([self._forward(c) for c in x.split(n)])

@@ -137,14 +137,15 @@ def _create(variant: str, pretrained: bool = False, fuse: Optional[bool] = None,
     """Build (and load) a model; ``_reparam`` variants come fused for inference unless ``fuse=False``
     (``fuse=False`` gives the official deploy form, whose state dict is that of the official deploy files)."""
     deploy = variant.endswith("_reparam")
-    model = _build(variant, deploy, pretrained, **kwargs)
+    model = _build(variant, pretrained, **kwargs)
     if deploy if fuse is None else fuse:
         from ..fused import fuse as fuse_model
         model = fuse_model(model, inplace=True)
     return model
 
 
-def _build(variant: str, deploy: bool, pretrained: bool, **kwargs) -> OverLoCK:
+def _build(variant: str, pretrained: bool, **kwargs) -> OverLoCK:
+    deploy = variant.endswith("_reparam")
     base = variant[:-len("_reparam")] if deploy else variant
     args = dict(TEST_CONFIG if base == "test_overlock" else MODEL_CONFIGS[base])
     args.update(kwargs)
