@@ -248,15 +248,14 @@ class FusedRepConvBlock(nn.Module):
 
     def __init__(self, block: nn.Module):
         super().__init__()
-        p = block.proj
+        norm, large_kernel, bn, se, *mlp, _drop_path = block.proj  # the official flat layout
         self.res_scale = block.res_scale
         self.dwconv = block.dwconv
-        self.norm = p[0]
-        self.large_kernel = _conv_with_bn(p[1], p[2])
-        self.se = p[3]
-        mlp_ls = None if self.res_scale else block.ls
-        self.mlp = FusedGrnMlp(nn.Sequential(*p[4:9]), layer_scale=mlp_ls)
-        self.hidden_dim = p[4].out_channels
+        self.norm = norm
+        self.large_kernel = _conv_with_bn(large_kernel, bn)
+        self.se = se
+        self.mlp = FusedGrnMlp(nn.Sequential(*mlp), layer_scale=None if self.res_scale else block.ls)
+        self.hidden_dim = mlp[0].out_channels
         if self.res_scale and isinstance(block.ls, LayerScale):
             self.ls_weight = _param(block.ls.weight.view(1, -1, 1, 1), block.ls.weight)
             with torch.no_grad():
