@@ -8,8 +8,9 @@ from typing import Dict, List
 
 _logger = logging.getLogger("overlock")
 
+# bad_images: unreadable-image reads in that epoch (not a running total)
 COLUMNS = ["epoch", "step", "lr", "train_loss", "train_loss_aux", "val_loss", "val_top1", "val_top5",
-           "ema_val_loss", "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_img_per_s", "bad_images"]  # bad_images: unreadable images met in that epoch
+           "ema_val_loss", "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_img_per_s", "bad_images"]
 
 
 class Logbook:
