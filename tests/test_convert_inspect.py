@@ -107,7 +107,7 @@ def test_convert_reparam_without_aux_equals_the_official_deploy_file(tmp_path, e
     dst = tmp_path / "deploy.safetensors"
     code, out, err = run_cli("convert", DATA / "classification.pth", dst, "--reparam", "--no-aux")
     assert code == 0, err
-    assert "deploy form" in out and "left out 7 tensors" in out
+    assert "deploy form" in out and "left out 7 tensors" in out and "verified: deploy form vs training form" in out
     mine = load_file(str(dst))
     official = torch.load(DATA / "classification_reparam.pth", weights_only=True)["state_dict"]
     assert set(mine) == {k for k in official if not k.startswith("aux_head.")}
