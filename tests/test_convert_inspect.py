@@ -257,3 +257,18 @@ def test_every_official_release_file_is_named_and_offline_says_what_to_do(tmp_pa
     (tmp_path / "upernet_overlock_tiny_ade20k.pth").write_bytes((DATA / "upernet.pth").read_bytes())
     code, out, err = run_cli("inspect", "upernet_overlock_tiny_ade20k.pth")
     assert code == 0 and "task:        segmentation" in out, err
+
+
+def test_reparam_conversion_refuses_a_deploy_form_that_computes_something_else(tmp_path, monkeypatch):
+    import overlock.convert as conv
+    good = conv.to_deploy_form
+
+    def wrong(state, *args):
+        out = good(state, *args)
+        key = next(k for k in out if k.endswith("lk_origin.weight"))
+        out[key] = out[key] * 1.5
+        return out
+    monkeypatch.setattr(conv, "to_deploy_form", wrong)
+    with pytest.raises(CheckpointError, match="differs from its training form"):
+        conv.convert_checkpoint(DATA / "classification.pth", tmp_path / "bad.safetensors", reparam=True)
+    assert not (tmp_path / "bad.safetensors").exists()
