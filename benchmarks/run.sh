@@ -20,3 +20,7 @@ $OVERLOCK benchmark --model overlock_xt --mode infer -b 1 --img-size 224 448 640
 # 4. the demo setting: overlock_xt training at 32 px, batch 64
 $OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode train -b 64 --img-size 32 --num-classes 10 \
     --warmup 1 --repeats 3 --json $OUT/cpu_train_xt_b64_32.json
+# 5. Mask R-CNN + overlock_t (random weights): inference at 800x1333 and one training step (not yet recorded)
+PY=${PY:-.venv/bin/python}
+$PY -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 --json $OUT/cpu_infer_maskrcnn_t_800x1333.json
+$PY -m overlock.detection.bench --model overlock_t --mode train --size 800 1333 --json $OUT/cpu_train_maskrcnn_t_800x1333.json

@@ -283,6 +283,15 @@ def measure_in_subprocess(cfg: BenchConfig, timeout: Optional[float] = None) -> 
     return dict(dataclasses.asdict(cfg), error="\n".join(tail) or f"worker exited with {proc.returncode}")
 
 
+def _cpu_isa() -> Optional[str]:
+    """The vector ISA PyTorch's CPU kernels use here (``AVX512``, ``AVX2``, ...): timings differ between them."""
+    import torch
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        return None
+
+
 def environment() -> Dict:
     """Machine and versions, recorded with every result file."""
     import timm
@@ -300,6 +309,7 @@ def environment() -> Dict:
         cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
         overlock=overlock.__version__, mkldnn=torch.backends.mkldnn.is_available(),
+        cpu_isa=_cpu_isa(),
     )
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()

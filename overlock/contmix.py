@@ -6,9 +6,13 @@ dynamic kernels, a small ``smk_size^2`` one and a large ``kernel_size^2`` one. A
 added, a softmax taken, and the kernels aggregate the values over each pixel's NATTEN-style neighbourhood,
 the first half of the channels with the small kernel, the second half with the large one.
 
-The fast path folds ``weight_proj`` into the keys (``q . (P k) == P (q . k)``), so each pixel does one small
-matmul against ``smk^2 + k^2`` folded keys instead of two, then aggregates with the tiled backend. The
-``unfold`` and ``naive`` backends keep the official order of operations.
+``weight_proj`` is linear, so it is applied to the keys rather than to the affinities
+(``P (q . k) == q . (P k)``): one small matmul per pixel instead of two, same parameters and gradients.
+The backend (``set_backend``) selects only the neighbourhood-aggregation kernel.
+
+``ContMixCore`` holds the dynamic-convolution layer shared by ``ContMixBlock`` and the Focus-Net's
+``DynamicConvBlock`` (``models/blocks.py``): the ContMix mixer with its gate, large-kernel positional branch
+(LePE) and SE, and the block's residual rule.
 """
 from __future__ import annotations
 
@@ -21,11 +25,11 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (GRN, PointwiseConv, DilatedReparamBlock, LayerNorm2d, LayerScale, ResDWConv, SEModule,
-                     inference_fast_path, mlp_forward, sequential_forward)
+from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
+                     SEModule, conv_bn)
 from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
 
-__all__ = ["context_mix", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
+__all__ = ["context_mix", "context_mix_reference", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("tiled", "unfold", "naive")
 _backend = os.environ.get("OVERLOCK_CONTMIX_BACKEND", "tiled")
@@ -70,39 +74,51 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
         value: ``(B, C, H, W)``; first half aggregated with the small kernel, second half with the large one.
         weight_proj: the 1x1 conv mapping 49 affinities to ``smk^2 + k^2`` kernel logits.
         rpb_small, rpb_large: ``(G, 2s-1, 2s-1)`` and ``(G, 2k-1, 2k-1)`` relative position biases.
+        backend: aggregation kernel (default: the one chosen by ``set_backend``).
     Returns:
-        ``(B, C, H, W)`` in the memory format of ``value``'s NHWC view (channels_last when the input is).
+        ``(B, C, H, W)`` laid out as ``value``'s NHWC view (channels_last when the input is).
     """
-    backend = backend or _backend
     B, Cq, H, W = query.shape
     G = num_heads
     c = Cq // G
     n_ctx = key.shape[-2] * key.shape[-1]
     ss, kk = smk_size * smk_size, kernel_size * kernel_size
     q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)  # (B, G, HW, c)
-    k = key.reshape(B, G, c, n_ctx)
-    proj_w = weight_proj.weight.reshape(ss + kk, n_ctx)
-    bias_s, bias_l = _gather_rpb(rpb_small, H, W, smk_size), _gather_rpb(rpb_large, H, W, kernel_size)
-    if backend == "tiled":
-        # folded keys; the projection bias joins the (small) position-bias tables instead of the logits
-        # Biases are added in place (a matmul does not keep its output for backward): no extra big tensors.
-        keys = torch.matmul(k, proj_w.t())  # (B, G, c, ss + kk)
-        pb_s, pb_l = weight_proj.bias.split([ss, kk])
-        a1 = torch.matmul(q, keys[..., :ss]).add_(bias_s + pb_s)
-        a2 = torch.matmul(q, keys[..., ss:]).add_(bias_l + pb_l)
-    else:
-        logits = torch.matmul(torch.matmul(q, k), proj_w.t()) + weight_proj.bias  # official order
-        a1, a2 = logits.split([ss, kk], dim=-1)
-        a1 = a1 + bias_s
-        a2 = a2 + bias_l
+    keys = torch.matmul(key.reshape(B, G, c, n_ctx), weight_proj.weight.reshape(ss + kk, n_ctx).t())
+    bias_s, bias_l = weight_proj.bias.split([ss, kk])
+    # the biases are added in place: a matmul keeps no output for its backward
+    a1 = torch.matmul(q, keys[..., :ss]).add_(_gather_rpb(rpb_small, H, W, smk_size) + bias_s)
+    a2 = torch.matmul(q, keys[..., ss:]).add_(_gather_rpb(rpb_large, H, W, kernel_size) + bias_l)
     a1 = a1.softmax(dim=-1).reshape(B, G, H, W, ss)
     a2 = a2.softmax(dim=-1).reshape(B, G, H, W, kk)
     cv = value.shape[1] // (2 * G)
     v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
+    backend = backend or _backend
     x1 = na2d_av(a1, v[0], smk_size, backend)
     x2 = na2d_av(a2, v[1], kernel_size, backend)
-    out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv), one pass
+    out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv)
     return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+
+
+def context_mix_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight_proj: nn.Conv2d,
+                          rpb_small: torch.Tensor, rpb_large: torch.Tensor, smk_size: int, kernel_size: int,
+                          num_heads: int, backend: str = "naive") -> torch.Tensor:
+    """:func:`context_mix` in the official order of operations (affinities ``q . k``, then ``weight_proj``).
+
+    The yardstick for tests, and what ``overlock info`` counts (the paper's FLOPs are those of this order).
+    """
+    B, Cq, H, W = query.shape
+    G, c = num_heads, Cq // num_heads
+    ss = smk_size * smk_size
+    q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)
+    affinity = torch.matmul(q, key.reshape(B, G, c, -1))  # (B, G, HW, 49)
+    logits = torch.matmul(affinity, weight_proj.weight.flatten(1).t()) + weight_proj.bias
+    a1 = (logits[..., :ss] + _gather_rpb(rpb_small, H, W, smk_size)).softmax(-1).reshape(B, G, H, W, -1)
+    a2 = (logits[..., ss:] + _gather_rpb(rpb_large, H, W, kernel_size)).softmax(-1).reshape(B, G, H, W, -1)
+    cv = value.shape[1] // (2 * G)
+    v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)
+    x1, x2 = na2d_av(a1, v[0], smk_size, backend), na2d_av(a2, v[1], kernel_size, backend)
+    return torch.cat([x1, x2], dim=1).permute(0, 1, 4, 2, 3).reshape(B, 2 * G * cv, H, W)
 
 
 def _gather_rpb(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
@@ -122,7 +138,73 @@ def make_rpb(num_heads: int, kernel_size: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
 
 
-class ContMixBlock(nn.Module):
+class ContMixCore(nn.Module):
+    """The dynamic-convolution layer shared by ``ContMixBlock`` and ``DynamicConvBlock``.
+
+    Subclasses call :meth:`_init_core` (parameters keep the official names) and build their forward from
+    :meth:`dynamic_conv` and :meth:`residual`.
+    """
+
+    def _init_core(self, dim: int, key_dim: int, out_dim: int, kernel_size: int, smk_size: int, num_heads: int,
+                   res_scale: bool, drop_path: float, deploy: bool) -> None:
+        self.kernel_size = kernel_size
+        self.smk_size = smk_size
+        self.num_heads = num_heads * 2  # the official blocks double the given head count
+        self.scale = (dim // self.num_heads) ** -0.5
+        self.res_scale = res_scale
+        self.rpb1 = make_rpb(self.num_heads, smk_size)
+        self.rpb2 = make_rpb(self.num_heads, kernel_size)
+        self.weight_query = conv_bn(dim, dim // 2)
+        self.weight_key = ConvNorm(nn.AdaptiveAvgPool2d(7), *conv_bn(key_dim, dim // 2))
+        self.weight_proj = PointwiseConv(49, kernel_size ** 2 + smk_size ** 2)
+        self.lepe = ConvNorm(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
+        self.se_layer = SEModule(dim)
+        self.gate = conv_bn(dim, dim, nn.SiLU())
+        self.proj = ConvNorm(nn.BatchNorm2d(dim), PointwiseConv(dim, out_dim))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def context_mix(self, query_src: torch.Tensor, key_src: torch.Tensor, value: torch.Tensor,
+                    value_proj: nn.Module | None = None) -> torch.Tensor:
+        """ContMix: queries from ``query_src``, keys from the 7x7 regions of ``key_src``, aggregating ``value``.
+
+        A map smaller than the large kernel is resized up (bilinear; short side to the kernel size) before
+        the projections and the result pooled back, as in the official code.
+        """
+        H, W = value.shape[-2:]
+        small = min(H, W) < self.kernel_size
+        if small:
+            size = upsampled_size(H, W, self.kernel_size)
+            resized = {}
+            for t in (query_src, key_src, value):
+                if id(t) not in resized:
+                    resized[id(t)] = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            query_src, key_src, value = resized[id(query_src)], resized[id(key_src)], resized[id(value)]
+        if value_proj is not None:
+            value = value_proj(value)
+        out = context_mix(self.weight_query(query_src) * self.scale, self.weight_key(key_src), value,
+                          self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
+        return F.adaptive_avg_pool2d(out, (H, W)) if small else out
+
+    def dynamic_conv(self, x: torch.Tensor, mixed_proj: nn.Module, query_src: torch.Tensor,
+                     key_src: torch.Tensor, value_proj: nn.Module | None = None) -> torch.Tensor:
+        """``proj(gate(x) * SE(mixed_proj(ContMix) + LePE(x)))``: the token mixer of both blocks."""
+        gate = self.gate(x)
+        lepe = self.lepe(x)
+        x = mixed_proj(self.context_mix(query_src, key_src, x, value_proj)) + lepe
+        return self.proj(gate * self.se_layer(x))
+
+    def residual(self, identity: torch.Tensor, branch: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
+        """``ls(identity) + branch`` with ``res_scale``, else ``identity + ls(branch)`` (drop path on the branch)."""
+        if self.res_scale:
+            return layer_scale(identity) + self.drop_path(branch)
+        return identity + self.drop_path(layer_scale(branch))
+
+
+def layer_scale(dim: int, init_value) -> nn.Module:
+    return LayerScale(dim, init_value) if init_value is not None else nn.Identity()
+
+
+class ContMixBlock(ContMixCore):
     """The official plug-and-play ContMix block (models/contmix.py): ContMix mixer plus a GRN MLP.
 
     Same constructor arguments and parameter names as the official block; ``use_gemm`` is accepted and
@@ -134,75 +216,32 @@ class ContMixBlock(nn.Module):
                  norm_layer=LayerNorm2d, use_gemm: bool = False, deploy: bool = False,
                  use_checkpoint: bool = False, **kwargs):
         super().__init__()
-        mlp_dim = int(dim * mlp_ratio)
-        self.kernel_size = kernel_size
-        self.smk_size = smk_size
-        self.num_heads = num_heads * 2
-        self.scale = (dim // self.num_heads) ** -0.5
-        self.res_scale = res_scale
+        self._init_core(dim, dim, dim, kernel_size, smk_size, num_heads, res_scale, drop_path, deploy)
         self.use_checkpoint = use_checkpoint
-
         self.dwconv1 = ResDWConv(dim, 3)
         self.norm1 = norm_layer(dim)
-        self.weight_query = nn.Sequential(PointwiseConv(dim, dim // 2, bias=False), nn.BatchNorm2d(dim // 2))
-        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), PointwiseConv(dim, dim // 2, bias=False),
-                                        nn.BatchNorm2d(dim // 2))
-        self.weight_value = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
-        self.weight_proj = PointwiseConv(49, kernel_size ** 2 + smk_size ** 2)
-        self.fusion_proj = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
-        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
-        self.se_layer = SEModule(dim)
-        self.gate = nn.Sequential(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
-        self.proj = nn.Sequential(nn.BatchNorm2d(dim), PointwiseConv(dim, dim))
+        self.weight_value = conv_bn(dim, dim)
+        self.fusion_proj = conv_bn(dim, dim)
         self.dwconv2 = ResDWConv(dim, 3)
         self.norm2 = norm_layer(dim)
-        self.mlp = nn.Sequential(
-            PointwiseConv(dim, mlp_dim), nn.GELU(), ResDWConv(mlp_dim, 3), GRN(mlp_dim), PointwiseConv(mlp_dim, dim))
-        self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.rpb1 = make_rpb(self.num_heads, smk_size)
-        self.rpb2 = make_rpb(self.num_heads, kernel_size)
+        self.mlp = GrnMlp(dim, int(dim * mlp_ratio))
+        self.ls1 = layer_scale(dim, ls_init_value)
+        self.ls2 = layer_scale(dim, ls_init_value)
         nn.init.trunc_normal_(self.rpb1, std=0.02)
         nn.init.trunc_normal_(self.rpb2, std=0.02)
 
     def reparm(self):
-        """Official name of the deploy conversion; same as ``timm.utils.reparameterize_model``."""
+        """Official name of the deploy conversion (merges the dilated branches)."""
         for m in self.modules():
             if isinstance(m, DilatedReparamBlock):
                 m.reparameterize()
 
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        resized = min(H, W) < self.kernel_size
-        if resized:
-            x = F.interpolate(x, size=upsampled_size(H, W, self.kernel_size), mode="bilinear", align_corners=False)
-        seq = sequential_forward if inference_fast_path(self, x) else (lambda m, y: m(y))
-        out = context_mix(seq(self.weight_query, x) * self.scale, seq(self.weight_key, x), seq(self.weight_value, x),
-                          self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
-        if resized:
-            out = F.adaptive_avg_pool2d(out, (H, W))
-        return out
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv1(x)
-        identity = x
-        x = self.norm1(x)
-        fast = inference_fast_path(self, x)  # eval, no autograd, channels_last: BN folded, activations in place
-        seq = sequential_forward if fast else (lambda m, y: m(y))
-        gate = seq(self.gate, x)
-        lepe = seq(self.lepe, x)
-        x = seq(self.fusion_proj, self._mix(x)) + lepe
-        x = seq(self.proj, gate * self.se_layer(x))
-        if self.res_scale:
-            x = self.ls1(identity) + self.drop_path(x)
-        else:
-            x = identity + self.drop_path(self.ls1(x))
+        y = self.norm1(x)
+        x = self.residual(x, self.dynamic_conv(y, self.fusion_proj, y, y, self.weight_value), self.ls1)
         x = self.dwconv2(x)
-        mlp = mlp_forward if fast else (lambda m, y: m(y))
-        if self.res_scale:
-            return self.ls2(x) + self.drop_path(mlp(self.mlp, self.norm2(x)))
-        return x + self.drop_path(self.ls2(mlp(self.mlp, self.norm2(x))))
+        return self.residual(x, self.mlp(self.norm2(x)), self.ls2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and x.requires_grad:

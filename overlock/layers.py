@@ -14,8 +14,7 @@ from .ops.depthwise import depthwise_conv2d
 
 __all__ = [
     "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock", "PointwiseConv",
-    "stem", "downsample", "fuse_conv_bn", "inference_fast_path", "pointwise_scaled", "grn_pointwise",
-    "mlp_forward", "sequential_forward",
+    "ConvNorm", "GrnMlp", "conv_bn", "stem", "downsample", "fuse_conv_bn", "depthwise_conv",
 ]
 
 
@@ -47,11 +46,7 @@ class PointwiseConv(nn.Conv2d):
 
 
 class GRN(nn.Module):
-    """Global Response Normalization (ConvNeXt-V2), on NCHW maps.
-
-    Without autograd the spatial L2 norm is a sum of squares (a plain reduction, much faster on CPU than
-    ``vector_norm``'s generic path); the affine response is one fused multiply-add.
-    """
+    """Global Response Normalization (ConvNeXt-V2) on NCHW maps: ``x * (gamma * nx + 1) + beta``."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -59,12 +54,12 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, dim, 1, 1))
 
     def response(self, x: torch.Tensor) -> torch.Tensor:
-        """``nx``: each channel's spatial L2 norm over the mean norm of the sample, ``(B, C, 1, 1)``."""
-        if x.requires_grad and torch.is_grad_enabled():
-            # vector_norm's gradient at an all-zero map is 0 (as in the official code); sqrt's would be inf -> NaN
-            gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
-        else:
-            gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
+        """``nx``: each channel's spatial L2 norm over the sample's mean norm, ``(B, C, 1, 1)``.
+
+        ``vector_norm`` (as the official code) has gradient 0 on an all-zero map, where ``sqrt(sum(x^2))``
+        would give NaN.
+        """
+        gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
         return gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,108 +140,6 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     scale = bn.weight / std
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
     return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
-
-
-# ------------------------------------------------------------------------------------------- inference fast path
-# On CPU most time around the 1x1 convs goes to fresh multi-MB outputs (page faults on first touch) and extra
-# passes over them: a separate GELU output, GRN's ``x * s + beta``, SE's ``x * s``. Without autograd these are
-# folded away: per-sample channel scales go into per-sample 1x1 weights (one batched GEMM), shifts into the bias,
-# GELU runs in place on the GEMM output. Same function; only the floating-point summation order changes.
-
-def inference_fast_path(module: nn.Module, x: torch.Tensor) -> bool:
-    """True when no autograd graph is recorded and ``x`` is a channels_last map (the NHWC view is a GEMM operand)."""
-    return (not torch.is_grad_enabled() and not module.training and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last))
-
-
-def pointwise_scaled(conv: nn.Conv2d, x: torch.Tensor, scale=None, shift=None, gelu: str | None = None):
-    """``conv(x * scale + shift)`` (then GELU, in place) for a channels_last ``x``, as one batched GEMM.
-
-    ``scale``: per-sample, per-channel ``(B, C, 1, 1)``; ``shift``: per-channel, broadcastable to ``(C,)``.
-    """
-    B, C, H, W = x.shape
-    w = conv.weight.flatten(1)  # (Cout, Cin)
-    bias = conv.bias
-    if shift is not None:
-        shifted = torch.mv(w, shift.reshape(C))
-        bias = shifted if bias is None else bias + shifted
-    xs = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    if scale is not None and H * W < w.shape[0]:
-        # small map: per-sample weights would outweigh the activations; scale the map instead
-        xs = xs * scale.reshape(B, 1, C)
-        scale = None
-    if scale is None:
-        out = F.linear(xs, w, bias)
-    else:
-        wb = w.t().unsqueeze(0) * scale.reshape(B, C, 1)  # (B, Cin, Cout)
-        out = torch.bmm(xs, wb) if bias is None else torch.baddbmm(bias.view(1, 1, -1), xs, wb)
-    if gelu is not None:
-        torch.ops.aten.gelu_(out, approximate=gelu)
-    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
-
-
-def grn_pointwise(grn: "GRN", conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(grn(x))`` with GRN's response ``x * (gamma * nx + 1) + beta`` folded into the 1x1 weights."""
-    return pointwise_scaled(conv, x, scale=torch.addcmul(torch.ones_like(grn.gamma), grn.gamma, grn.response(x)),
-                            shift=grn.beta)
-
-
-def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The GRN MLP ``[1x1, GELU, ResDWConv, GRN, 1x1]`` on the fast path (see ``pointwise_scaled``)."""
-    x = pointwise_scaled(mlp[0], x, gelu=mlp[1].approximate)
-    return grn_pointwise(mlp[3], mlp[4], mlp[2](x))
-
-
-def _bn_affine(bn: nn.BatchNorm2d):
-    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def _conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """``bn(conv(x))`` as one conv with the eval-mode BN folded into weight and bias (computed per call: the
-    module structure and state-dict keys stay those of the official code)."""
-    scale, shift = _bn_affine(bn)
-    inner = conv.lk_origin if isinstance(conv, DilatedReparamBlock) else conv
-    bias = shift if inner.bias is None else torch.addcmul(shift, inner.bias, scale)
-    weight = inner.weight * scale.view(-1, 1, 1, 1)
-    if isinstance(conv, DilatedReparamBlock):
-        return depthwise_conv(x, weight, bias)
-    if isinstance(conv, PointwiseConv) and x.is_contiguous(memory_format=torch.channels_last):
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-    return conv._conv_forward(x, weight, bias)
-
-
-_INPLACE = {nn.GELU: lambda m, x: torch.ops.aten.gelu_(x, approximate=m.approximate),
-            nn.SiLU: lambda m, x: F.silu(x, inplace=True)}
-
-
-def sequential_forward(seq, x: torch.Tensor) -> torch.Tensor:
-    """Run ``seq`` on the inference fast path: a conv (plain, 1x1 or deploy-form dilated block) followed by
-    BatchNorm becomes one conv, and GELU / SiLU right after a freshly made output run in place."""
-    mods = list(seq)
-    i, fresh = 0, False
-    while i < len(mods):
-        m = mods[i]
-        nxt = mods[i + 1] if i + 1 < len(mods) else None
-        if isinstance(nxt, nn.BatchNorm2d) and (
-                (type(m) in (nn.Conv2d, PointwiseConv) and m.padding_mode == "zeros")
-                or (isinstance(m, DilatedReparamBlock) and m.deploy)):
-            x, fresh, i = _conv_bn(m, nxt, x), True, i + 2
-            continue
-        if isinstance(m, nn.BatchNorm2d) and type(nxt) is PointwiseConv \
-                and x.is_contiguous(memory_format=torch.channels_last):
-            scale, shift = _bn_affine(m)  # BN before a 1x1: scale its input columns, shift its bias
-            w = nxt.weight.flatten(1)
-            bias = torch.mv(w, shift) if nxt.bias is None else torch.addmv(nxt.bias, w, shift)
-            x = F.linear(x.permute(0, 2, 3, 1), w * scale, bias).permute(0, 3, 1, 2)
-            fresh, i = True, i + 2
-            continue
-        if fresh and type(m) in _INPLACE:
-            x = _INPLACE[type(m)](m, x)
-        else:
-            x, fresh = m(x), False
-        i += 1
-    return x
 
 
 # UniRepLKNet's dilated branches: (kernel sizes, dilations) per large kernel size.
@@ -332,10 +225,39 @@ class DilatedReparamBlock(nn.Module):
         self.deploy = True
 
 
-def stem(in_chans: int, dim: int) -> nn.Sequential:
+class ConvNorm(nn.Sequential):
+    """A conv / BatchNorm / activation sequence, indexed as in the official code (so its keys load as they are).
+
+    ``fuse()`` folds each eval-mode BatchNorm into its neighbouring conv, once (like LeViT's ``ConvNorm.fuse``);
+    see :mod:`overlock.fused`.
+    """
+
+    def fuse(self) -> nn.Module:
+        from .fused import fuse_conv_norm
+        return fuse_conv_norm(self)
+
+
+class GrnMlp(nn.Sequential):
+    """ConvNeXt-V2 MLP: 1x1 expansion, GELU, residual 3x3 depthwise conv, GRN, 1x1 projection."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
+        super().__init__(PointwiseConv(dim, hidden_dim), nn.GELU(), ResDWConv(hidden_dim, 3), GRN(hidden_dim),
+                         PointwiseConv(hidden_dim, out_dim or dim))
+
+    def fuse(self) -> nn.Module:
+        from .fused import FusedGrnMlp
+        return FusedGrnMlp(self)
+
+
+def conv_bn(in_dim: int, out_dim: int, *act: nn.Module) -> ConvNorm:
+    """1x1 conv without bias, BatchNorm, optional activation (ContMix's projections)."""
+    return ConvNorm(PointwiseConv(in_dim, out_dim, bias=False), nn.BatchNorm2d(out_dim), *act)
+
+
+def stem(in_chans: int, dim: int) -> ConvNorm:
     """Four 3x3 convs with BN (GELU between), stride 4 overall."""
     half = dim // 2
-    return nn.Sequential(
+    return ConvNorm(
         nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
         nn.Conv2d(half, dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
@@ -343,6 +265,6 @@ def stem(in_chans: int, dim: int) -> nn.Sequential:
     )
 
 
-def downsample(in_dim: int, out_dim: int) -> nn.Sequential:
+def downsample(in_dim: int, out_dim: int) -> ConvNorm:
     """Stride-2 3x3 conv + BN between stages."""
-    return nn.Sequential(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_dim))
+    return ConvNorm(nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_dim))

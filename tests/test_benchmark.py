@@ -10,6 +10,7 @@ FIELDS = {"model", "mode", "batch_size", "img_size", "label", "img_per_s", "late
           "times_ms", "backend_used", "channels_last", "reparam"}
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["benchmark", "--model", "test_overlock", "--official", "--mode", "infer", "train", "-b", "2",

@@ -30,7 +30,8 @@ def build(form: str):
         if "/" in form:
             kind, name = form.split("/")
             return create_dense_backbone(name, kind=kind)
-        return timm.create_model(form, use_ds=True)  # official classification files carry the aux head
+        # official classification files carry the aux head; fuse=False: the deploy form as released
+        return timm.create_model(form, use_ds=True, **({"fuse": False} if form.endswith("_reparam") else {}))
 
 
 def test_all_forms_present():
@@ -52,6 +53,7 @@ def _state_from_form(form):
     return {k: torch.zeros(s) if s else torch.tensor(0) for k, s in FORMS[form].items()}
 
 
+@pytest.mark.slow
 def test_full_size_strict_load_with_wrappers(tmp_path):
     """An official-shaped XT file, wrapped as releases are, loads through timm's pretrained path."""
     state = _state_from_form("overlock_xt")
@@ -67,6 +69,7 @@ def test_full_size_strict_load_with_wrappers(tmp_path):
     assert with_aux.has_aux_head
 
 
+@pytest.mark.slow
 def test_full_size_detection_checkpoint_in_mmdet_layout():
     state = {f"backbone.{k}": v for k, v in _state_from_form("detection/overlock_t").items()}
     state["backbone.extra_norm.4.bias"] = torch.full((512,), 3.0)
@@ -76,6 +79,7 @@ def test_full_size_detection_checkpoint_in_mmdet_layout():
     assert model.out_channels == [64, 128, 384, 640]
 
 
+@pytest.mark.slow
 def test_reparam_file_loads_into_reparam_model(tmp_path):
     path = tmp_path / "t_reparam.pth"
     torch.save({"state_dict": _state_from_form("overlock_xt_reparam")}, path)

@@ -10,6 +10,7 @@ from overlock.profile import model_summary
 PAPER = {"overlock_xt": (16.4, 2.6), "overlock_t": (33.5, 5.5), "overlock_s": (56.2, 9.7), "overlock_b": (94.9, 16.7)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_params_and_flops_match_the_paper(name):
     s = model_summary(name)
@@ -20,6 +21,7 @@ def test_params_and_flops_match_the_paper(name):
     assert s["gmacs_total"] > s["gmacs"]
 
 
+@pytest.mark.slow
 def test_info_command_json(capsys):
     assert main(["info", "--model", "overlock_xt", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -81,6 +81,7 @@ def test_official_code_errors_name_the_folder_and_model(tmp_path, checkout, caps
     assert "overlock benchmark: error: " in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_benchmark_measures_the_official_code_beside_ours(checkout, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["benchmark", "--model", "overlock_xt", "--official-code", checkout, "--mode", "train", "-b", "2",

@@ -172,6 +172,7 @@ def test_any_input_of_32px_or_more(tiny, size):
     assert fast.shape == (1, 10) and rel_err(fast, official_method) < 1e-5
 
 
+@pytest.mark.slow
 def test_torch_compile(tiny):
     model = tiny(sub_depth=(1, 1)).eval()  # fewest blocks: compile time grows with the graph
     x = torch.randn(2, 3, 64, 64)
@@ -181,6 +182,7 @@ def test_torch_compile(tiny):
     assert rel_err(compiled, eager) < 1e-4
 
 
+@pytest.mark.slow
 def test_torch_compile_training_step(tiny):
     """Forward and backward compiled with default settings (one graph: index plans trace without graph breaks,
     which would otherwise re-enter frames with new shapes and trip inductor's dynamic-shape path)."""

@@ -9,6 +9,9 @@ import argparse
 import json
 import sys
 
+from ..errors import UsageError
+from .argtypes import non_negative_int, positive_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", default=["overlock_t"], help="models to measure (ours or any timm name)")
@@ -17,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer"],
                    help="inference (eval, inference_mode) and/or training step (forward, backward with the "
                         "auxiliary loss for OverLoCK, AdamW step)")
-    p.add_argument("-b", "--batch-size", type=int, default=16)
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="one or more input sides")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=16)
+    p.add_argument("--img-size", type=positive_int, nargs="+", default=[224], help="one or more input sides")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory format (default on)")
     p.add_argument("--reparam", action=argparse.BooleanOptionalAction, default=True,
@@ -36,19 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="cast model and input (inference)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="timed iterations; the median is reported (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each measurement")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed iterations first (default 2)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed iterations; the median is reported (default 5)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads in each measurement")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero (random-init models then run far slower on CPU)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--onnxruntime", action="store_true",
                    help="add a row per OverLoCK CPU inference run: the deploy form exported to ONNX and run by "
                    "onnxruntime (needs the export extra; export time not counted)")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (faster start; peak memory then includes earlier runs)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per measurement")
+    p.add_argument("--timeout", type=positive_float, default=None, help="seconds allowed per measurement")
     p.add_argument("--json", metavar="PATH", default=None, help="write machine, versions, command and results")
 
 
@@ -89,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             official_overlock_file(args.official_code)
         except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
+            raise UsageError(str(e)) from None
     env = environment()
-    print(f"# {env['cpu']} ({env['cpu_count']} cpus), torch {env['torch']}, timm {env['timm']}", flush=True)
+    print(f"# {env['cpu']} ({env['cpu_count']} cpus, {env['cpu_isa']}), torch {env['torch']}, timm {env['timm']}", flush=True)
     results = []
     ours = None  # the latest non-baseline result: baselines are compared with it
     print("| run | img/s | latency ms | ms/img | peak MB | our speed-up over this row |")

@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import UsageError
+from .argtypes import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", default=None, help="variants to show (default: all four)")
-    p.add_argument("--img-size", type=int, default=224, help="input side for the FLOP count (default 224)")
+    p.add_argument("--img-size", type=positive_int, default=224, help="input side for the FLOP count (default 224)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         base = name[:-len("_reparam")] if name.endswith("_reparam") else name
         if base not in overlock.VARIANTS:
-            raise SystemExit(f"unknown model {name!r}; choose from {', '.join(overlock.VARIANTS)}")
+            raise UsageError(f"unknown model {name!r}; choose from {', '.join(overlock.VARIANTS)}")
     rows = [model_summary(name, args.img_size) for name in names]
     if args.json:
         print(json.dumps(rows, indent=2))

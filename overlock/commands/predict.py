@@ -5,13 +5,15 @@ import argparse
 import json
 import os
 
+from .argtypes import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from overlock.training.modeling import add_weight_arguments
 
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders (searched recursively)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("-b", "--batch-size", type=int, default=32)
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=32)
     p.add_argument("--json", action="store_true", help="print JSON (one object per image)")
     add_weight_arguments(p)
 

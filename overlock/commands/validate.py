@@ -5,6 +5,9 @@ import argparse
 import json
 import os
 
+from ..errors import UsageError
+from .argtypes import non_negative_int, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from overlock.training.modeling import add_weight_arguments
@@ -13,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ImageFolder root (its --split folder is used) or a split folder itself")
     p.add_argument("--data-dir", default=None, metavar="DIR", help="same as DATA")
     p.add_argument("--split", default="val", help="split folder under DATA (default val)")
-    p.add_argument("-b", "--batch-size", type=int, default=128)
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=128)
+    p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--results-file", default=None, metavar="FILE", help="write the results as JSON")
     add_weight_arguments(p)
 
@@ -22,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _split_dir(args) -> str:
     root = args.data or args.data_dir
     if not root:
-        raise SystemExit("give the data set: DATA or --data-dir DIR")
+        raise UsageError("give the data set: DATA or --data-dir DIR")
     from overlock.data.folder import resolve_split
 
     candidate = os.path.join(root, resolve_split(root, args.split))

@@ -11,13 +11,15 @@ import os
 import numpy as np
 from PIL import Image
 
+from ..errors import UsageError
+
 
 def write_digits(root: str, val_fraction: float = 0.2, seed: int = 0) -> dict:
     """Write the split; returns the number of images per split. Existing complete output is kept."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
-        raise SystemExit("the digits demo needs scikit-learn: pip install scikit-learn") from e
+        raise UsageError("the digits demo needs scikit-learn: pip install scikit-learn") from e
     digits = load_digits()
     images, labels = digits.images, digits.target
     rng = np.random.default_rng(seed)

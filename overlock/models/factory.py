@@ -28,7 +28,7 @@ def _cfg(url: str, **kwargs):
     return {
         "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed1.0", "classifier": ("head.4", "aux_head.2"), "custom_load": True,
+        "first_conv": "patch_embed1.0", "classifier": "head.4", "custom_load": True,
         "license": "apache-2.0", "paper_ids": "arXiv:2502.20087", **kwargs,
     }
 
@@ -133,8 +133,18 @@ def _filter_fn(state_dict, model):
     return fit_state_dict(unwrap_state_dict(state_dict, "pretrained file"), model, "pretrained file")
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
+def _create(variant: str, pretrained: bool = False, fuse: Optional[bool] = None, **kwargs) -> OverLoCK:
+    """Build (and load) a model; ``_reparam`` variants come fused for inference unless ``fuse=False``
+    (``fuse=False`` gives the official deploy form, whose state dict is that of the official deploy files)."""
     deploy = variant.endswith("_reparam")
+    model = _build(variant, deploy, pretrained, **kwargs)
+    if deploy if fuse is None else fuse:
+        from ..fused import fuse as fuse_model
+        model = fuse_model(model, inplace=True)
+    return model
+
+
+def _build(variant: str, deploy: bool, pretrained: bool, **kwargs) -> OverLoCK:
     base = variant[:-len("_reparam")] if deploy else variant
     args = dict(TEST_CONFIG if base == "test_overlock" else MODEL_CONFIGS[base])
     args.update(kwargs)

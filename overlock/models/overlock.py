@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LayerNorm2d, PointwiseConv, downsample, inference_fast_path, sequential_forward, stem
+from ..layers import ConvNorm, LayerNorm2d, PointwiseConv, downsample, stem
 from .blocks import DynamicConvBlock, RepConvBlock
 
 __all__ = ["OverLoCK", "CTXDownsample", "MODEL_CONFIGS"]
@@ -46,14 +46,24 @@ class CTXDownsample(nn.Module):
 
     def __init__(self, dim: int, h_dim: int):
         super().__init__()
-        self.x_proj = nn.Sequential(nn.Conv2d(dim, h_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(h_dim))
-        self.h_proj = nn.Sequential(nn.Conv2d(h_dim // 4, h_dim // 4, 3, stride=2, padding=1, bias=False),
-                                    nn.BatchNorm2d(h_dim // 4))
+        self.x_proj = downsample(dim, h_dim)
+        self.h_proj = downsample(h_dim // 4, h_dim // 4)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor):
-        if inference_fast_path(self, x):
-            return sequential_forward(self.x_proj, x), sequential_forward(self.h_proj, ctx)
         return self.x_proj(x), self.h_proj(ctx)
+
+
+def _take_indices(n: int, indices) -> Tuple[List[int], int]:
+    """timm's rule: ``None`` all maps, an int the last ``indices`` maps, a list those (negative from the end)."""
+    if indices is None:
+        take = list(range(n))
+    elif isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"indices={indices}: OverLoCK has {n} feature maps")
+        take = list(range(n - indices, n))
+    else:
+        take = [i % n for i in indices]
+    return take, max(take)
 
 
 def _as_list(value, n: int, name: str) -> list:
@@ -140,7 +150,7 @@ class OverLoCK(nn.Module):
             self.aux_head = nn.Sequential(
                 nn.BatchNorm2d(embed_dim[-1]), nn.AdaptiveAvgPool2d(1),
                 PointwiseConv(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity())
-        self.head = nn.Sequential(
+        self.head = ConvNorm(
             PointwiseConv(fusion_dim, projection, bias=False), nn.BatchNorm2d(projection), nn.SiLU(),
             nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity(),
             PointwiseConv(projection, num_classes) if num_classes > 0 else nn.Identity())
@@ -218,27 +228,23 @@ class OverLoCK(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _seq(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """A conv/BN/activation sequence; without autograd on channels_last, with BN folded (``sequential_forward``)."""
-        return sequential_forward(seq, x) if inference_fast_path(self, x) else seq(x)
-
     def forward_pre(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stages 1 and 2 (strides 4 and 8)."""
-        x = self._seq(self.patch_embed1, x)
+        x = self.patch_embed1(x)
         for i, blk in enumerate(self.blocks1):
             x = self._run(blk, x, stage=0, index=i)
         s1 = x
-        x = self._seq(self.patch_embed2, x)
+        x = self.patch_embed2(x)
         for i, blk in enumerate(self.blocks2):
             x = self._run(blk, x, stage=1, index=i)
         return s1, x
 
     def forward_overview(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Base-Net stage 3 (stride 16) and the Overview-Net (stride 32): features and the context prior."""
-        x = self._seq(self.patch_embed3, x)
+        x = self.patch_embed3(x)
         for i, blk in enumerate(self.blocks3):
             x = self._run(blk, x, stage=2, index=i)
-        ctx = self._seq(self.patch_embed4, x)
+        ctx = self.patch_embed4(x)
         for i, blk in enumerate(self.blocks4):
             ctx = self._run(blk, ctx, stage=3, index=i)
         return x, ctx
@@ -249,14 +255,17 @@ class OverLoCK(nn.Module):
         x, ctx = self.forward_overview(s2)
         return s1, s2, x, ctx
 
-    def forward_focus(self, x: torch.Tensor, ctx_prior: torch.Tensor):
-        """Focus-Net guided by the context prior: stride-16 output (features and context) and final features."""
+    def forward_focus(self, x: torch.Tensor, ctx_prior: torch.Tensor, stop_after_stride16: bool = False):
+        """Focus-Net guided by the context prior: stride-16 output (features and context) and final features
+        (only the former with ``stop_after_stride16``)."""
         ctx_ori = self.high_level_proj(ctx_prior)
         ctx_up = F.interpolate(ctx_ori, size=x.shape[2:], mode="bilinear", align_corners=False)
         ctx = ctx_up
         for i, blk in enumerate(self.sub_blocks3):
             x, ctx = self._run(blk, x, ctx, ctx_up, stage=2, index=i)
         s3 = torch.cat([x, ctx], dim=1)
+        if stop_after_stride16:
+            return (s3,)
         x, ctx = self.patch_embedx(x, ctx)
         for i, blk in enumerate(self.sub_blocks4):
             x, ctx = self._run(blk, x, ctx, ctx_ori, stage=3, index=i)
@@ -265,29 +274,37 @@ class OverLoCK(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """The four feature maps (strides 4, 8, 16, 32) for ``features_only`` and dense tasks."""
+        """The four feature maps (strides 4, 8, 16, 32) for ``features_only`` and dense tasks.
+
+        ``indices``: the last ``n`` maps (int) or a list of indices. ``stop_early`` runs the network only as far
+        as the last requested map (stride 4/8: Base-Net stages 1-2; stride 16: the Focus-Net's first half, which
+        needs the Overview-Net's context prior). OverLoCK has no final norm layer, so ``norm=True`` is refused
+        (the dense backbones, ``create_dense_backbone``, give the normalised maps of the official dense code).
+        """
         if output_fmt != "NCHW":
             raise ValueError("OverLoCK intermediates are NCHW only")
-        s1, s2, x3, ctx = self.forward_base(x)
-        s3, x = self.forward_focus(x3, ctx)
-        feats = [s1, s2, s3, x]
-        if indices is None:
-            take = list(range(4))
-        elif isinstance(indices, int):
-            take = list(range(4 - indices, 4))
-        else:
-            take = [i % 4 for i in indices]
+        if norm:
+            raise ValueError("OverLoCK has no final norm layer to apply (norm=True); the official dense backbones "
+                             "normalise each map: overlock.create_dense_backbone(name, kind=...)")
+        take, last = _take_indices(4, indices)
+        stop = last if stop_early or intermediates_only else 3
+        s1, s2 = self.forward_pre(x)
+        feats = [s1, s2]
+        if stop >= 2:
+            x3, ctx = self.forward_overview(s2)
+            feats += list(self.forward_focus(x3, ctx, stop_after_stride16=stop == 2))
         intermediates = [feats[i] for i in take]
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return feats[-1], intermediates
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """Drop the heads (``prune_head``); returns the feature indices ``indices`` selects."""
         if prune_head:
             self.reset_classifier(0, "")
             if self.has_aux_head:
                 del self.aux_head
-        return list(range(4))
+        return _take_indices(4, indices)[0]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Final Focus-Net features (with context channels), before the head: ``(B, num_features, H/32, W/32)``."""
@@ -300,7 +317,7 @@ class OverLoCK(nn.Module):
         return x, ctx
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head[3](self._seq(self.head[:3], x))
+        x = self.head[:4](x)  # 1x1, BN, SiLU, pool
         if self.drop_rate > 0.:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         if pre_logits:

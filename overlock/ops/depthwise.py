@@ -1,18 +1,14 @@
 """Depthwise convolution whose weight gradient is fast on CPU.
 
 PyTorch's CPU backend (oneDNN) runs a large-kernel depthwise convolution forward near GEMM speed in
-channels_last, but its *weight* gradient 10-35x slower than the forward (a 17x17 kernel on 64x56x56, batch 8:
-5 ms forward, 195 ms weight gradient). In an OverLoCK training step those weight gradients were a third of the
-time.
+channels_last, but its *weight* gradient many times slower than the forward; in an OverLoCK training step those
+weight gradients dominated (figures in benchmarks/README.md).
 
 The weight gradient of a depthwise conv is itself a depthwise conv with the roles swapped:
 ``dW[c, i, j] = sum_b sum_yx xpad[b, c, y + i*d, x + j*d] * dY[b, c, y, x]``, i.e. every (sample, channel)
 pair is one channel of a depthwise conv whose *input* is the zero-padded activation, whose *kernel* is the
 output gradient (map-sized), with stride = the dilation, giving a ``k x k`` output; summing over samples gives
-``dW``. Measured (2-core AVX-512 CPU, fp32): 195 -> 22 ms for 17x17 on 8x64x56x56, 19 -> 2.6 ms for 13x13 on
-8x256x14x14, 6.2 -> 3.9 ms for 15x15 on 32x56x8x8; one measured case is slower, 5x5 on 8x64x56x56 (6.4 -> 9.5 ms,
-a fraction of a percent of a training step). The input gradient and the forward use the native kernels, which
-are already fast.
+``dW``. The input gradient and the forward use the native kernels.
 
 Only used on CPU for float32 tensors, outside autocast and for kernels of 5 taps or more (3x3 has a fast native
 weight gradient); everywhere else :func:`depthwise_conv2d` is plain ``F.conv2d``.

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
 
 @dataclass
 class DistInfo:
@@ -34,7 +36,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu")
+            raise UsageError("--device cuda: CUDA is not available on this machine; use --device cpu")
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     else:

@@ -9,7 +9,7 @@ from typing import Dict, List
 _logger = logging.getLogger("overlock")
 
 COLUMNS = ["epoch", "step", "lr", "train_loss", "train_loss_aux", "val_loss", "val_top1", "val_top5",
-           "ema_val_loss", "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_img_per_s", "bad_images"]
+           "ema_val_loss", "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_img_per_s", "bad_images"]  # bad_images: unreadable images met in that epoch
 
 
 class Logbook:
@@ -20,6 +20,7 @@ class Logbook:
         self.csv_path = os.path.join(output, "metrics.csv")
         self.png_path = os.path.join(output, "curves.png")
         self.rows: List[Dict[str, str]] = []
+        self._warned = False
         if os.path.exists(self.csv_path):
             with open(self.csv_path, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < resume_epoch]
@@ -57,8 +58,9 @@ class Logbook:
         try:
             plot_curves(self.rows, self.png_path)
         except ImportError:
-            if not getattr(self, "_warned", False):
-                _logger.warning("matplotlib is not installed: no curves.png (pip install 'overlock[train]')")
+            if not self._warned:
+                _logger.warning("matplotlib is not installed, so no curves.png is drawn (metrics.csv has the same "
+                                "numbers): pip install 'overlock[train]' or pip install matplotlib")
                 self._warned = True
 
     def close(self) -> None:

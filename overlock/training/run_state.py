@@ -72,8 +72,10 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
 
 
 def training_state(*, model, model_ema, optimizer, scheduler, scaler, epoch: int, batch: int, step: int, args,
-                   classes, best: Dict[str, Any], metric: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-    """Everything a resumed run needs; ``epoch``/``batch`` name the next batch to train."""
+                   classes, best: Dict[str, Any], metric: Optional[Dict[str, float]] = None,
+                   epoch_sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """Everything a resumed run needs; ``epoch``/``batch`` name the next batch to train, ``epoch_sums`` holds the
+    epoch's running loss sums so far (so the epoch's mean loss after a resume equals an uninterrupted run's)."""
     return {
         "format": FORMAT,
         "model": model.state_dict(),
@@ -88,6 +90,7 @@ def training_state(*, model, model_ema, optimizer, scheduler, scaler, epoch: int
         "class_names": list(classes),
         "best": _plain(best),
         "metric": _plain(metric or {}),
+        "epoch_sums": _plain(epoch_sums or {}),
         "rng": rng_state(),
     }
 
@@ -103,13 +106,3 @@ def read_run_checkpoint(path: str) -> Dict[str, Any]:
                               "from other weights use --initial-checkpoint (same classes) or --pretrained-path "
                               "(fine-tuning)")
     return obj
-
-
-def check_class_count(path: str, state: Dict[str, torch.Tensor], num_classes: int, flag: str) -> None:
-    """Refuse, before any compute, a checkpoint whose classifier has another class count than the data."""
-    weight = state.get("head.4.weight")
-    if weight is not None and weight.shape[0] != num_classes:
-        hint = ("fine-tune from it with --pretrained-path (fresh classifier)" if flag == "--initial-checkpoint"
-                else "use a checkpoint trained on these classes")
-        raise CheckpointError(f"{flag} {path}: the checkpoint classifies {weight.shape[0]} classes but the data set "
-                              f"has {num_classes}; {hint}")

@@ -18,6 +18,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from tqdm import tqdm
 
+from ..errors import UsageError
+from ..fused import fuse
 from ..weights import CheckpointError, read_checkpoint
 from ..data import DataError, ImageFolderSplit, check_image_folder, find_classes
 from ..data.folder import resolve_split, sample_seed, seed_everything
@@ -26,7 +28,7 @@ from . import run_state as ckpt
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .evaluate import evaluate
 from .logbook import Logbook
-from .modeling import create_model, load_weights
+from .modeling import check_class_count, create_model, load_weights, weights_of
 
 _logger = logging.getLogger("overlock")
 
@@ -89,14 +91,11 @@ def _preflight(args, info: DistInfo):
             raise CheckpointError(f"--resume {args.resume}: a checkpoint of --model {resume['args'].get('model')}, "
                                   f"not {args.model}")
     if args.initial_checkpoint:
-        obj = read_checkpoint(args.initial_checkpoint)
-        from .modeling import checkpoint_classes
-        n, _ = checkpoint_classes(obj, f"--initial-checkpoint {args.initial_checkpoint}")
-        ckpt.check_class_count(args.initial_checkpoint, {"head.4.weight": torch.empty(n, 0)}, len(classes),
-                               "--initial-checkpoint")
+        source = f"--initial-checkpoint {args.initial_checkpoint}"
+        check_class_count(source, weights_of(read_checkpoint(args.initial_checkpoint), source), len(classes))
     mixup_on = args.mixup > 0 or args.cutmix > 0
     if mixup_on and args.batch_size % 2:
-        raise SystemExit(f"-b/--batch-size {args.batch_size}: mixup/cutmix need an even batch size per process "
+        raise UsageError(f"-b/--batch-size {args.batch_size}: mixup/cutmix need an even batch size per process "
                          "(or pass --mixup 0 --cutmix 0)")
     if len(splits[args.train_split]) < args.batch_size * info.world_size:
         raise DataError(f"{os.path.join(args.data_dir, args.train_split)}: {len(splits[args.train_split])} images, "
@@ -113,7 +112,7 @@ class Trainer:
         self.output = _output_dir(args)
         if info.is_main:
             if not args.resume and os.path.exists(os.path.join(self.output, "last.pth")):
-                raise SystemExit(f"--output {self.output} already holds a run (last.pth): continue it with --resume "
+                raise UsageError(f"--output {self.output} already holds a run (last.pth): continue it with --resume "
                                  f"{os.path.join(self.output, 'last.pth')} or choose another --output")
             os.makedirs(self.output, exist_ok=True)
         args.world_size = info.world_size
@@ -173,6 +172,7 @@ class Trainer:
 
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best = {"top1": None, "epoch": None, "ema_top1": None, "ema_epoch": None}
+        self.epoch_sums = _new_epoch_sums()  # the epoch's running loss sums: saved, so a resume continues them
         if resume is not None:
             self._restore(resume)
         self.net = self.model
@@ -200,6 +200,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.best = dict(self.best, **state.get("best", {}))
+        self.epoch_sums = dict(_new_epoch_sums(), **(state.get("epoch_sums") or {}))
+        self.train_set.bad_count.value = int(self.epoch_sums["bad_images"])
         ckpt.set_rng_state(state["rng"])
         changed = [f"{k}: {state['args'].get(k)} -> {getattr(args, k, None)}" for k in RUN_DEFINING
                    if state["args"].get(k) != getattr(args, k, None)]
@@ -212,7 +214,7 @@ class Trainer:
         return ckpt.training_state(model=self.model, model_ema=self.ema, optimizer=self.optimizer,
                                    scheduler=self.scheduler, scaler=self.scaler, epoch=self.epoch, batch=self.batch,
                                    step=self.step, args=self.args, classes=self.classes, best=self.best,
-                                   metric=metric)
+                                   metric=metric, epoch_sums=dict(self.epoch_sums, bad_images=self._bad_images()))
 
     def save(self, name: str = "last.pth", metric: Optional[Dict] = None) -> Optional[str]:
         if not self.info.is_main:
@@ -220,6 +222,10 @@ class Trainer:
         path = os.path.join(self.output, name)
         ckpt.atomic_save(self._state(metric), path)
         return path
+
+    def _bad_images(self) -> int:
+        """Unreadable images met in this epoch by this process (training and validation)."""
+        return self.train_set.bad_count.value + self.val_set.bad_count.value
 
     def _trim_steps_log(self) -> None:
         """Drop step rows past the resume point (written after the checkpoint a kill fell back to)."""
@@ -301,7 +307,10 @@ class Trainer:
         else:
             self.scheduler.step_update(self.step)
         self.model.train()
-        sums = [0.0, 0.0, 0]
+        if self.batch == 0:
+            self.epoch_sums = _new_epoch_sums()
+            self.train_set.bad_count.value = self.val_set.bad_count.value = 0
+        sums = self.epoch_sums
         start = time.perf_counter()
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.batch, disable=None if info.is_main else True,
                    desc=f"epoch {self.epoch + 1}/{self.num_epochs}", unit="batch", dynamic_ncols=True, leave=False)
@@ -309,9 +318,9 @@ class Trainer:
         for images, targets in bar:
             loss, loss_aux = self.train_step(images, targets)
             images_seen += images.shape[0] * info.world_size
-            sums[0] += loss
-            sums[1] += loss_aux or 0.0
-            sums[2] += 1
+            sums["loss"] += loss
+            sums["loss_aux"] += loss_aux or 0.0
+            sums["steps"] += 1
             rate = images_seen / (time.perf_counter() - start)
             if info.is_main:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}", img_s=f"{rate:.1f}")
@@ -322,8 +331,8 @@ class Trainer:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start
-        n = max(sums[2], 1)
-        return {"train_loss": sums[0] / n, "train_loss_aux": sums[1] / n if self.use_aux else None,
+        n = max(sums["steps"], 1)
+        return {"train_loss": sums["loss"] / n, "train_loss_aux": sums["loss_aux"] / n if self.use_aux else None,
                 "epoch_time_s": elapsed, "train_img_per_s": images_seen / max(elapsed, 1e-9)}
 
     def validate(self) -> Dict[str, float]:
@@ -331,10 +340,12 @@ class Trainer:
         out = {}
         if (self.epoch + 1) % max(args.val_freq, 1) and self.epoch + 1 != self.num_epochs:
             return out
-        m = evaluate(self.model, self.val_loader, self.info, self.autocast, args.channels_last, desc="val")
+        # the fused inference form (BatchNorm folded once): the same function as model.eval(), faster
+        m = evaluate(fuse(self.model), self.val_loader, self.info, self.autocast, args.channels_last, desc="val")
         out.update(val_loss=m["loss"], val_top1=m["top1"], val_top5=m["top5"])
         if self.ema is not None:
-            m = evaluate(self.ema.module, self.val_loader, self.info, self.autocast, args.channels_last, desc="val ema")
+            m = evaluate(fuse(self.ema.module), self.val_loader, self.info, self.autocast, args.channels_last,
+                         desc="val ema")
             out.update(ema_val_loss=m["loss"], ema_val_top1=m["top1"], ema_val_top5=m["top5"])
         return out
 
@@ -354,7 +365,7 @@ class Trainer:
             except NonFiniteLoss as e:
                 return self._stop_on_nan(e)
             val_metrics = self.validate()
-            bad = int(all_reduce_sum([self.train_set.bad_count.value + self.val_set.bad_count.value], info)[0])
+            bad = int(all_reduce_sum([self._bad_images()], info)[0])
             row = {"epoch": self.epoch, "step": self.step, "lr": self._lr(), **train_metrics, **val_metrics,
                    "bad_images": bad}
             improved = []
@@ -377,9 +388,10 @@ class Trainer:
             barrier(info)
         if info.is_main:
             self.logbook.close()
-            _logger.info("done: best top-1 %s%s; checkpoints, metrics.csv and curves.png in %s",
-                         _fmt(self.best["top1"]), f" (EMA {_fmt(self.best['ema_top1'])})" if self.ema else "",
-                         self.output)
+            files = "checkpoints, metrics.csv and curves.png" if os.path.exists(self.logbook.png_path) else \
+                "checkpoints and metrics.csv (no curves.png: pip install 'overlock[train]' for matplotlib)"
+            _logger.info("done: best top-1 %s%s; %s in %s", _fmt(self.best["top1"]),
+                         f" (EMA {_fmt(self.best['ema_top1'])})" if self.ema else "", files, self.output)
         return 0
 
     def _epoch_line(self, row: Dict, eta: float) -> str:
@@ -395,7 +407,7 @@ class Trainer:
         if row.get("train_img_per_s"):
             parts.append(f"{row['train_img_per_s']:.1f} img/s, {row['epoch_time_s']:.0f} s")
         if row.get("bad_images"):
-            parts.append(f"{row['bad_images']} unreadable images so far")
+            parts.append(f"{row['bad_images']} unreadable images")
         parts.append(f"eta {_duration(eta)}")
         return " | ".join(parts)
 
@@ -412,6 +424,10 @@ class Trainer:
         if self.logbook is not None:
             self.logbook.close()
         return 3
+
+
+def _new_epoch_sums() -> Dict[str, float]:
+    return {"loss": 0.0, "loss_aux": 0.0, "steps": 0, "bad_images": 0}
 
 
 def _fmt(v) -> str:

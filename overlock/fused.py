@@ -1,0 +1,278 @@
+"""The fuse step: the exact model rebuilt once as a fast inference model.
+
+``models/`` and ``contmix.py`` hold the official function, one plain forward per module. :func:`fuse`
+(also what ``timm.utils.reparameterize_model`` runs, through the modules' ``fuse()`` methods) replaces:
+
+- every conv/BatchNorm sequence (:class:`~overlock.layers.ConvNorm`) by convs with the BatchNorm folded in,
+  activations in place on the fresh conv outputs, and the dilated re-parameterizable branches merged into one
+  large-kernel depthwise conv;
+- every GRN MLP by :class:`FusedGrnMlp`: GRN's response folded into the second 1x1 as per-sample weights;
+- every ``RepConvBlock`` by :class:`FusedRepConvBlock`: BatchNorm, SE, GRN and LayerScale folded into the
+  1x1 weights, run on batch chunks whose wide MLP maps stay small.
+
+Folding is done once, here. A fused model computes the eval-mode function of the original (BatchNorm with its
+running statistics, no drop path) in any mode; it keeps ``nn.Parameter`` weights, so gradients still flow
+(useful for attribution), but it is an inference model: train the original.
+
+Why these folds pay on CPU: around the 1x1 convs most time went to fresh multi-MB outputs (a page fault per
+4 KB on first touch) and extra passes over them (a separate GELU output, GRN's ``x * s + beta``, SE's ``x * s``).
+Per-sample channel scales become per-sample 1x1 weights (one batched GEMM), shifts become biases, and GELU runs
+in place on the GEMM output.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv, fuse_conv_bn
+
+__all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "DepthwiseConv", "InplaceAct",
+           "FastGRN", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 8 << 20  # largest intermediate map per batch chunk in FusedRepConvBlock
+
+
+def fuse(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inference form of ``model``: every submodule with a ``fuse()`` replaced by its result.
+
+    Same walk as ``timm.utils.reparameterize_model`` (modules with ``reparameterize()`` are converted in
+    place), without descending into the replaced modules. ``model`` itself is left as it is unless ``inplace``.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    _fuse_children(model)
+    return model.eval()
+
+
+def _fuse_children(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if hasattr(child, "fuse"):
+            setattr(module, name, child.fuse())
+            continue
+        if hasattr(child, "reparameterize"):
+            child.reparameterize()
+        _fuse_children(child)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def _bn_affine(bn: _BatchNorm):
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=like.requires_grad)
+
+
+class DepthwiseConv(nn.Conv2d):
+    """Same-size depthwise conv with bias, skipping taps that cannot reach a small map (``depthwise_conv``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv(x, self.weight, self.bias)
+
+
+class InplaceAct(nn.Module):
+    """GELU or SiLU written over its input when no gradient is recorded (the input is a fresh conv output)."""
+
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.kind = "gelu" if isinstance(act, nn.GELU) else "silu"
+        self.approximate = getattr(act, "approximate", "none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inplace = not (torch.is_grad_enabled() and x.requires_grad)
+        if self.kind == "gelu":
+            return torch.ops.aten.gelu_(x, approximate=self.approximate) if inplace \
+                else F.gelu(x, approximate=self.approximate)
+        return F.silu(x, inplace=inplace)
+
+    def extra_repr(self) -> str:
+        return self.kind if self.kind == "silu" else f"gelu, approximate={self.approximate!r}"
+
+
+def grn_scale(gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """GRN's per-sample channel scale ``gamma * nx + 1`` (``GRN(x) == x * scale + beta``).
+
+    Without autograd the spatial norm is a plain sum of squares (much faster on CPU than ``vector_norm``).
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
+    else:
+        gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
+    return torch.addcmul(torch.ones_like(gamma), gamma, gx / (gx.mean(dim=1, keepdim=True) + 1e-6))
+
+
+class FastGRN(nn.Module):
+    """GRN computed with :func:`grn_scale` (one multiply-add over the map)."""
+
+    def __init__(self, grn: GRN):
+        super().__init__()
+        self.gamma, self.beta = grn.gamma, grn.beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.beta, x, grn_scale(self.gamma, x))
+
+
+def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
+    """``bn(conv(x))`` as one conv with bias."""
+    scale, shift = _bn_affine(bn)
+    if isinstance(conv, DilatedReparamBlock):
+        weight, bias = (conv.lk_origin.weight, conv.lk_origin.bias) if conv.deploy else conv.merged_kernel()
+        c, k = weight.shape[0], weight.shape[-1]
+        fused = DepthwiseConv(c, c, k, padding=k // 2, groups=c, bias=True)
+        like = conv.lk_origin.weight
+    else:
+        weight, bias = conv.weight, conv.bias
+        fused = copy.deepcopy(conv)
+        if fused.bias is None:
+            fused.bias = nn.Parameter(torch.empty_like(shift))
+        like = conv.weight
+    bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+    fused.weight = _param(weight * scale.view(-1, 1, 1, 1), like)
+    fused.bias = _param(bias, like)
+    return fused.to(like.device, like.dtype)
+
+
+def _bn_then_pointwise(bn: nn.BatchNorm2d, conv: PointwiseConv) -> PointwiseConv:
+    """``conv(bn(x))`` as one 1x1: BatchNorm scales the input columns and shifts the bias."""
+    scale, shift = _bn_affine(bn)
+    w = conv.weight.flatten(1)
+    fused = copy.deepcopy(conv)
+    fused.weight = _param((w * scale).view_as(conv.weight), conv.weight)
+    bias = torch.mv(w, shift) if conv.bias is None else torch.addmv(conv.bias, w, shift)
+    fused.bias = _param(bias, conv.weight)
+    return fused
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return (type(m) in (nn.Conv2d, PointwiseConv) and m.padding_mode == "zeros") or isinstance(m, DilatedReparamBlock)
+
+
+def fuse_conv_norm(seq: nn.Sequential) -> nn.Sequential:
+    """A conv/BN/activation sequence with every BatchNorm folded into its neighbouring conv.
+
+    Indices are kept (a folded BatchNorm becomes ``nn.Identity``), so ``head.4`` and ``patch_embed1.0`` keep
+    their names. Activations right after a folded conv run in place; GRN becomes :class:`FastGRN`.
+    """
+    mods, out, fresh, i = list(seq), [], False, 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if _is_conv(m) and isinstance(nxt, _BatchNorm):
+            out += [_conv_with_bn(m, nxt), nn.Identity()]
+            fresh, i = True, i + 2
+            continue
+        if isinstance(m, _BatchNorm) and type(nxt) is PointwiseConv:
+            out += [nn.Identity(), _bn_then_pointwise(m, nxt)]
+            fresh, i = True, i + 2
+            continue
+        if fresh and isinstance(m, (nn.GELU, nn.SiLU)):
+            out.append(InplaceAct(m))
+        elif isinstance(m, GRN):
+            out.append(FastGRN(m))
+        else:
+            out.append(m)
+        fresh = isinstance(m, (nn.Conv2d, nn.GELU, nn.SiLU))
+        i += 1
+    return nn.Sequential(*out)
+
+
+def pointwise_scaled(weight: torch.Tensor, bias, x: torch.Tensor, scale=None, gelu: str | None = None):
+    """``1x1(x * scale)`` (then GELU, in place without autograd) as one batched GEMM over the NHWC view.
+
+    ``weight``: ``(Cout, Cin)``; ``scale``: per-sample, per-channel ``(B, Cin, 1, 1)`` or None.
+    """
+    B, C, H, W = x.shape
+    xs = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    if scale is not None and H * W < weight.shape[0]:
+        # small map: per-sample weights would outweigh the activations; scale the map instead
+        xs = xs * scale.reshape(B, 1, C)
+        scale = None
+    if scale is None:
+        out = F.linear(xs, weight, bias)
+    else:
+        wb = weight.t().unsqueeze(0) * scale.reshape(B, C, 1)  # (B, Cin, Cout)
+        out = torch.bmm(xs, wb) if bias is None else torch.baddbmm(bias.view(1, 1, -1), xs, wb)
+    if gelu is not None:
+        out = torch.ops.aten.gelu_(out, approximate=gelu) if not (torch.is_grad_enabled() and out.requires_grad) \
+            else F.gelu(out, approximate=gelu)
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+class FusedGrnMlp(nn.Module):
+    """``GrnMlp`` for inference: GELU in place, GRN folded into the second 1x1.
+
+    ``fc2(x * s + beta) == (fc2 * s)(x) + fc2(beta)``: the per-sample scale ``s`` goes into per-sample
+    weights, the shift into the bias (computed once here).
+    """
+
+    def __init__(self, mlp: nn.Sequential, layer_scale: nn.Module | None = None):
+        super().__init__()
+        fc1, act, dw, grn, fc2 = mlp
+        self.approximate = act.approximate
+        self.fc1_weight = _param(fc1.weight.flatten(1), fc1.weight)
+        self.fc1_bias = fc1.bias
+        self.dwconv = dw
+        self.grn_gamma = grn.gamma  # GRN's beta is folded into fc2_bias
+        w2 = fc2.weight.flatten(1)
+        b2 = torch.addmv(fc2.bias, w2, grn.beta.flatten())
+        if isinstance(layer_scale, LayerScale):  # ls(fc2(y)) == (ls.w * fc2)(y) + ls.w * b + ls.b
+            ls_w = layer_scale.weight.flatten()
+            w2, b2 = w2 * ls_w[:, None], torch.addcmul(layer_scale.bias, b2, ls_w)
+        self.fc2_weight = _param(w2, fc2.weight)
+        self.fc2_bias = _param(b2, fc2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate))
+        return pointwise_scaled(self.fc2_weight, self.fc2_bias, x, scale=grn_scale(self.grn_gamma, x))
+
+
+class FusedRepConvBlock(nn.Module):
+    """``RepConvBlock`` for inference: BatchNorm, SE, GRN and LayerScale folded, batch-chunked.
+
+    ``proj = [norm, large-kernel conv + BN, SE, 1x1, GELU, dw 3x3, GRN, 1x1]``: the conv and its BN are one
+    depthwise conv, SE's per-sample gate scales the first 1x1's weights, GRN folds into the second 1x1 (see
+    :class:`FusedGrnMlp`), and the LayerScale goes into the second 1x1 (or, with ``res_scale``, into one
+    multiply-add with the identity). Every op is per sample, so the block runs on batch chunks whose widest
+    map stays under ``CHUNK_BYTES``: the allocator then reuses the buffers instead of faulting in fresh pages.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        p = block.proj
+        self.res_scale = block.res_scale
+        self.dwconv = block.dwconv
+        self.norm = p[0]
+        self.large_kernel = _conv_with_bn(p[1], p[2])
+        self.se = p[3]
+        mlp_ls = None if self.res_scale else block.ls
+        self.mlp = FusedGrnMlp(nn.Sequential(*p[4:9]), layer_scale=mlp_ls)
+        self.hidden_dim = p[4].out_channels
+        if self.res_scale and isinstance(block.ls, LayerScale):
+            self.ls_weight = _param(block.ls.weight.view(1, -1, 1, 1), block.ls.weight)
+            with torch.no_grad():
+                self.mlp.fc2_bias.add_(block.ls.bias)
+        else:
+            self.ls_weight = None
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(x)
+        y = self.large_kernel(self.norm(x))
+        gate = self.se.scale(y)
+        y = self.mlp.dwconv(pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate,
+                                             gelu=self.mlp.approximate))
+        y = pointwise_scaled(self.mlp.fc2_weight, self.mlp.fc2_bias, y, scale=grn_scale(self.mlp.grn_gamma, y))
+        if self.ls_weight is not None:
+            return torch.addcmul(y, x, self.ls_weight)
+        return y.add_(x) if not (torch.is_grad_enabled() and y.requires_grad) else y + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_sample = x[:1].numel() * x.element_size() * self.hidden_dim // x.shape[1]
+        n = max(1, CHUNK_BYTES // max(per_sample, 1))
+        if n >= x.shape[0]:
+            return self._forward(x)
+        return torch.cat([self._forward(c) for c in x.split(n)])

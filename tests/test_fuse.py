@@ -1,0 +1,212 @@
+"""The fuse step: each fused module equals its exact original, really runs, and the fused model stays exact."""
+import copy
+
+import pytest
+import timm
+import torch
+from timm.utils import reparameterize_model
+
+import overlock
+from overlock import fused as F_
+from overlock.layers import ConvNorm, GrnMlp, stem
+from overlock.models.blocks import DynamicConvBlock, RepConvBlock
+
+from conftest import DATA, rel_err
+
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics, GRN, LayerScale and position-bias parameters (all fold differently)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("gamma", "beta", "rpb1", "rpb2")) or ".ls" in name or name.startswith("ls"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.dim() == 1:  # norm weights and biases
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module.eval()
+
+
+def calls(module: torch.nn.Module, kind) -> list:
+    """Count forward calls of every submodule of type ``kind`` (proof that the fused module ran)."""
+    count = []
+    for m in module.modules():
+        if isinstance(m, kind):
+            m.register_forward_hook(lambda *_: count.append(1))
+    return count
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
+@pytest.mark.parametrize("chunk_bytes", [1, 8 << 20])  # one sample per chunk / the whole batch at once
+def test_fused_repconv_block(memory_format, res_scale, ls, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(F_, "CHUNK_BYTES", chunk_bytes)
+    block = randomize(RepConvBlock(8, 5, mlp_ratio=2, ls_init_value=ls, res_scale=res_scale))
+    fused = block.fuse()
+    assert isinstance(fused, F_.FusedRepConvBlock)
+    ran = calls(fused, F_.FusedRepConvBlock)
+    for size in (3, 16):  # map smaller / larger than the 1x1 widths: scaled map / per-sample folded weights
+        x = torch.randn(3, 8, size, size).contiguous(memory_format=memory_format)
+        with torch.no_grad():
+            ref, out = block(x), fused(x)
+        assert rel_err(out, ref) < 1e-5
+    assert len(ran) == 2
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_fused_conv_norm_sequences(memory_format):
+    """Stem (conv-BN-GELU x3), BN-then-1x1, dilated block + BN, conv-BN-SiLU: folded, same function."""
+    from overlock.layers import DilatedReparamBlock, PointwiseConv, conv_bn
+    cases = [
+        (stem(3, 16), torch.randn(2, 3, 20, 24)),
+        (ConvNorm(torch.nn.BatchNorm2d(8), PointwiseConv(8, 6)), torch.randn(2, 8, 5, 7)),
+        (ConvNorm(DilatedReparamBlock(8, 7), torch.nn.BatchNorm2d(8)), torch.randn(2, 8, 4, 9)),
+        (conv_bn(8, 8, torch.nn.SiLU()), torch.randn(2, 8, 5, 5)),
+    ]
+    for seq, x in cases:
+        seq = randomize(seq)
+        x = x.contiguous(memory_format=memory_format)
+        fused = seq.fuse()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        with torch.no_grad():
+            assert rel_err(fused(x), seq(x)) < 1e-5
+    # indices are kept: a folded BatchNorm leaves an Identity in its place
+    assert [type(m).__name__ for m in stem(3, 16).fuse()][:3] == ["Conv2d", "Identity", "InplaceAct"]
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_fused_grn_mlp(memory_format):
+    mlp = randomize(GrnMlp(8, 16))
+    fused = mlp.fuse()
+    ran = calls(fused, F_.FusedGrnMlp)
+    x = torch.randn(2, 8, 6, 5).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        assert rel_err(fused(x), mlp(x)) < 1e-5
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("cls", ["dynamic", "contmix"])
+def test_fused_contmix_blocks(cls):
+    """The ContMix blocks keep their own forward; their projections, LePE, gate and MLP are the fused ones."""
+    if cls == "dynamic":
+        block = DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5,
+                                 res_scale=True)
+        args = lambda x: (x, x[:, :4], x[:, :4])  # noqa: E731
+    else:
+        block = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5)
+        args = lambda x: (x,)  # noqa: E731
+    block = randomize(block)
+    fused = overlock.fuse(block)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    ran = calls(fused, F_.FusedGrnMlp)
+    for size in (3, 9):  # 3: smaller than the kernel (resized up, pooled back)
+        x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref, out = block(*args(x)), fused(*args(x))
+        ref, out = (ref[0], out[0]) if cls == "dynamic" else (ref, out)
+        assert rel_err(out, ref) < 1e-5
+    assert len(ran) == 2
+
+
+def _tiny_model(tiny_config, **kwargs):
+    model = overlock.OverLoCK(**tiny_config, **kwargs).eval()
+    overlock.load_into(model, DATA / "classification.pth")
+    return model
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_fused_model_reproduces_official_logits(tiny_config, expected, memory_format):
+    model = _tiny_model(tiny_config, use_ds=True)
+    fused = reparameterize_model(model)  # timm's walk finds the same fuse() methods as overlock.fuse
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules() if m is not fused.aux_head[0])
+    ran = calls(fused, (F_.FusedRepConvBlock, F_.FusedGrnMlp))
+    fused = fused.to(memory_format=memory_format)
+    with torch.no_grad():
+        for i in (0, 1):
+            out = fused(expected[f"input_{i}"].contiguous(memory_format=memory_format))
+            assert rel_err(out, expected[f"logits_{i}"]) < 1e-5
+            assert rel_err(out, expected[f"logits_reparam_{i}"]) < 1e-5
+    assert len(ran) == 2 * (4 + 3)  # 4 RepConvBlocks and 3 Focus-Net MLPs per forward
+    # the exact model is untouched
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.blocks1.modules())
+
+
+def test_fuse_is_idempotent_and_copies(tiny_config, expected):
+    model = _tiny_model(tiny_config)
+    once = overlock.fuse(model)
+    twice = overlock.fuse(once)
+    with torch.no_grad():
+        assert rel_err(twice(expected["input_0"]), expected["logits_0"]) < 1e-5
+    assert overlock.fuse(model, inplace=True) is model
+
+
+def test_fused_model_keeps_timm_names_and_gradients():
+    """``_reparam`` models come fused: timm's generic checks (first conv, classifier, backward) still hold."""
+    model = timm.create_model("test_overlock_reparam" if "test_overlock_reparam" in timm.list_models()
+                              else "overlock_xt_reparam", num_classes=7)
+    state = model.state_dict()
+    cfg = model.pretrained_cfg
+    assert cfg["first_conv"] + ".weight" in state and cfg["classifier"] + ".weight" in state
+    assert any(isinstance(m, F_.FusedRepConvBlock) for m in model.modules())
+    model.train()
+    model(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, model.head_hidden_size)
+
+
+def test_reparam_model_fuse_false_is_the_official_deploy_form(tiny_config, expected):
+    model = timm.create_model("overlock_t_reparam", fuse=False, **tiny_config)
+    official = torch.load(DATA / "classification_reparam.pth", weights_only=True)["state_dict"]
+    assert set(model.state_dict()) == {k for k in official if not k.startswith("aux_head")}
+    fused = timm.create_model("overlock_t_reparam", pretrained=True, **tiny_config,
+                              pretrained_cfg_overlay=dict(file=str(DATA / "classification_reparam.pth"), num_classes=10))
+    with torch.no_grad():
+        assert rel_err(fused(expected["input_1"]), expected["logits_reparam_1"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_mixed_precision_inference(tiny_config, expected, dtype, fuse):
+    """Autocast inference (the GPU fp16 path too) runs and stays close to float32."""
+    model = _tiny_model(tiny_config)
+    model = overlock.fuse(model) if fuse else model
+    x = expected["input_0"].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    assert rel_err(out.float(), expected["logits_0"]) < 0.05
+
+
+def test_pretrained_cfg_classifier_names_existing_layers():
+    for name in timm.list_models("*overlock*"):
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        state = model.state_dict()
+        classifier = model.pretrained_cfg["classifier"]
+        for c in (classifier,) if isinstance(classifier, str) else classifier:
+            assert c + ".weight" in state, (name, c)
+
+
+def test_forward_intermediates_stop_early_and_norm():
+    model = timm.create_model("test_overlock").eval()
+    x = torch.randn(1, 3, 64, 64)
+    ran = calls(model, DynamicConvBlock)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        assert len(ran) == 3
+        last, early = model.forward_intermediates(x, indices=[1], stop_early=True)
+        assert len(ran) == 3  # the Focus-Net never ran
+        assert torch.equal(early[0], feats[1]) and torch.equal(last, feats[1])
+        only = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        assert len(ran) == 3 + 2  # stage 3 of the Focus-Net only
+        assert torch.equal(only[1], feats[2])
+    with pytest.raises(ValueError, match="norm"):
+        model.forward_intermediates(x, norm=True)
+    features = timm.create_model("test_overlock", features_only=True, out_indices=(1, 2))
+    assert features.feature_info.channels() == [32, 88]
