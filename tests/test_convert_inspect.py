@@ -36,7 +36,7 @@ def rel_err(a, b):
 
 
 def tiny(deploy=False, **kw):
-    return timm.create_model("test_overlock", num_classes=10, deploy=deploy, **kw).eval()
+    return overlock.OverLoCK(num_classes=10, deploy=deploy, **TEST_CONFIG, **kw).eval()
 
 
 def test_inspect_tiny_official_files():
