@@ -56,6 +56,11 @@ def test_inspect_tiny_official_files():
         ("detection", 3, ["a", "b", "c"], 42, [])
     info = inspect_checkpoint(DATA / "segmentation.pth")  # backbone plus one stray neck key
     assert info.exact and info.other_keys == ["neck.lateral_convs.0.conv.weight"]
+    code, out, err = run_cli("inspect", DATA / "maskrcnn.pth", DATA / "classification_reparam.pth", "--json")
+    assert code == 0, err
+    found = json.loads(out)
+    assert [(f["task"], f["variant"], f["form"], f["num_classes"], f["exact"]) for f in found] == \
+        [("detection", "test_overlock", "training", 3, True), ("classification", "test_overlock", "deploy", 10, True)]
 
 
 def _meta_state(keys):
