@@ -19,7 +19,7 @@ graph handles any batch in one pass.
 
 Input sizes. An exported file accepts any batch size (1 to 1024) but only the height and width it was
 exported at (``--img-size``; the verification also runs a second batch size). Height and width cannot be
-dynamic with the model code as it is: (1) below ``min_dynamic_side`` (224 for the official configurations:
+dynamic with the model code as it is: (1) below ``min_unresized_side`` (224 for the official configurations:
 stride-16 maps need 13 pixels, stride-32 maps 7) ContMix resizes small maps up and pools them back at sizes
 computed in Python from the map size (the official small-map path); (2) at any size, ``depthwise_conv``
 (``overlock/layers.py``) crops its kernel with ``int(x.shape[-2])`` (a deliberate specialisation for
@@ -41,13 +41,12 @@ import torch
 
 from .weights import CheckpointError
 
-__all__ = ["ExportError", "ExportResult", "load_classifier", "min_dynamic_side", "trace", "save_onnx", "save_torch",
+__all__ = ["ExportError", "ExportResult", "load_classifier", "min_unresized_side", "trace", "save_onnx", "save_torch",
            "export_checkpoint", "verify_onnx", "verify_torch_export", "FORMATS", "EXPORT_BACKEND"]
 
 FORMATS = ("onnx", "torch-export")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
 EXPORT_BACKEND = "unfold"
-MAX_SIDE = 2048
 MAX_BATCH = 1024
 
 
@@ -79,7 +78,7 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def min_dynamic_side(model: torch.nn.Module) -> int:
+def min_unresized_side(model: torch.nn.Module) -> int:
     """Smallest image side at which no ContMix map is resized (the size-dependent small-map path is skipped)."""
     need = 0
     for name, module in model.named_modules():
@@ -98,8 +97,8 @@ def load_classifier(checkpoint: str, ema: Optional[bool] = None):
     from .weights import load_into
     info = inspect_checkpoint(checkpoint, ema=ema)
     if info.task != "classification":
-        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; export handles classifiers for now (dense "
-                          "models: export the backbone from Python with torch.export once their heads land)")
+        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; `overlock export` handles classifiers only "
+                          f"for now ({info.task} export is a planned follow-up)")
     if not info.exact:
         raise CheckpointError(f"{checkpoint}: does not fit {info.variant} (missing {info.missing[:5]}, unexpected "
                               f"{info.unexpected[:5]}, mismatched {info.mismatched[:5]}); see `overlock inspect`")
@@ -127,7 +126,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _plan(model: torch.nn.Module, height: int, width: int) -> str:
-    side = min_dynamic_side(model)
+    side = min_unresized_side(model)
     why = (f"below {side} px ContMix resizes small maps at sizes computed from the input size"
            if min(height, width) < side else "the kernel crops and position-bias tables are size-specialised")
     return (f"input float32 NCHW (N, 3, {height}, {width}), ImageNet-normalised: any batch size N from 1 to "
