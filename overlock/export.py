@@ -23,8 +23,10 @@ dynamic with the model code as it is: (1) below ``min_unresized_side`` (224 for 
 stride-16 maps need 13 pixels, stride-32 maps 7) ContMix resizes small maps up and pools them back at sizes
 computed in Python from the map size (the official small-map path); (2) at any size, ``depthwise_conv``
 (``overlock/layers.py``) crops its kernel with ``int(x.shape[-2])`` (a deliberate specialisation for
-``torch.compile``) and ``rpb_index`` (``overlock/ops/neighborhood.py``) caches position-bias index tables in a
-dict keyed by the map size, which a symbolic size cannot be. Export at the size you will run at.
+``torch.compile``), ``rpb_index`` (``overlock/ops/neighborhood.py``) caches position-bias index tables in a
+dict keyed by the map size, which a symbolic size cannot be, and the fused ``pointwise_scaled``
+(``overlock/fused.py``) chooses between two equal computations by ``H * W < out_channels``. Export at the size
+you will run at.
 """
 from __future__ import annotations
 
