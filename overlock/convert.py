@@ -24,7 +24,7 @@ from .inspection import (DENSE_HEADS, class_names_of, inspect_state, load_checke
                          sha256_file, variant_config)
 from .weights import CheckpointError, fit_state_dict
 
-__all__ = ["convert_checkpoint", "ConversionResult", "to_deploy_form", "METADATA_FORMAT"]
+__all__ = ["convert_checkpoint", "ConversionResult", "to_deploy_form", "verify_deploy_form", "METADATA_FORMAT"]
 
 METADATA_FORMAT = "overlock-weights-v1"
 SAFETENSORS_EXT = (".safetensors",)
@@ -37,6 +37,7 @@ class ConversionResult:
     metadata: Dict[str, str]
     num_tensors: int
     dropped: List[str]
+    verified: Optional[float] = None  # relative error deploy vs training form (with reparam)
 
     def __str__(self) -> str:
         m = self.metadata
@@ -45,6 +46,9 @@ class ConversionResult:
                  + (f", {m['num_classes']} classes" if m.get("num_classes") else "")
                  + f", weights from '{m['source_weights'] or 'top level'}'"
                  + (" (EMA)" if m["ema"] == "true" else "")]
+        if self.verified is not None:
+            lines.append(f"verified: deploy form vs training form on a 1x3x64x64 input, relative error "
+                         f"{self.verified:.1e}")
         if self.dropped:
             lines.append(f"left out {len(self.dropped)} tensors: {', '.join(self.dropped[:6])}"
                          + (" ..." if len(self.dropped) > 6 else ""))
@@ -71,6 +75,35 @@ def to_deploy_form(state: Dict[str, torch.Tensor], variant: str, task: str, sour
     return {k: merged[k] for k in expected}  # in the model's order, as a saved model would be
 
 
+def _build(variant: str, task: str, state: Dict[str, torch.Tensor], deploy: bool):
+    from .models import OverLoCK, OverLoCKDense
+    args = dict(variant_config(variant), deploy=deploy)
+    if task == "classification":
+        num_classes = int(state["head.4.weight"].shape[0]) if "head.4.weight" in state else 0
+        model = OverLoCK(use_ds=any(k.startswith("aux_head.") for k in state), num_classes=num_classes, **args)
+    else:
+        model = OverLoCKDense(kind=task, **args)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def verify_deploy_form(train: Dict[str, torch.Tensor], deploy: Dict[str, torch.Tensor], variant: str, task: str,
+                       source: str, size: int = 64, tolerance: float = 1e-4) -> float:
+    """Relative error between the training-form and the converted deploy-form model on one random input."""
+    a, b = _build(variant, task, train, False), _build(variant, task, deploy, True)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    ya = ya if isinstance(ya, (list, tuple)) else [ya]
+    yb = yb if isinstance(yb, (list, tuple)) else [yb]
+    err = max(((p.double() - q.double()).norm() / q.double().norm().clamp_min(1e-30)).item() for p, q in zip(yb, ya))
+    if not err <= tolerance:
+        raise CheckpointError(f"{source}: the deploy form computed from this file differs from its training form "
+                              f"(relative error {err:.2e} > {tolerance:g} on a 1x3x{size}x{size} input); nothing "
+                              "was written")
+    return err
+
+
 def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Contiguous tensors that share no memory (safetensors refuses shared storage)."""
     out, seen = {}, set()
@@ -87,8 +120,11 @@ def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, reparam: bool = False,
                        drop_aux: bool = False, ema: Optional[bool] = None, class_names: Optional[List[str]] = None,
-                       overwrite: bool = False) -> ConversionResult:
-    """Convert ``src`` (official/project checkpoint, ``.pth`` or ``.safetensors``) to ``dst`` (format by suffix)."""
+                       overwrite: bool = False, verify: bool = True) -> ConversionResult:
+    """Convert ``src`` (official/project checkpoint, ``.pth`` or ``.safetensors``) to ``dst`` (format by suffix).
+
+    With ``reparam`` and ``verify`` the training and the deploy form are run on one 64x64 input and must agree
+    within 1e-4 (relative) before anything is written."""
     src, dst = resolve_path(src), os.fspath(dst)
     if not dst.endswith(SAFETENSORS_EXT + TORCH_EXT):
         raise ValueError(f"{dst}: the destination must end in .safetensors (safetensors) or .pth/.pt (PyTorch)")
@@ -109,6 +145,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, repara
     task, prefix, variant = found["task"], found["prefix"], found["variant"]
     state = dict(state)
     dropped: List[str] = []
+    verified = None
     if drop_aux:
         aux = "aux_head." if task == "classification" else "auxiliary_head."
         dropped = [k for k in state if k.startswith(aux)]
@@ -118,6 +155,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, repara
     if reparam and form == "training":
         backbone = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         merged = to_deploy_form(backbone, variant, task, src)
+        if verify:
+            verified = verify_deploy_form(backbone, merged, variant, task, src)
         others = {k: v for k, v in state.items() if not k.startswith(prefix)} if prefix else {}
         state = {**{prefix + k: v for k, v in merged.items()}, **others}
         form = "deploy"
@@ -162,4 +201,4 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, repara
             file_meta["CLASSES"] = list(names)
         torch.save({"state_dict": state, "meta": file_meta}, tmp)
     os.replace(tmp, dst)
-    return ConversionResult(dst, meta, len(state), dropped)
+    return ConversionResult(dst, meta, len(state), dropped, verified)

@@ -13,20 +13,29 @@ its index plans are built from the map size as Python integers. The export there
 backend (the official natten-free method: ``F.unfold``, replicate padding, one einsum), the same function with
 only shape-generic tensor operations.
 
+Fused blocks. ``FusedRepConvBlock`` (the fuse step, ``overlock/fused.py``) runs large batches in chunks, a
+Python branch on the batch size; the trace is taken with chunking off (:func:`whole_batch`), so the exported
+graph handles any batch in one pass.
+
 Input sizes. An exported file accepts any batch size (1 to 1024) but only the height and width it was
 exported at (``--img-size``; the verification also runs a second batch size). Height and width cannot be
-dynamic with the model code as it is: (1) below ``min_dynamic_side`` (224 for the official configurations:
+dynamic with the model code as it is: (1) below ``min_unresized_side`` (224 for the official configurations:
 stride-16 maps need 13 pixels, stride-32 maps 7) ContMix resizes small maps up and pools them back at sizes
 computed in Python from the map size (the official small-map path); (2) at any size, ``depthwise_conv``
 (``overlock/layers.py``) crops its kernel with ``int(x.shape[-2])`` (a deliberate specialisation for
-``torch.compile``) and ``rpb_index`` (``overlock/ops/neighborhood.py``) caches position-bias index tables in a
-dict keyed by the map size, which a symbolic size cannot be. Export at the size you will run at.
+``torch.compile``), ``rpb_index`` (``overlock/ops/neighborhood.py``) caches position-bias index tables in a
+dict keyed by the map size, which a symbolic size cannot be, and the fused ``pointwise_scaled``
+(``overlock/fused.py``) chooses between two equal computations by ``H * W < out_channels``. Export at the size
+you will run at.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,13 +43,12 @@ import torch
 
 from .weights import CheckpointError
 
-__all__ = ["ExportError", "ExportResult", "load_classifier", "min_dynamic_side", "trace", "save_onnx", "save_torch",
+__all__ = ["ExportError", "ExportResult", "load_classifier", "min_unresized_side", "trace", "save_onnx", "save_torch",
            "export_checkpoint", "verify_onnx", "verify_torch_export", "FORMATS", "EXPORT_BACKEND"]
 
 FORMATS = ("onnx", "torch-export")
 SUFFIX = {"onnx": ".onnx", "torch-export": ".pt2"}
 EXPORT_BACKEND = "unfold"
-MAX_SIDE = 2048
 MAX_BATCH = 1024
 
 
@@ -72,7 +80,7 @@ class ExportResult:
         return "\n".join(lines)
 
 
-def min_dynamic_side(model: torch.nn.Module) -> int:
+def min_unresized_side(model: torch.nn.Module) -> int:
     """Smallest image side at which no ContMix map is resized (the size-dependent small-map path is skipped)."""
     need = 0
     for name, module in model.named_modules():
@@ -91,13 +99,13 @@ def load_classifier(checkpoint: str, ema: Optional[bool] = None):
     from .weights import load_into
     info = inspect_checkpoint(checkpoint, ema=ema)
     if info.task != "classification":
-        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; export handles classifiers for now (dense "
-                          "models: export the backbone from Python with torch.export once their heads land)")
+        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; `overlock export` handles classifiers only "
+                          f"for now ({info.task} export is a planned follow-up)")
     if not info.exact:
         raise CheckpointError(f"{checkpoint}: does not fit {info.variant} (missing {info.missing[:5]}, unexpected "
                               f"{info.unexpected[:5]}, mismatched {info.mismatched[:5]}); see `overlock inspect`")
-    variant_config(info.variant)  # known variant
-    model = timm.create_model(info.variant, num_classes=info.num_classes or 0, deploy=info.form == "deploy")
+    from .models import OverLoCK
+    model = OverLoCK(num_classes=info.num_classes or 0, deploy=info.form == "deploy", **variant_config(info.variant))
     state_source = checkpoint
     if ema is not None or info.has_ema:
         from .inspection import load_checked
@@ -120,7 +128,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _plan(model: torch.nn.Module, height: int, width: int) -> str:
-    side = min_dynamic_side(model)
+    side = min_unresized_side(model)
     why = (f"below {side} px ContMix resizes small maps at sizes computed from the input size"
            if min(height, width) < side else "the kernel crops and position-bias tables are size-specialised")
     return (f"input float32 NCHW (N, 3, {height}, {width}), ImageNet-normalised: any batch size N from 1 to "
@@ -132,12 +140,34 @@ def _dynamic_shapes():
     return {"x": {0: Dim("batch", min=1, max=MAX_BATCH)}}
 
 
+@contextlib.contextmanager
+def whole_batch():
+    """Run fused blocks on the whole batch while tracing: ``FusedRepConvBlock`` (``overlock/fused.py``) splits a
+    batch into chunks of ``CHUNK_BYTES`` (a CPU cache measure), a Python branch on the batch size that
+    ``torch.export`` turns into a batch limit (``batch <= 2`` for overlock_t at 224). The exported graph computes
+    the same function on the whole batch, as a runtime would anyway."""
+    try:
+        from . import fused
+    except ImportError:  # no fuse step: nothing to do
+        yield
+        return
+    previous = getattr(fused, "CHUNK_BYTES", None)
+    if previous is None:
+        yield
+        return
+    fused.CHUNK_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        fused.CHUNK_BYTES = previous
+
+
 def trace(model: torch.nn.Module, height: int = 224, width: int = 224, batch: int = 2):
     """``torch.export`` of ``model`` (already fused) on the exporting backend, with a dynamic batch dimension."""
     from . import use_backend
     batch = max(batch, 2)  # torch.export specialises dimensions of size 1: an example batch of 1 would fix it
     example = torch.randn(batch, 3, height, width)
-    with use_backend(EXPORT_BACKEND), torch.no_grad():
+    with use_backend(EXPORT_BACKEND), whole_batch(), torch.no_grad():
         try:
             return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(), strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with what it is about
@@ -159,9 +189,12 @@ def save_onnx(program, path: str, opset: int = 18) -> None:
     except ImportError as e:
         raise ExportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'overlock[export]'") from e
     try:
-        onnx_program = torch.onnx.export(program, input_names=["input"], output_names=["logits"], dynamo=True,
-                                         opset_version=opset, external_data=False, verbose=False)
-        onnx_program.save(path, external_data=False)
+        # the exporter prints progress and optimizer notes on stdout; keep the command's output to the result
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, input_names=["input"], output_names=["logits"], dynamo=True,
+                                             opset_version=opset, external_data=False, verbose=False)
+            onnx_program.save(path, external_data=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
 
@@ -172,7 +205,9 @@ def verify_onnx(path: str, model: torch.nn.Module, inputs: Sequence[torch.Tensor
         import onnxruntime as ort
     except ImportError as e:
         raise ExportError("verifying ONNX needs onnxruntime: pip install 'overlock[export]'") from e
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no constant-folding notes
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     checks = []
     for x in inputs:
@@ -276,6 +311,7 @@ def measure_onnxruntime(cfg) -> Dict:
         save_onnx(program, path)
         export_s = time.perf_counter() - start
         options = ort.SessionOptions()
+        options.log_severity_level = 3
         options.intra_op_num_threads = cfg.threads or torch.get_num_threads()
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((cfg.batch_size, 3, cfg.img_size, cfg.img_size)).astype(np.float32)

@@ -36,7 +36,7 @@ def rel_err(a, b):
 
 
 def tiny(deploy=False, **kw):
-    return timm.create_model("test_overlock", num_classes=10, deploy=deploy, **kw).eval()
+    return overlock.OverLoCK(num_classes=10, deploy=deploy, **TEST_CONFIG, **kw).eval()
 
 
 def test_inspect_tiny_official_files():
@@ -56,6 +56,11 @@ def test_inspect_tiny_official_files():
         ("detection", 3, ["a", "b", "c"], 42, [])
     info = inspect_checkpoint(DATA / "segmentation.pth")  # backbone plus one stray neck key
     assert info.exact and info.other_keys == ["neck.lateral_convs.0.conv.weight"]
+    code, out, err = run_cli("inspect", DATA / "maskrcnn.pth", DATA / "classification_reparam.pth", "--json")
+    assert code == 0, err
+    found = json.loads(out)
+    assert [(f["task"], f["variant"], f["form"], f["num_classes"], f["exact"]) for f in found] == \
+        [("detection", "test_overlock", "training", 3, True), ("classification", "test_overlock", "deploy", 10, True)]
 
 
 def _meta_state(keys):
@@ -107,7 +112,7 @@ def test_convert_reparam_without_aux_equals_the_official_deploy_file(tmp_path, e
     dst = tmp_path / "deploy.safetensors"
     code, out, err = run_cli("convert", DATA / "classification.pth", dst, "--reparam", "--no-aux")
     assert code == 0, err
-    assert "deploy form" in out and "left out 7 tensors" in out
+    assert "deploy form" in out and "left out 7 tensors" in out and "verified: deploy form vs training form" in out
     mine = load_file(str(dst))
     official = torch.load(DATA / "classification_reparam.pth", weights_only=True)["state_dict"]
     assert set(mine) == {k for k in official if not k.startswith("aux_head.")}
@@ -257,3 +262,18 @@ def test_every_official_release_file_is_named_and_offline_says_what_to_do(tmp_pa
     (tmp_path / "upernet_overlock_tiny_ade20k.pth").write_bytes((DATA / "upernet.pth").read_bytes())
     code, out, err = run_cli("inspect", "upernet_overlock_tiny_ade20k.pth")
     assert code == 0 and "task:        segmentation" in out, err
+
+
+def test_reparam_conversion_refuses_a_deploy_form_that_computes_something_else(tmp_path, monkeypatch):
+    import overlock.convert as conv
+    good = conv.to_deploy_form
+
+    def wrong(state, *args):
+        out = good(state, *args)
+        key = next(k for k in out if k.endswith("lk_origin.weight"))
+        out[key] = out[key] * 1.5
+        return out
+    monkeypatch.setattr(conv, "to_deploy_form", wrong)
+    with pytest.raises(CheckpointError, match="differs from its training form"):
+        conv.convert_checkpoint(DATA / "classification.pth", tmp_path / "bad.safetensors", reparam=True)
+    assert not (tmp_path / "bad.safetensors").exists()

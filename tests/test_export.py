@@ -18,6 +18,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.slow  # about a minute of CPU: one trace, the ONNX translation, two verifications
 def test_export_onnx_and_torch_export_reproduce_the_official_deploy_outputs(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

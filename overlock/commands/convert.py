@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="take the raw weights even when EMA weights are present (default: EMA when present)")
     p.add_argument("--class-names", default=None, metavar="FILE",
                    help="text file with one class name per line, stored in the metadata")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="with --reparam, skip running both forms on a 64x64 input (default: they must agree within "
+                   "1e-4; costs seconds for the large variants)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -37,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
                 names = [line.strip() for line in f if line.strip()]
         try:
             result = convert_checkpoint(args.src, args.dst, reparam=args.reparam, drop_aux=args.no_aux,
-                                        ema=args.ema, class_names=names, overwrite=args.overwrite)
+                                        ema=args.ema, class_names=names, overwrite=args.overwrite,
+                                        verify=args.verify)
         except (ValueError, FileExistsError) as e:
             print(f"overlock convert: error: {e}", file=sys.stderr)
             return 2
