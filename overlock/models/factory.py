@@ -228,7 +228,7 @@ def create_dense_backbone(name: str, kind: str = "detection", checkpoint: Option
     """
     deploy = name.endswith("_reparam")
     base = name[:-len("_reparam")] if deploy else name
-    if base not in MODEL_CONFIGS:
+    if base not in MODEL_CONFIGS and base != "test_overlock":
         raise ValueError(f"unknown OverLoCK variant {name!r}; choose one of {', '.join(VARIANTS)}")
     if kind not in DENSE_KINDS:
         raise ValueError(f"kind must be one of {DENSE_KINDS}, got {kind!r}")
