@@ -1,4 +1,4 @@
-"""Export of OverLoCK classifiers in their fused inference form to ONNX and ``torch.export``, verified on export.
+"""Export of OverLoCK classifiers (and UperNet segmenters) in their fused inference form to ONNX and ``torch.export``, verified on export.
 
 The model is loaded from a checkpoint (official or project, training or deploy form), put in eval mode and
 fused with ``timm.utils.reparameterize_model`` (the deploy form), then traced with ``torch.export``; ONNX goes
@@ -13,9 +13,8 @@ its index plans are built from the map size as Python integers. The export there
 backend (the official natten-free method: ``F.unfold``, replicate padding, one einsum), the same function with
 only shape-generic tensor operations.
 
-Fused blocks. ``FusedRepConvBlock`` (the fuse step, ``overlock/fused.py``) runs large batches in chunks, a
-Python branch on the batch size; the trace is taken with chunking off (:func:`whole_batch`), so the exported
-graph handles any batch in one pass.
+Fused blocks. ``FusedRepConvBlock`` (the fuse step, ``overlock/fused.py``) runs large batches in chunks, except
+while a graph is exported or compiled: the exported graph handles any batch in one pass.
 
 Input sizes. An exported file accepts any batch size (1 to 1024) but only the height and width it was
 exported at (``--img-size``; the verification also runs a second batch size). Height and width cannot be
@@ -98,9 +97,12 @@ def load_classifier(checkpoint: str, ema: Optional[bool] = None):
     from .inspection import inspect_checkpoint, variant_config
     from .weights import load_into
     info = inspect_checkpoint(checkpoint, ema=ema)
+    if info.task == "segmentation":  # UperNet: logits (N, classes, H, W) at the input size
+        from .segmentation.model import model_from_checkpoint
+        return timm.utils.reparameterize_model(model_from_checkpoint(str(checkpoint)).eval()), info
     if info.task != "classification":
-        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; `overlock export` handles classifiers only "
-                          f"for now ({info.task} export is a planned follow-up)")
+        raise ExportError(f"{checkpoint}: a {info.task} checkpoint; `overlock export` handles classifiers and "
+                          f"UperNet segmenters ({info.task} export is a planned follow-up)")
     if not info.exact:
         raise CheckpointError(f"{checkpoint}: does not fit {info.variant} (missing {info.missing[:5]}, unexpected "
                               f"{info.unexpected[:5]}, mismatched {info.mismatched[:5]}); see `overlock inspect`")
@@ -140,34 +142,12 @@ def _dynamic_shapes():
     return {"x": {0: Dim("batch", min=1, max=MAX_BATCH)}}
 
 
-@contextlib.contextmanager
-def whole_batch():
-    """Run fused blocks on the whole batch while tracing: ``FusedRepConvBlock`` (``overlock/fused.py``) splits a
-    batch into chunks of ``CHUNK_BYTES`` (a CPU cache measure), a Python branch on the batch size that
-    ``torch.export`` turns into a batch limit (``batch <= 2`` for overlock_t at 224). The exported graph computes
-    the same function on the whole batch, as a runtime would anyway."""
-    try:
-        from . import fused
-    except ImportError:  # no fuse step: nothing to do
-        yield
-        return
-    previous = getattr(fused, "CHUNK_BYTES", None)
-    if previous is None:
-        yield
-        return
-    fused.CHUNK_BYTES = 1 << 62
-    try:
-        yield
-    finally:
-        fused.CHUNK_BYTES = previous
-
-
 def trace(model: torch.nn.Module, height: int = 224, width: int = 224, batch: int = 2):
     """``torch.export`` of ``model`` (already fused) on the exporting backend, with a dynamic batch dimension."""
     from . import use_backend
     batch = max(batch, 2)  # torch.export specialises dimensions of size 1: an example batch of 1 would fix it
     example = torch.randn(batch, 3, height, width)
-    with use_backend(EXPORT_BACKEND), whole_batch(), torch.no_grad():
+    with use_backend(EXPORT_BACKEND), torch.no_grad():
         try:
             return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(), strict=False)
         except Exception as e:  # noqa: BLE001 - re-raised with what it is about

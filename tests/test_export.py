@@ -49,8 +49,8 @@ def test_export_onnx_and_torch_export_reproduce_the_official_deploy_outputs(tmp_
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path):
-    code, _, err = run_cli("export", DATA / "upernet.pth", "-o", tmp_path / "seg.onnx")
-    assert code == 2 and "segmentation checkpoint" in err
+    code, _, err = run_cli("export", DATA / "maskrcnn.pth", "-o", tmp_path / "det.onnx")
+    assert code == 2 and "detection checkpoint" in err
     torch.save({"state_dict": {"conv.weight": torch.zeros(2, 3, 1, 1)}}, tmp_path / "foreign.pth")
     code, _, err = run_cli("export", tmp_path / "foreign.pth", "--format", "torch-export", "-o", tmp_path / "f.pt2")
     assert code == 2 and "not an OverLoCK classification checkpoint" in err and "conv.weight" in err
@@ -68,3 +68,19 @@ def test_benchmark_adds_an_onnxruntime_row_beside_pytorch():
     assert labels.index("overlock_t infer b16 224px nchw deploy onnxruntime") == \
         labels.index("overlock_t infer b16 224px channels_last deploy") + 1
     assert [r.runtime for r in rows].count("onnxruntime") == 1  # OverLoCK inference only
+
+
+@pytest.mark.slow  # about a minute of CPU: one trace of the tiny UperNet and two verifications
+def test_export_segmentation_reproduces_mmseg_logits(tmp_path):
+    """The tiny official UperNet (mmseg layout) exported with torch.export gives mmsegmentation's own logits."""
+    expected = np.load(DATA / "upernet_expected.npz")
+    code, out, err = run_cli("export", DATA / "upernet.pth", "--format", "torch-export", "--img-size", "64",
+                             "-o", tmp_path / "upernet.pt2")
+    assert code == 0, err
+    assert out.count("verified against PyTorch") == 2
+    program = torch.export.load(str(tmp_path / "upernet.pt2")).module()
+    x = torch.from_numpy(expected["input_1"])  # 2 x 3 x 64 x 64
+    with torch.no_grad():
+        logits = program(x)
+    assert logits.shape == (2, 5, 64, 64)
+    assert rel_err(logits, expected["logits_1"]) < 1e-4

@@ -7,7 +7,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="classification checkpoint (official or project, training or deploy form, .pth or "
+                   help="classification or UperNet segmentation checkpoint (official or project, training or deploy form, .pth or "
                    ".safetensors, or an official release file name)")
     p.add_argument("--format", choices=["onnx", "torch-export"], nargs="+", default=["onnx"],
                    help="onnx (opset >= 17, verified with onnxruntime) and/or torch-export (.pt2, torch.export.save); "
