@@ -285,9 +285,12 @@ class DetectionTrainer:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start
-        row = {"train_loss": sums.get("loss", 0.0) / max(n, 1), "epoch_time_s": elapsed,
+        keys = ["loss", *LOSS_KEYS]
+        totals = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], info)  # mean over all ranks' steps
+        n_all = max(totals[-1], 1)
+        row = {"train_loss": totals[0] / n_all, "epoch_time_s": elapsed,
                "train_img_per_s": images_seen / max(elapsed, 1e-9)}
-        row.update({k: sums[k] / max(n, 1) for k in LOSS_KEYS if k in sums})
+        row.update({k: v / n_all for k, v in zip(LOSS_KEYS, totals[1:-1]) if k in sums})
         return row
 
     def evaluate(self) -> Dict[str, float]:
