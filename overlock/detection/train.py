@@ -298,7 +298,8 @@ class DetectionTrainer:
             return {}
         if (self.epoch + 1) % max(self.args.val_freq, 1) and self.epoch + 1 != self.args.epochs:
             return {}
-        metrics, results, table = evaluate_coco(self.model, self.val_set, self.info, self.autocast)
+        # evaluated in float32 (exact test path; bfloat16 autocast also trips the backbone's no-grad CPU kernel)
+        metrics, results, table = evaluate_coco(self.model, self.val_set, self.info)
         if self.info.is_main:
             _logger.info(table)
             with open(os.path.join(self.output, "eval.json"), "w") as f:
