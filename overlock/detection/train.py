@@ -7,7 +7,8 @@ RNG state (``training.run_state``), the resumable sampler and per-sample seeds (
 Recipe (``mask_rcnn_overlock_*_in1k_fpn_{1x,3x}_coco.py``): AdamW (lr 2e-4 for 1x, 1e-4 for 3x), weight decay
 0.05 except norms and relative position biases, linear warm-up over 500 iterations from 0.001 x lr, lr x 0.1
 at epochs 8 and 11 (1x, 12 epochs) or 27 and 33 (3x, 36 epochs), batch 2 per GPU x 8, horizontal flip 0.5,
-3x: short edge drawn from 480, 512, ..., 800 (long edge 1333).
+3x: short edge drawn from 480, 512, ..., 800 (long edge 1333), or (half of the time) resize to 400-600, random
+crop of 384-600 pixels, then that multi-scale resize.
 """
 from __future__ import annotations
 
@@ -124,6 +125,8 @@ def _apply_schedule_defaults(args) -> None:
         args.lr_steps = [round(s * args.epochs / sched["epochs"]) for s in sched["steps"]]
     if args.multiscale is None:
         args.multiscale = args.schedule == "3x"
+    if args.crop_aug is None:
+        args.crop_aug = args.schedule == "3x"
 
 
 class DetectionTrainer:
@@ -158,7 +161,7 @@ class DetectionTrainer:
         self.model = create_detection_model(
             args.model, num_classes=len(self.classes), class_names=self.classes, fpn_channels=args.fpn_channels,
             representation_size=args.box_fc, mask_channels=args.mask_channels, drop_path_rate=args.drop_path,
-            test_scale=scale, train_scales=MULTISCALE if args.multiscale else [scale])
+            test_scale=scale, train_scales=MULTISCALE if args.multiscale else [scale], crop_aug=args.crop_aug)
         self.model.roi_heads.fg_bg_sampler.batch_size_per_image = args.rcnn_samples
         if args.pretrained_path:
             from .build import load_detection_checkpoint
