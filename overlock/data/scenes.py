@@ -2,6 +2,7 @@
 
 ``make_scene(rng, size)`` returns ``(image, instances)``: an ``size x size x 3`` uint8 RGB image and a list of
 ``(class_id, mask)`` with ``class_id`` the digit (0-9) and ``mask`` a boolean ``size x size`` array of its pixels.
+(Keyword-only arguments tune the number and size of digits; the defaults are the demo's.)
 Backgrounds are random crops of scikit-image's bundled textures (brick, grass, gravel, moon, camera), tinted with a
 random colour; each digit is one of scikit-learn's 1,797 8x8 scans, enlarged (bilinear), thresholded into a pixel
 mask and painted with a colour that differs from the background. Digits never overlap (each pixel has at most one
@@ -63,18 +64,20 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return gray[..., None] * tint[None, None, :] * 255.0
 
 
-def make_scene(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
-    """One scene: ``(image uint8 HxWx3, [(class_id, mask bool HxW), ...])`` with H = W = ``size``; 1 to 4 digits
-    (fewer when they do not fit without overlapping)."""
+def make_scene(rng: np.random.Generator, size: int, *, max_digits: int = 3, min_side: float = 0.3,
+               max_side: float = 0.6) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
+    """One scene: ``(image uint8 HxWx3, [(class_id, mask bool HxW), ...])`` with H = W = ``size``; 1 to
+    ``max_digits`` digits of ``min_side`` to ``max_side`` x ``size`` pixels (fewer when they do not fit without
+    overlapping). Large, bold digits by default, so that a network whose output has stride 4 can resolve them."""
     if size < 16:
         raise ValueError(f"make_scene: size must be at least 16 pixels, got {size}")
     images, targets = _digits()
     canvas = _background(rng, size)
     occupied = np.zeros((size, size), bool)
     instances: List[Tuple[int, np.ndarray]] = []
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, max_digits + 1))):
         k = int(rng.integers(len(images)))
-        side = int(rng.integers(max(8, size // 5), max(9, size // 2) + 1))
+        side = int(rng.integers(max(8, int(size * min_side)), max(9, int(size * max_side)) + 1))
         for _attempt in range(10):
             y, x = (int(rng.integers(0, size - side + 1)) for _ in range(2))
             if not occupied[max(y - 1, 0):y + side + 1, max(x - 1, 0):x + side + 1].any():
@@ -82,7 +85,7 @@ def make_scene(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[Tu
         else:
             continue
         glyph = _resize(images[k], side, side)
-        local = glyph > 0.35
+        local = glyph > 0.25
         if local.sum() < 4:
             continue
         mask = np.zeros((size, size), bool)
@@ -93,7 +96,7 @@ def make_scene(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[Tu
             if np.abs(colour - bg_mean).sum() > 150:
                 break
             colour = rng.uniform(0, 255, 3)
-        alpha = np.clip((glyph - 0.2) / 0.3, 0, 1)[..., None]
+        alpha = np.clip((glyph - 0.15) / 0.2, 0, 1)[..., None]
         region = canvas[y:y + side, x:x + side]
         canvas[y:y + side, x:x + side] = region * (1 - alpha) + colour[None, None, :] * alpha
         occupied[y:y + side, x:x + side] = True
