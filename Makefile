@@ -56,7 +56,7 @@ demo-det: venv
 		--img-scale 96 96 -b 8 --rcnn-samples 128 --epochs $(DET_EPOCHS) --lr-steps $$(($(DET_EPOCHS) - 1)) \
 		--lr 1e-3 --warmup-iters 30 --val-freq 2 -j 1 --output $(DET_RUN)
 	$(VENV)/bin/overlock detect $$(ls $(DET_DATA)/val/*.png | head -8) --checkpoint $(DET_RUN)/last.pth \
-		--score-thr 0.5 --output $(DET_RUN)/detections
+		--score-thr 0.2 --output $(DET_RUN)/detections
 
 benchmark: venv
 	sh benchmarks/run.sh

@@ -37,13 +37,13 @@ def scene(rng, size=SIZE):
 def coco(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
     rng = np.random.default_rng(0)
-    train = write_coco_split(str(root), "train", [scene(rng) for _ in range(6)], CLASSES)
-    val = write_coco_split(str(root), "val", [scene(rng) for _ in range(3)], CLASSES)
+    train = write_coco_split(str(root), "train", [scene(rng) for _ in range(4)], CLASSES)
+    val = write_coco_split(str(root), "val", [scene(rng) for _ in range(2)], CLASSES)
     return root, train, val
 
 
 FAST = ["--model", "test_overlock", "--fpn-channels", "16", "--box-fc", "32", "--mask-channels", "16",
-        "--img-scale", str(SIZE), str(SIZE), "-b", "2", "--warmup-iters", "2", "-j", "0", "--lr", "1e-3",
+        "--img-scale", str(SIZE), str(SIZE), "-b", "2", "--warmup-iters", "1", "-j", "0", "--lr", "1e-3",
         "--lr-steps", "1"]
 
 
@@ -61,12 +61,13 @@ def run(coco, tmp_path_factory):
     return out, stderr
 
 
+@pytest.mark.slow
 def test_train_writes_state_metrics_curves_and_ap(run):
     out, log = run
     assert {"last.pth", "best.pth", "metrics.csv", "curves.png", "steps.csv", "eval.json",
             "bad_annotations.txt"} <= set(os.listdir(out))
     state = torch.load(out / "last.pth", weights_only=True)
-    assert state["epoch"] == 2 and state["step"] == 6 and state["class_names"] == CLASSES
+    assert state["epoch"] == 2 and state["step"] == 4 and state["class_names"] == CLASSES
     assert state["category_ids"] == [1, 2] and state["detection_config"]["fpn_channels"] == 16
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -79,6 +80,7 @@ def test_train_writes_state_metrics_curves_and_ap(run):
     assert "Average Precision" in log and "box AP" in log
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(run, coco, tmp_path):
     out, _ = run
     part = tmp_path / "part"
@@ -93,6 +95,7 @@ def test_resume_continues_exactly(run, coco, tmp_path):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_eval_command_reproduces_training_ap(run, coco, tmp_path):
     out, _ = run
     _, _, (va_ann, va_img) = coco
@@ -106,6 +109,7 @@ def test_eval_command_reproduces_training_ap(run, coco, tmp_path):
         logged["segm_mAP"])
 
 
+@pytest.mark.slow
 def test_detect_writes_pngs_and_coco_results(run, coco, tmp_path):
     out, _ = run
     _, _, (_, va_img) = coco
@@ -113,9 +117,9 @@ def test_detect_writes_pngs_and_coco_results(run, coco, tmp_path):
     code, stdout, stderr = run_cli("detect", va_img, "--checkpoint", out / "last.pth", "--output", dest,
                                    "--score-thr", "0.0")
     assert code == 0, stderr
-    assert sorted(os.listdir(dest)) == ["000001.png", "000002.png", "000003.png", "results.json"]
+    assert sorted(os.listdir(dest)) == ["000001.png", "000002.png", "results.json"]
     results = json.loads((dest / "results.json").read_text())
-    assert results and {r["image_id"] for r in results} <= {1, 2, 3}
+    assert results and {r["image_id"] for r in results} <= {1, 2}
     r = results[0]
     assert r["category_id"] in (1, 2) and len(r["bbox"]) == 4 and r["segmentation"]["size"] == [SIZE, SIZE]
     # --score-thr filters

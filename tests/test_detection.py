@@ -212,3 +212,25 @@ def test_batched_nms_split_path_keeps_the_same_boxes():
 def torchvision_iou(a, b):
     from torchvision.ops import box_iou
     return box_iou(a, b)
+
+
+def test_training_transform_crop_policy_keeps_targets_consistent():
+    from overlock.detection.transform import MMDetTransform
+    t = MMDetTransform((200, 120), train_scales=[(200, 100), (200, 120)], crop_aug=True).train()
+    g = torch.Generator().manual_seed(0)
+    np.random.seed(0)
+    for _ in range(6):
+        img = torch.randint(0, 256, (3, 90, 160), dtype=torch.uint8, generator=g)
+        masks = torch.zeros(2, 90, 160, dtype=torch.uint8)
+        masks[0, 10:40, 20:60] = 1
+        masks[1, 50:80, 100:150] = 1
+        target = {"boxes": torch.tensor([[20.0, 10, 60, 40], [100, 50, 150, 80]]), "labels": torch.tensor([1, 2]),
+                  "masks": masks}
+        batch, (out,) = t([img], [target])
+        h, w = batch.image_sizes[0]
+        assert max(h, w) <= 200 and min(h, w) <= 120
+        assert len(out["boxes"]) == len(out["labels"]) == len(out["masks"])
+        assert out["masks"].shape[-2:] == (h, w)
+        if len(out["boxes"]):
+            assert (out["boxes"][:, 2:] > out["boxes"][:, :2]).all()
+            assert (out["boxes"][:, 2] <= w + 1e-3).all() and (out["boxes"][:, 3] <= h + 1e-3).all()

@@ -13,8 +13,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test resize limit (default: the one stored with the checkpoint, else 1333 800)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--results", default=None, metavar="FILE", help="write the detections (COCO results format)")
-    p.add_argument("--amp", action="store_true")
-    p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
 
 
@@ -29,7 +27,6 @@ def run(args: argparse.Namespace) -> int:
     from overlock.detection.data import CocoInstances
     from overlock.detection.evaluate import evaluate_coco
     from overlock.training.distributed import init_distributed
-    from overlock.training.trainer import autocast_for
     from overlock.weights import read_checkpoint
 
     torch.set_flush_denormal(True)
@@ -45,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         if list(model.class_names) != list(data.class_names) and tuple(model.class_names) != COCO_CLASSES:
             print(f"overlock detect-eval: warning: class names differ from {args.ann}'s categories; labels are "
                   "matched by order")
-        autocast, _ = autocast_for(args, info.device)
-        metrics, results, table = evaluate_coco(model, data, info, autocast)
+        metrics, results, table = evaluate_coco(model, data, info)
         if data.report:
             print(f"{args.ann}: {data.summary()}")
         print(table)

@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--multiscale", dest="multiscale", action="store_true", default=None,
                    help="short edge drawn from 480, 512, ..., 800 (default with --schedule 3x)")
     d.add_argument("--no-multiscale", dest="multiscale", action="store_false")
+    d.add_argument("--crop-aug", dest="crop_aug", action="store_true", default=None,
+                   help="the 3x recipe's second policy, half of the time: resize to 400-600, random 384-600 crop, "
+                        "multi-scale resize (default with --schedule 3x)")
+    d.add_argument("--no-crop-aug", dest="crop_aug", action="store_false")
     d.add_argument("--flip", type=float, default=0.5, help="horizontal flip probability")
 
     m = p.add_argument_group("model")

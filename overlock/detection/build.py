@@ -130,7 +130,7 @@ def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] 
                            checkpoint: Optional[str] = None, *, class_names: Optional[Sequence[str]] = None,
                            fpn_channels: int = 256, representation_size: int = 1024, mask_channels: int = 256,
                            drop_path_rate: Optional[float] = None, test_scale=None, train_scales=None,
-                           backbone_args: Optional[dict] = None) -> OverLoCKMaskRCNN:
+                           crop_aug: bool = False, backbone_args: Optional[dict] = None) -> OverLoCKMaskRCNN:
     """The official Mask R-CNN + OverLoCK (``name`` = overlock_{xt,t,s,b}[_reparam]).
 
     ``checkpoint``: an official mmdet file (``mask_rcnn_overlock_*_coco*.pth``), one saved by ``overlock``
@@ -174,7 +174,8 @@ def create_detection_model(name: str = "overlock_t", num_classes: Optional[int] 
     else:
         body = create_dense_backbone(name, kind="detection", **args)
     model = OverLoCKMaskRCNN(body, num_classes, class_names, fpn_channels, representation_size, mask_channels,
-                             transform=MMDetTransform(tuple(test_scale or (1333, 800)), train_scales))
+                             transform=MMDetTransform(tuple(test_scale or (1333, 800)), train_scales,
+                                                      crop_aug=crop_aug))
     model.config.update(name=name, backbone_args=dict(backbone_args or {}),
                         test_scale=list(model.transform.test_scale))
     if obj is not None:

@@ -94,15 +94,16 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, i
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
+    max_coordinate = boxes.max()
+    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    boxes_for_nms = boxes + offsets[:, None]  # mmcv offsets in both forms (it changes IoU rounding)
     if boxes.shape[0] < split_thr:
-        max_coordinate = boxes.max()
-        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
+        return nms(boxes_for_nms, scores, iou_threshold)
     total = torch.zeros_like(scores, dtype=torch.bool)
     kept_scores = torch.zeros_like(scores)
     for group in torch.unique(idxs):
         mask = (idxs == group).nonzero(as_tuple=False).view(-1)
-        keep = nms(boxes[mask], scores[mask], iou_threshold)
+        keep = nms(boxes_for_nms[mask], scores[mask], iou_threshold)
         total[mask[keep]] = True
         kept_scores[mask[keep]] = scores[mask[keep]]
     keep = total.nonzero(as_tuple=False).view(-1)

@@ -4,8 +4,8 @@ Built from torchvision's detection modules (``GeneralizedRCNN``, ``FeaturePyrami
 ``RegionProposalNetwork``, ``RoIHeads``, ``TwoMLPHead``, ``MaskRCNNHeads``, ``roi_align``, ``nms``); the
 subclasses below replace the places where torchvision computes another function than mmdet (anchors, box
 coding, proposal filtering, RoI levels, detection post-processing, mask pasting, preprocessing).
-Training reuses torchvision's assigners, samplers and R-CNN losses (smooth L1 on boxes where mmdet's config
-has L1; the RPN losses are mmdet's).
+Training reuses torchvision's assigners, samplers and mask targets, with mmdet's loss functions (L1 box losses,
+background-last softmax).
 
 The box and mask predictors keep mmdet's parameter layout (classifier with the background *last*, 4 box deltas
 per foreground class, one mask channel per foreground class) so that official checkpoints load 1:1; they hand
@@ -205,7 +205,8 @@ class MMDetMaskPredictor(nn.Module):
 
 
 class MMDetRoIHeads(RoIHeads):
-    """torchvision's RoI heads for training; mmdet's ``StandardRoIHead.simple_test`` for inference."""
+    """torchvision's RoI sampling with mmdet's losses for training; mmdet's ``StandardRoIHead.simple_test`` for
+    inference."""
 
     def __init__(self, channels: int, num_classes: int, representation_size: int = 1024, mask_channels: int = 256,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
@@ -222,9 +223,31 @@ class MMDetRoIHeads(RoIHeads):
         self.mask_thresh = mask_thresh
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        return self.simple_test(features, proposals, image_shapes), {}
+        if not self.training:
+            return self.simple_test(features, proposals, image_shapes), {}
+        return [], self.losses(features, proposals, image_shapes, targets)
+
+    def losses(self, features, proposals, image_shapes, targets) -> Dict[str, torch.Tensor]:
+        """mmdet's R-CNN losses on torchvision's sampled RoIs (512 per image, a quarter positive, ground truth
+        added as proposals): softmax cross-entropy with the background last, L1 on the positives' deltas of
+        their class over the number of sampled RoIs, per-pixel sigmoid cross-entropy of the 28x28 masks."""
+        from torchvision.models.detection.roi_heads import maskrcnn_loss
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        cls_score, bbox_pred = self.box_predictor.raw(x)
+        num_classes = cls_score.shape[1] - 1
+        tv_labels = torch.cat(labels)  # torchvision's: 0 background, 1..C
+        pos = torch.where(tv_labels > 0)[0]
+        mm_labels = torch.where(tv_labels > 0, tv_labels - 1, torch.full_like(tv_labels, num_classes))
+        deltas = bbox_pred.view(-1, num_classes, 4)[pos, tv_labels[pos] - 1]
+        loss_box = F.l1_loss(deltas, torch.cat(regression_targets)[pos], reduction="sum") / max(tv_labels.numel(), 1)
+        positives = [torch.where(lab > 0)[0] for lab in labels]
+        mask_boxes = [p[i] for p, i in zip(proposals, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        loss_mask = maskrcnn_loss(mask_logits, mask_boxes, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], [m[i] for m, i in zip(matched_idxs, positives)])
+        return {"loss_classifier": F.cross_entropy(cls_score, mm_labels), "loss_box_reg": loss_box,
+                "loss_mask": loss_mask}
 
     def simple_test(self, features, proposals: List[torch.Tensor], image_shapes: List[Tuple[int, int]],
                     scale_factors: Optional[List[torch.Tensor]] = None,

@@ -7,7 +7,8 @@ RNG state (``training.run_state``), the resumable sampler and per-sample seeds (
 Recipe (``mask_rcnn_overlock_*_in1k_fpn_{1x,3x}_coco.py``): AdamW (lr 2e-4 for 1x, 1e-4 for 3x), weight decay
 0.05 except norms and relative position biases, linear warm-up over 500 iterations from 0.001 x lr, lr x 0.1
 at epochs 8 and 11 (1x, 12 epochs) or 27 and 33 (3x, 36 epochs), batch 2 per GPU x 8, horizontal flip 0.5,
-3x: short edge drawn from 480, 512, ..., 800 (long edge 1333).
+3x: short edge drawn from 480, 512, ..., 800 (long edge 1333), or (half of the time) resize to 400-600, random
+crop of 384-600 pixels, then that multi-scale resize.
 """
 from __future__ import annotations
 
@@ -124,6 +125,8 @@ def _apply_schedule_defaults(args) -> None:
         args.lr_steps = [round(s * args.epochs / sched["epochs"]) for s in sched["steps"]]
     if args.multiscale is None:
         args.multiscale = args.schedule == "3x"
+    if args.crop_aug is None:
+        args.crop_aug = args.schedule == "3x"
 
 
 class DetectionTrainer:
@@ -158,7 +161,7 @@ class DetectionTrainer:
         self.model = create_detection_model(
             args.model, num_classes=len(self.classes), class_names=self.classes, fpn_channels=args.fpn_channels,
             representation_size=args.box_fc, mask_channels=args.mask_channels, drop_path_rate=args.drop_path,
-            test_scale=scale, train_scales=MULTISCALE if args.multiscale else [scale])
+            test_scale=scale, train_scales=MULTISCALE if args.multiscale else [scale], crop_aug=args.crop_aug)
         self.model.roi_heads.fg_bg_sampler.batch_size_per_image = args.rcnn_samples
         if args.pretrained_path:
             from .build import load_detection_checkpoint
@@ -285,9 +288,12 @@ class DetectionTrainer:
                 self.save()
         bar.close()
         elapsed = time.perf_counter() - start
-        row = {"train_loss": sums.get("loss", 0.0) / max(n, 1), "epoch_time_s": elapsed,
+        keys = ["loss", *LOSS_KEYS]
+        totals = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], info)  # mean over all ranks' steps
+        n_all = max(totals[-1], 1)
+        row = {"train_loss": totals[0] / n_all, "epoch_time_s": elapsed,
                "train_img_per_s": images_seen / max(elapsed, 1e-9)}
-        row.update({k: sums[k] / max(n, 1) for k in LOSS_KEYS if k in sums})
+        row.update({k: v / n_all for k, v in zip(LOSS_KEYS, totals[1:-1]) if k in sums})
         return row
 
     def evaluate(self) -> Dict[str, float]:
@@ -295,7 +301,8 @@ class DetectionTrainer:
             return {}
         if (self.epoch + 1) % max(self.args.val_freq, 1) and self.epoch + 1 != self.args.epochs:
             return {}
-        metrics, results, table = evaluate_coco(self.model, self.val_set, self.info, self.autocast)
+        # evaluated in float32 (exact test path; bfloat16 autocast also trips the backbone's no-grad CPU kernel)
+        metrics, results, table = evaluate_coco(self.model, self.val_set, self.info)
         if self.info.is_main:
             _logger.info(table)
             with open(os.path.join(self.output, "eval.json"), "w") as f:
