@@ -73,7 +73,7 @@ demo-seg: venv
 	rm -rf $(DEMO_SEG_RUN)
 	OMP_NUM_THREADS=1 $(VENV)/bin/overlock train-seg --data-dir $(DEMO_SEG_DATA) --model overlock_xt \
 		--channels 64 --aux-channels 32 --crop-size 64 64 --scale 64 64 --ratio-range 0.75 1.5 -b 8 \
-		--iters $(DEMO_SEG_ITERS) --eval-interval 80 --warmup-iters 20 --lr 1e-3 --drop-path 0.1 -j 1 \
+		--iters $(DEMO_SEG_ITERS) --eval-interval 80 --warmup-iters 20 --lr 2e-3 --drop-path 0 -j 1 \
 		--output $(DEMO_SEG_RUN)
 	OMP_NUM_THREADS=1 $(VENV)/bin/overlock eval-seg --data-dir $(DEMO_SEG_DATA) --checkpoint $(DEMO_SEG_RUN)/best.pth \
 		--scale 64 64 -j 1 --results-file $(DEMO_SEG_RUN)/eval.json

@@ -14,6 +14,14 @@ from overlock.segmentation.inference import MEAN, STD, preprocess, rescale_size,
 from overlock.segmentation.model import model_from_checkpoint
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a loaded 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
 def test_official_test_resize():
     # ADE20K-like 640x480: fit in (2048, 512) -> 683x512, then up to multiples of 32 -> 704x512
     assert rescale_size(640, 480) == (683, 512)
