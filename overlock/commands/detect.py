@@ -29,6 +29,7 @@ def _image_id(path: str, index: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import overlock
     import sys
 
     import numpy as np
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         obj = read_checkpoint(args.checkpoint)
         name = args.model or infer_variant(obj)
         scale = (max(args.img_scale), min(args.img_scale)) if args.img_scale else None
-        model = create_detection_model(name, checkpoint=obj, test_scale=scale).to(device).eval()
+        model = overlock.fuse(create_detection_model(name, checkpoint=obj, test_scale=scale).eval()).to(device)
         category_ids = category_ids_for(model.class_names, obj.get("category_ids") if isinstance(obj, dict) else None)
         os.makedirs(args.output, exist_ok=True)
         results, failed, used_ids = [], 0, {}

@@ -17,6 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import overlock
     import json
 
     import torch
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         data = CocoInstances(args.ann, args.images)
         obj = read_checkpoint(args.checkpoint)
         kwargs = {"test_scale": (max(args.img_scale), min(args.img_scale))} if args.img_scale else {}
-        model = create_detection_model(args.model or infer_variant(obj), checkpoint=obj, **kwargs).to(info.device)
+        model = overlock.fuse(create_detection_model(args.model or infer_variant(obj), checkpoint=obj,
+                                                     **kwargs).eval()).to(info.device)
         if model.num_classes != len(data.class_names):
             raise DataError(f"{args.ann}: {len(data.class_names)} categories, the checkpoint detects "
                             f"{model.num_classes}")

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import overlock  # noqa: F401
+    import overlock
     from overlock.cli import friendly_errors
     from overlock.data import DataError
     from overlock.segmentation.data import SegDataset, find_layout
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         info = init_distributed(args.device)
         try:
             layout = find_layout(args.data_dir, (args.split,), args.reduce_zero_label)
-            model = model_from_checkpoint(args.checkpoint, args.model).to(info.device)
+            model = overlock.fuse(model_from_checkpoint(args.checkpoint, args.model).eval()).to(info.device)
             if model.num_classes != len(layout.classes):
                 raise DataError(f"{args.data_dir}: {len(layout.classes)} classes but {args.checkpoint} segments "
                                 f"{model.num_classes}")

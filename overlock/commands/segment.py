@@ -42,6 +42,7 @@ def _images(inputs):
 
 
 def run(args: argparse.Namespace) -> int:
+    import overlock
     import numpy as np
     import torch
     from PIL import Image
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no images found in {', '.join(args.inputs)}")
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if args.device == "auto" else args.device))
-        model = model_from_checkpoint(args.checkpoint, args.model).to(device).eval()
+        model = overlock.fuse(model_from_checkpoint(args.checkpoint, args.model).eval()).to(device)  # fast form
         names = model.class_names
         os.makedirs(args.output, exist_ok=True)
         results, failed, used = [], 0, set()
