@@ -234,3 +234,19 @@ def test_training_transform_crop_policy_keeps_targets_consistent():
         if len(out["boxes"]):
             assert (out["boxes"][:, 2:] > out["boxes"][:, :2]).all()
             assert (out["boxes"][:, 2] <= w + 1e-3).all() and (out["boxes"][:, 3] <= h + 1e-3).all()
+
+
+def test_fused_model_gives_mmdetections_detections(model, ref):
+    """``overlock.fuse`` (what ``overlock detect`` runs) keeps mmdetection's detections."""
+    import overlock
+    fused = overlock.fuse(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    x, hw = case(ref, 0)
+    with torch.no_grad():
+        out = fused.predict_preprocessed(x, [hw])[0]
+    expected = torch.from_numpy(ref["boxes_0"])
+    ours = torch.cat([out["boxes"], out["scores"][:, None]], 1)
+    idx, dist = match(ours, expected, out["labels"], torch.from_numpy(ref["labels_0"]))
+    assert out["boxes"].shape == (len(expected), 4)
+    assert dist.max() < BOX_ATOL and len(set(idx.tolist())) == len(idx)
+    assert rel_err(out["scores"][idx], expected[:, 4]) < TOL

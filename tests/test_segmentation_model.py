@@ -54,6 +54,17 @@ def test_matches_mmsegmentation(official, upernet_expected, i):
     assert rel_err(aux, upernet_expected[f"aux_{i}"]) < 1e-4
 
 
+@pytest.mark.parametrize("i", [0, 1])
+def test_fused_model_gives_mmsegmentations_logits(official, upernet_expected, i):
+    """``overlock.fuse`` (what ``overlock segment`` runs) keeps mmsegmentation's logits."""
+    import overlock
+    fused = overlock.fuse(official)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.backbone.modules())
+    with torch.no_grad():
+        logits = fused(upernet_expected[f"input_{i}"].contiguous(memory_format=torch.channels_last))
+    assert rel_err(logits, upernet_expected[f"logits_{i}"]) < 1e-4
+
+
 def test_checkpoint_metadata_and_eval_has_no_dropout(official):
     assert official.class_names == ["class0", "class1", "class2", "class3", "class4"]
     x = torch.randn(1, 3, 64, 64)
