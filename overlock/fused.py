@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv, fuse_conv_bn
+from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv
 
 __all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "DepthwiseConv", "InplaceAct",
            "FastGRN", "CHUNK_BYTES"]

@@ -1,5 +1,4 @@
 """The fuse step: each fused module equals its exact original, really runs, and the fused model stays exact."""
-import copy
 
 import pytest
 import timm

@@ -42,12 +42,11 @@ def _images(inputs):
 
 
 def run(args: argparse.Namespace) -> int:
-    import overlock
     import numpy as np
     import torch
     from PIL import Image
 
-    import overlock  # noqa: F401
+    import overlock
     from overlock.cli import friendly_errors
     from overlock.segmentation.inference import infer, preprocess
     from overlock.segmentation.model import model_from_checkpoint

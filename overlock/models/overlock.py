@@ -14,7 +14,7 @@ Module names and shapes equal the official ones, so official checkpoints load wi
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
