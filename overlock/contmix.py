@@ -174,7 +174,7 @@ class ContMixCore(nn.Module):
         small = min(H, W) < self.kernel_size
         if small:
             size = upsampled_size(H, W, self.kernel_size)
-            resized = {}
+            resized = {}  # ContMixBlock passes one map for all three: resize it once
             for t in (query_src, key_src, value):
                 if id(t) not in resized:
                     resized[id(t)] = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
