@@ -28,7 +28,7 @@ info: venv
 	$(VENV)/bin/overlock info
 
 # The main job on embedded data: scikit-learn's 1,797 digit scans as an ImageFolder, overlock_xt trained from
-# scratch on the CPU (about 4 minutes on 2 cores), curves in runs/demo/curves.png, then a few held-out predictions.
+# scratch on the CPU (4-6 minutes on 2 cores), curves in runs/demo/curves.png, then a few held-out predictions.
 DEMO_DATA ?= demo-data/digits
 DEMO_RUN ?= runs/demo
 demo: venv
