@@ -132,9 +132,7 @@ def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
         like = conv.lk_origin.weight
     else:
         weight, bias = conv.weight, conv.bias
-        fused = copy.deepcopy(conv)
-        if fused.bias is None:
-            fused.bias = nn.Parameter(torch.empty_like(shift))
+        fused = copy.deepcopy(conv)  # same stride, padding, groups; weight and bias replaced below
         like = conv.weight
     bias = shift if bias is None else torch.addcmul(shift, bias, scale)
     fused.weight = _param(weight * scale.view(-1, 1, 1, 1), like)
