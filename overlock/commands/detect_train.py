@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data (COCO format: instances JSON + image folder)")
@@ -54,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--output", default=None, metavar="DIR")
     r.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
-    r.add_argument("--log-interval", type=int, default=50, metavar="STEPS")
+    r.add_argument("--log-interval", type=positive_int, default=50, metavar="STEPS",
+                   help="steps between rows of steps.csv")
     r.add_argument("--val-freq", type=int, default=1, metavar="EPOCHS")
     r.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
 

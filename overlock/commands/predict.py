@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from overlock.cli import friendly_errors
     from overlock.data.loaders import eval_transform
     from overlock.training.modeling import model_for_inference
-    from overlock.training.trainer import autocast_for
+    from overlock.training.run import autocast_for
 
     with friendly_errors("overlock predict"):
         paths = list(_images(args.inputs))

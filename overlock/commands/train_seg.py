@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .argtypes import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
@@ -60,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--eval-interval", type=int, default=8000, metavar="ITERS", help="official: 8000")
     r.add_argument("--checkpoint-interval", type=int, default=8000, metavar="ITERS",
                    help="also write last.pth every N iterations (it is always written at each evaluation)")
+    r.add_argument("--log-interval", type=positive_int, default=50, metavar="ITERS",
+                   help="iterations between rows of steps.csv")
     r.add_argument("--stop-after", type=int, default=0, metavar="ITERS",
                    help="end this process after ITERS iterations, writing last.pth (time-limited jobs: --resume it)")
     r.add_argument("--mode", choices=["whole", "slide"], default="whole", help="evaluation: whole image (official)")

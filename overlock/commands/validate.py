@@ -40,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from overlock.training.distributed import cleanup, init_distributed
     from overlock.training.evaluate import evaluate
     from overlock.training.modeling import model_for_inference
-    from overlock.training.trainer import _setup_logging, autocast_for
+    from overlock.training.run import autocast_for, setup_logging
 
     with friendly_errors("overlock validate"):
         info = init_distributed(args.device)
-        _setup_logging(info)
+        setup_logging(info)
         try:
             split_dir = _split_dir(args)
             parent, split = os.path.split(os.path.normpath(split_dir))

@@ -1,8 +1,9 @@
 """Mask R-CNN training on COCO-format data with the official recipe, on the project's run machinery.
 
 Shared with classification: torchrun/DDP set-up (``training.distributed``), atomic resumable checkpoints with
-RNG state (``training.run_state``), the resumable sampler and per-sample seeds (``data``), AMP
-(``training.trainer.autocast_for``), metrics.csv/curves.png (``training.logbook``), NaN stop.
+RNG state (``training.run_state``), the resumable sampler and per-sample seeds (``data``), the run machinery
+(``training.run``: AMP, the optimisation step with its NaN stop, output directory, resume checks, steps.csv),
+metrics.csv/curves.png (``training.logbook``).
 
 Recipe (``mask_rcnn_overlock_*_in1k_fpn_{1x,3x}_coco.py``): AdamW (lr 2e-4 for 1x, 1e-4 for 3x), weight decay
 0.05 except norms and relative position biases, linear warm-up over 500 iterations from 0.001 x lr, lr x 0.1
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -26,8 +26,9 @@ from ..data.folder import DataError, sample_seed, seed_everything
 from ..data.sampler import ResumableSampler
 from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from ..training.logbook import Logbook, _series
-from ..weights import CheckpointError
+from ..training.logbook import Logbook
+from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, nan_stop, optimize, prepare_output,
+                            report_changed_args, setup_logging, wrap_ddp)
 from .build import create_detection_model, detection_checkpoint
 from .data import CocoInstances, collate
 from .evaluate import evaluate_coco
@@ -41,61 +42,13 @@ COLUMNS = ["epoch", "step", "lr", "train_loss", *LOSS_KEYS, "bbox_mAP", "bbox_mA
            "segm_mAP_50", "segm_mAP_75", "epoch_time_s", "train_img_per_s", "bad_annotations"]
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class DetectionLogbook(Logbook):
-    """metrics.csv / curves.png with detection columns (losses, box and mask AP)."""
-
-    def _rewrite(self) -> None:
-        import csv
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
-
-    def append(self, row: Dict[str, float]) -> None:
-        clean = {k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])))
-                 for k in COLUMNS}
-        self.rows.append(clean)
-        self._rewrite()
-        if self.writer is not None:
-            for k, v in row.items():
-                if k not in ("epoch", "step") and isinstance(v, (int, float)):
-                    self.writer.add_scalar(k, v, row["epoch"])
-            self.writer.flush()
-        try:
-            self._plot()
-        except ImportError:
-            pass
-
-    def _plot(self) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        panels = (("loss", [("train_loss", "total")] + [(k, k[5:]) for k in LOSS_KEYS]),
-                  ("COCO AP", [("bbox_mAP", "box AP"), ("bbox_mAP_50", "box AP50"), ("segm_mAP", "mask AP"),
-                               ("segm_mAP_50", "mask AP50")]),
-                  ("learning rate", [("lr", None)]))
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        for ax, (title, series) in zip(axes, panels):
-            for key, label in series:
-                xs, ys = _series(self.rows, key)
-                if xs:
-                    ax.plot(xs, ys, marker="o", ms=3, label=label)
-            ax.set_title(title)
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        tmp = self.png_path + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, self.png_path)
+PANELS = [("loss", [("train_loss", "total")] + [(k, k[5:]) for k in LOSS_KEYS]),
+          ("COCO AP", [("bbox_mAP", "box AP"), ("bbox_mAP_50", "box AP50"), ("segm_mAP", "mask AP"),
+                       ("segm_mAP_50", "mask AP50")]),
+          ("learning rate", [("lr", None)])]
+STEP_COLUMNS = ("epoch", "batch", "step", "loss", *LOSS_KEYS, "lr")
+SUM_KEYS = ("loss", *LOSS_KEYS, "steps")  # the epoch's running sums (over all ranks in a checkpoint)
+RUN_DEFINING = ("model", "batch_size", "lr", "epochs", "lr_steps", "seed", "world_size", "img_scale", "schedule")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
@@ -141,16 +94,9 @@ class DetectionTrainer:
         resume = None
         if args.resume:
             resume = ckpt.read_run_checkpoint(args.resume)
-            if resume["class_names"] != self.classes:
-                raise CheckpointError(f"--resume {args.resume}: trained on other classes "
-                                      f"({', '.join(resume['class_names'][:5])} ...) than {args.train_ann}")
-        self.output = args.output or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                                      os.path.join("output", f"maskrcnn-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            check_resume(resume, args.resume, self.classes, args.model, f"--train-ann {args.train_ann}")
+        self.output = prepare_output(args, f"maskrcnn-{args.model}", info)
         if info.is_main:
-            if not args.resume and os.path.exists(os.path.join(self.output, "last.pth")):
-                raise DataError(f"--output {self.output} already holds a run (last.pth): continue it with --resume "
-                                f"{os.path.join(self.output, 'last.pth')} or choose another --output")
-            os.makedirs(self.output, exist_ok=True)
             with open(os.path.join(self.output, "bad_annotations.txt"), "w") as f:
                 f.write("\n".join(self.train_set.problems + (self.val_set.problems if self.val_set else [])) + "\n")
             if self.train_set.report:
@@ -169,7 +115,6 @@ class DetectionTrainer:
         self.model.to(info.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
                                            betas=(0.9, 0.999))
-        from ..training.trainer import autocast_for
         self.autocast, self.scaler = autocast_for(args, info.device)
         self.sampler = ResumableSampler(len(self.train_set), args.batch_size, args.seed, info.rank, info.world_size)
         self.loader = torch.utils.data.DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
@@ -178,17 +123,13 @@ class DetectionTrainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best = {"bbox_mAP": None, "epoch": None}
+        self.sums = dict.fromkeys(SUM_KEYS, 0.0)  # this rank's sums in the current epoch
         if resume is not None:
             self._restore(resume)
-        self.net = self.model
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
-        self.logbook = DetectionLogbook(self.output, resume_epoch=self.epoch, tensorboard=False) if info.is_main \
-            else None
-        self.steps_log = os.path.join(self.output, "steps.csv")
-        if info.is_main:
-            self._trim_steps_log()
+        self.net = wrap_ddp(self.model, info, find_unused=True)
+        self.logbook = Logbook(self.output, self.step, COLUMNS, PANELS, tensorboard=False) if info.is_main else None
+        self.steps_log = StepsLog(os.path.join(self.output, "steps.csv"), STEP_COLUMNS, self.step) \
+            if info.is_main else None
 
     # ------------------------------------------------------------------ state
     def _restore(self, state: Dict) -> None:
@@ -198,28 +139,28 @@ class DetectionTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.best = dict(self.best, **state.get("best", {}))
+        if self.batch and self.info.is_main:  # mid-epoch: rank 0 carries the sums of all ranks so far
+            self.sums.update(state.get("epoch_sums") or {})
         ckpt.set_rng_state(state["rng"])
+        report_changed_args(state, self.args, RUN_DEFINING)
         _logger.info("resuming %s at epoch %d, batch %d (step %d)", self.args.resume, self.epoch, self.batch,
                      self.step)
 
-    def save(self, name: str = "last.pth", metric: Optional[Dict] = None) -> None:
+    def _epoch_totals(self) -> Dict[str, float]:
+        """The epoch's sums over all ranks (a collective: every rank calls it)."""
+        return dict(zip(SUM_KEYS, all_reduce_sum([self.sums[k] for k in SUM_KEYS], self.info)))
+
+    def save(self, name: str = "last.pth", metric: Optional[Dict] = None,
+             epoch_sums: Optional[Dict[str, float]] = None) -> None:
         if not self.info.is_main:
             return
         state = ckpt.training_state(model=self.model, model_ema=None, optimizer=self.optimizer, scheduler=None,
                                     scaler=self.scaler, epoch=self.epoch, batch=self.batch, step=self.step,
-                                    args=self.args, classes=self.classes, best=self.best, metric=metric)
+                                    args=self.args, classes=self.classes, best=self.best, metric=metric,
+                                    epoch_sums=epoch_sums)
         info = detection_checkpoint(self.model, self.train_set.cat_ids)
         state.update(task="detection", category_ids=info["category_ids"], detection_config=info["detection_config"])
         ckpt.atomic_save(state, os.path.join(self.output, name))
-
-    def _trim_steps_log(self) -> None:
-        header = "epoch,batch,step,loss," + ",".join(LOSS_KEYS) + ",lr\n"
-        lines = [header]
-        if os.path.exists(self.steps_log):
-            with open(self.steps_log) as f:
-                lines += [ln for ln in f.readlines()[1:] if ln.strip() and int(ln.split(",")[2]) <= self.step]
-        with open(self.steps_log, "w") as f:
-            f.writelines(lines)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, images, targets) -> Dict[str, float]:
@@ -233,28 +174,8 @@ class DetectionTrainer:
         with self.autocast():
             losses = self.net(images, targets)
         loss = sum(losses.values())
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if info.distributed:
-            finite = all_reduce_sum([0.0 if finite else 1.0], info)[0] == 0
-        if not finite:
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {self.epoch}, batch {self.batch} "
-                                f"(step {self.step + 1})")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-                raise NonFiniteLoss(f"non-finite gradients at epoch {self.epoch}, batch {self.batch}")
-            self.optimizer.step()
+        optimize(loss, self.model, self.optimizer, self.scaler, info,
+                 f"epoch {self.epoch}, batch {self.batch} (step {self.step + 1})", args.clip_grad)
         return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "lr": lr}
 
     def train_epoch(self) -> Dict[str, float]:
@@ -264,36 +185,36 @@ class DetectionTrainer:
             return {}
         self.sampler.set_epoch(self.epoch, self.batch)
         self.model.train()
-        sums: Dict[str, float] = {}
-        n, images_seen, start = 0, 0, time.perf_counter()
+        if self.batch == 0:
+            self.sums = dict.fromkeys(SUM_KEYS, 0.0)
+        sums = self.sums
+        images_seen, start = 0, time.perf_counter()
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.batch, desc=f"epoch {self.epoch + 1}/"
                    f"{args.epochs}", unit="batch", leave=False, dynamic_ncols=True,
                    disable=None if info.is_main else True)
         for images, targets in bar:
             if images:
                 out = self.train_step(images, targets)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
+                for k in SUM_KEYS[:-1]:
+                    sums[k] += out.get(k, 0.0)
+                sums["steps"] += 1
                 images_seen += len(images) * info.world_size
             self.step += 1
             self.batch += 1
             if info.is_main and images:
                 bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}")
                 if self.step % args.log_interval == 0:
-                    with open(self.steps_log, "a") as f:
-                        f.write(f"{self.epoch},{self.batch},{self.step},{out['loss']!r},"
-                                + ",".join(repr(out.get(k, "")) for k in LOSS_KEYS) + f",{out['lr']!r}\n")
+                    self.steps_log.append(self.epoch, self.batch, self.step, out["loss"],
+                                          *(out.get(k, "") for k in LOSS_KEYS), out["lr"])
             if args.checkpoint_every and self.step % args.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
-                self.save()
+                self.save(epoch_sums=self._epoch_totals())
         bar.close()
         elapsed = time.perf_counter() - start
-        keys = ["loss", *LOSS_KEYS]
-        totals = all_reduce_sum([sums.get(k, 0.0) for k in keys] + [n], info)  # mean over all ranks' steps
-        n_all = max(totals[-1], 1)
-        row = {"train_loss": totals[0] / n_all, "epoch_time_s": elapsed,
+        totals = self._epoch_totals()  # mean over all ranks' steps
+        n_all = max(totals["steps"], 1)
+        row = {"train_loss": totals["loss"] / n_all, "epoch_time_s": elapsed,
                "train_img_per_s": images_seen / max(elapsed, 1e-9)}
-        row.update({k: v / n_all for k, v in zip(LOSS_KEYS, totals[1:-1]) if k in sums})
+        row.update({k: totals[k] / n_all for k in LOSS_KEYS})
         return row
 
     def evaluate(self) -> Dict[str, float]:
@@ -322,7 +243,7 @@ class DetectionTrainer:
             try:
                 row = self.train_epoch()
             except NonFiniteLoss as e:
-                return self._stop_on_nan(e)
+                return nan_stop(e, self.output, "detect-train", args.amp, logbook=self.logbook)
             metrics = self.evaluate()
             row = {"epoch": self.epoch, "step": self.step, "lr": lr_at(args, self.epoch, max(self.step - 1, 0)),
                    **row, **metrics, "bad_annotations": sum(self.train_set.report.values())}
@@ -350,23 +271,10 @@ class DetectionTrainer:
                          "-" if best is None else f"{100 * best:.1f}", self.output)
         return 0
 
-    def _stop_on_nan(self, err: NonFiniteLoss) -> int:
-        last = os.path.join(self.output, "last.pth")
-        _logger.error("stopped: %s. Nothing was written after the last good checkpoint. Resume: %s; or lower --lr, "
-                      "add --clip-grad, or train without --amp", err,
-                      f"--resume {last}" if os.path.exists(last) else "no checkpoint yet: start again")
-        if self.logbook is not None:
-            self.logbook.close()
-        return 3
-
 
 def train(args) -> int:
     info = init_distributed(args.device)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    _logger.handlers[:] = [handler]
-    _logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
-    _logger.propagate = False
+    setup_logging(info)
     try:
         return DetectionTrainer(args, info).fit()
     finally:

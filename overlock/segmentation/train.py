@@ -1,8 +1,9 @@
 """``overlock train-seg``: the official UperNet recipe (mmseg iteration-based runner), on the project's run machinery.
 
 Shared with classification: torchrun/DDP setup and exact reductions (``training.distributed``), atomic
-resumable run states with RNG (``training.run_state``), AMP (``training.trainer.autocast_for``), the NaN stop,
-the resumable sampler (``data.sampler``) and the per-sample seeding rule. Specific here: iterations instead of
+resumable run states with RNG (``training.run_state``), the run machinery (``training.run``: AMP, the
+optimisation step with its NaN stop, output directory, resume checks, steps.csv), metrics.csv/curves.png
+(``training.logbook``), the resumable sampler (``data.sampler``) and the per-sample seeding rule. Specific here: iterations instead of
 epochs (evaluation and checkpoints every N iterations), the poly schedule with linear warm-up (mmcv's
 ``PolyLrUpdaterHook``), AdamW parameter groups by name (mmcv's ``paramwise_cfg.custom_keys``), the pixel loss
 (mmseg's cross-entropy: ignore index 255, mean over all pixels of the batch) and mIoU evaluation.
@@ -10,7 +11,6 @@ epochs (evaluation and checkpoints every N iterations), the poly schedule with l
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import time
@@ -27,11 +27,11 @@ from ..data.sampler import ResumableSampler, ShardSampler
 from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from ..training.logbook import Logbook
-from ..training.trainer import NonFiniteLoss, _duration, _setup_logging, autocast_for
-from ..weights import CheckpointError
+from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, nan_stop, optimize,
+                            prepare_output, report_changed_args, setup_logging, sync_batchnorm, wrap_ddp)
 from .data import SegDataset, TrainPipeline, collate_eval, find_layout
 from .inference import infer
-from .metrics import IoUAccumulator, format_table, summarize
+from .metrics import IoUAccumulator, summarize
 from .model import OverLoCKUperNet, create_segmentation_model, load_segmentation_checkpoint
 
 _logger = logging.getLogger("overlock")
@@ -39,6 +39,10 @@ _logger = logging.getLogger("overlock")
 RUN_DEFINING = ("model", "batch_size", "lr", "iters", "seed", "world_size", "crop_size", "aux_loss_weight")
 SEG_COLUMNS = ["epoch", "iteration", "lr", "train_loss", "train_loss_aux", "mIoU", "mAcc", "aAcc", "interval_time_s",
                "train_img_per_s", "bad_images"]
+SEG_PANELS = [("loss", [("train_loss", "train_loss"), ("train_loss_aux", "train_loss_aux")]),
+              ("validation (%)", [("mIoU", "mIoU"), ("mAcc", "mAcc"), ("aAcc", "aAcc")]),
+              ("learning rate", [("lr", "lr")])]
+STEP_COLUMNS = ("iteration", "loss", "loss_aux", "lr")
 
 
 def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
@@ -65,62 +69,6 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_keys) -> List[D
         if p.requires_grad:
             (no_decay if any(k in name for k in no_decay_keys) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class SegLogbook(Logbook):
-    """``metrics.csv`` (a row per evaluation interval) and ``curves.png`` (loss, mIoU/aAcc, lr by iteration);
-    rows past a resume point are dropped first."""
-
-    def __init__(self, output: str, resume_iteration: int = 0):
-        self.csv_path = os.path.join(output, "metrics.csv")
-        self.png_path = os.path.join(output, "curves.png")
-        self.rows = []
-        if os.path.exists(self.csv_path):
-            with open(self.csv_path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_iteration]
-        self._rewrite()
-        self.writer = None
-
-    def _rewrite(self) -> None:
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, SEG_COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.csv_path)
-
-    def append(self, row: Dict) -> None:
-        clean = {k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k])))
-                 for k in SEG_COLUMNS}
-        self.rows.append(clean)
-        self._rewrite()
-        self.plot()
-
-    def plot(self) -> None:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        panels = (("loss", ("train_loss", "train_loss_aux")), ("validation (%)", ("mIoU", "mAcc", "aAcc")),
-                  ("learning rate", ("lr",)))
-        for ax, (title, keys) in zip(axes, panels):
-            for key in keys:
-                pts = [(int(r["iteration"]), float(r[key])) for r in self.rows if r.get(key) not in ("", None)]
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=key)
-            ax.set_title(title)
-            ax.set_xlabel("iteration")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend()
-        fig.tight_layout()
-        tmp = self.png_path + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        os.replace(tmp, self.png_path)
 
 
 @torch.no_grad()
@@ -166,19 +114,8 @@ class SegTrainer:
         args.world_size = info.world_size
         resume = ckpt.read_run_checkpoint(args.resume) if args.resume else None
         if resume is not None:
-            if resume["class_names"] != self.classes:
-                raise CheckpointError(f"--resume {args.resume}: trained on {len(resume['class_names'])} classes, "
-                                      f"--data-dir has {len(self.classes)}; resume with the data it was trained on")
-            if resume["args"].get("model") != args.model:
-                raise CheckpointError(f"--resume {args.resume}: a checkpoint of --model {resume['args'].get('model')}"
-                                      f", not {args.model}")
-        self.output = args.output or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
-                                      os.path.join("output", f"upernet_{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
-        if info.is_main:
-            if not args.resume and os.path.exists(os.path.join(self.output, "last.pth")):
-                raise DataError(f"--output {self.output} already holds a run (last.pth): continue it with --resume "
-                                f"{os.path.join(self.output, 'last.pth')} or choose another --output")
-            os.makedirs(self.output, exist_ok=True)
+            check_resume(resume, args.resume, self.classes, args.model, "--data-dir")
+        self.output = prepare_output(args, f"upernet_{args.model}", info)
         seed_everything(args.seed + info.rank)
 
         extra = {} if args.drop_path is None else {"drop_path_rate": args.drop_path}
@@ -189,8 +126,7 @@ class SegTrainer:
             load_segmentation_checkpoint(self.model, args.pretrained_path, f"--pretrained-path {args.pretrained_path}",
                                          fresh_classifier=True)
         self.model.to(info.device)
-        if info.distributed and args.sync_bn and info.device.type == "cuda":
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = sync_batchnorm(self.model, info, args.sync_bn)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay, args.no_decay_keys),
                                            lr=args.lr, betas=(0.9, 0.999))
         self.autocast, self.scaler = autocast_for(args, info.device)
@@ -219,11 +155,11 @@ class SegTrainer:
         self.interval_sums = [0.0, 0.0, 0]
         if resume is not None:
             self._restore(resume)
-        self.net = self.model
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.logbook = SegLogbook(self.output, self.iteration) if info.is_main else None
+        self.net = wrap_ddp(self.model, info)
+        self.logbook = Logbook(self.output, self.iteration, SEG_COLUMNS, SEG_PANELS, x_key="iteration",
+                               step_key="iteration", tensorboard=False) if info.is_main else None
+        self.steps_log = StepsLog(os.path.join(self.output, "steps.csv"), STEP_COLUMNS, self.iteration,
+                                  step_key="iteration") if info.is_main else None
 
     # --------------------------------------------------------------------------------------------- state
     def _restore(self, state: Dict) -> None:
@@ -235,10 +171,7 @@ class SegTrainer:
         self.interval_sums = list(state.get("interval_sums") or [0.0, 0.0, 0])
         self.best = dict(self.best, **state.get("best", {}))
         ckpt.set_rng_state(state["rng"])
-        changed = [f"{k}: {state['args'].get(k)} -> {getattr(self.args, k, None)}" for k in RUN_DEFINING
-                   if ckpt._plain(state["args"].get(k)) != ckpt._plain(getattr(self.args, k, None))]
-        if changed:
-            _logger.warning("--resume: run-defining arguments differ from the checkpoint's (%s)", "; ".join(changed))
+        report_changed_args(state, self.args, RUN_DEFINING)
         _logger.info("resuming %s at iteration %d", self.args.resume, self.iteration)
 
     def save(self, name: str, metric: Optional[Dict] = None) -> None:
@@ -272,22 +205,7 @@ class SegTrainer:
             loss_main = seg_loss(decode, labels)
             loss_aux = seg_loss(aux, labels) if aux is not None else None
             loss = loss_main + (args.aux_loss_weight * loss_aux if loss_aux is not None else 0.0)
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if info.distributed:
-            finite = all_reduce_sum([0.0 if finite else 1.0], info)[0] == 0
-        if not finite:
-            raise NonFiniteLoss(f"loss is {loss.item()} at iteration {self.iteration + 1}")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-                raise NonFiniteLoss(f"non-finite gradients (finite loss) at iteration {self.iteration + 1}")
-            self.optimizer.step()
+        optimize(loss, self.model, self.optimizer, self.scaler, info, f"iteration {self.iteration + 1}")
         self.iteration += 1
         return loss_main.item(), (loss_aux.item() if loss_aux is not None else None), lr
 
@@ -321,6 +239,8 @@ class SegTrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                     it = self.iteration
+                    if info.is_main and it % args.log_interval == 0:
+                        self.steps_log.append(it, loss, loss_aux, lr)
                     if it % args.eval_interval == 0 or it == args.iters:
                         elapsed = time.perf_counter() - start
                         row = {"epoch": epoch, "iteration": it, "lr": lr, "train_loss": sums[0] / max(sums[2], 1),
@@ -341,11 +261,7 @@ class SegTrainer:
                         break
         except NonFiniteLoss as e:
             bar.close()
-            last = os.path.join(self.output, "last.pth")
-            _logger.error("stopped: %s. Nothing was written after the last good checkpoint. Resume: %s; %swith a "
-                          "lower --lr", e, f"overlock train-seg ... --resume {last}" if os.path.exists(last) else
-                          "no checkpoint yet: start again", "without --amp, " if args.amp else "")
-            return 3
+            return nan_stop(e, self.output, "train-seg", args.amp, clip_flag=False, logbook=self.logbook)
         bar.close()
         if info.is_main:
             _logger.info("done: best mIoU %s at iteration %s; checkpoints, metrics.csv and curves.png in %s",
@@ -373,13 +289,13 @@ class SegTrainer:
                          self.iteration, self.args.iters, row["train_loss"],
                          f" (aux {row['train_loss_aux']:.4f})" if row.get("train_loss_aux") is not None else "",
                          fmt(m["mIoU"]), fmt(m["mAcc"]), fmt(m["aAcc"]), row["lr"], row["train_img_per_s"],
-                         f" | {bad} bad samples so far" if bad else "", _duration(eta))
+                         f" | {bad} bad samples so far" if bad else "", duration(eta))
         barrier(self.info)
 
 
 def train_segmentation(args) -> int:
     info = init_distributed(args.device)
-    _setup_logging(info)
+    setup_logging(info)
     try:
         return SegTrainer(args, info).fit()
     finally:

@@ -1,10 +1,8 @@
 """``overlock train``: the official timm recipe, resumable to the step, single process or torchrun."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 import time
 from typing import Dict, Optional
 
@@ -14,12 +12,12 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from ..errors import UsageError
 from ..fused import fuse
-from ..weights import CheckpointError, read_checkpoint
+from ..weights import read_checkpoint
 from ..data import DataError, ImageFolderSplit, check_image_folder, find_classes
 from ..data.folder import resolve_split, sample_seed, seed_everything
 from ..data.loaders import data_config_for, eval_transform, train_loader, eval_loader, train_transform
@@ -27,47 +25,15 @@ from . import run_state as ckpt
 from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from .evaluate import evaluate
 from .logbook import Logbook
+from .run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, nan_stop, optimize,
+                  prepare_output, report_changed_args, setup_logging, sync_batchnorm, wrap_ddp)
 from .modeling import check_class_count, create_model, load_weights, weights_of
 
 _logger = logging.getLogger("overlock")
 
 # arguments that define a run: a resume with other values is allowed but reported
 RUN_DEFINING = ("model", "batch_size", "lr", "epochs", "seed", "world_size", "img_size", "aux_loss_ratio")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def _setup_logging(info: DistInfo) -> None:
-    """Messages of the ``overlock`` logger to stderr: all on rank 0, warnings and errors on the other ranks."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if info.is_main else f"[rank {info.rank}] %(message)s"))
-    _logger.handlers[:] = [handler]
-    _logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
-    _logger.propagate = False
-
-
-def autocast_for(args, device: torch.device):
-    """AMP context: float16 + loss scaling on CUDA by default, bfloat16 on CPU (``--amp-dtype`` to choose)."""
-    if not args.amp:
-        return contextlib.nullcontext, None
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, None: None}[args.amp_dtype]
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-    def ctx():
-        return torch.autocast(device.type, dtype=dtype)
-    return ctx, scaler
-
-
-def _output_dir(args) -> str:
-    if args.output:
-        return args.output
-    if args.resume:
-        return os.path.dirname(os.path.abspath(args.resume))
-    return os.path.join("output", f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+STEP_COLUMNS = ("epoch", "batch", "step", "loss", "loss_aux", "lr")
 
 
 def _preflight(args, info: DistInfo):
@@ -82,13 +48,7 @@ def _preflight(args, info: DistInfo):
     resume = None
     if args.resume:
         resume = ckpt.read_run_checkpoint(args.resume)
-        if resume["class_names"] != classes:
-            raise CheckpointError(f"--resume {args.resume}: trained on {len(resume['class_names'])} classes "
-                                  f"({', '.join(resume['class_names'][:5])} ...) but --data-dir has {len(classes)} "
-                                  f"({', '.join(classes[:5])} ...); resume with the data set it was trained on")
-        if resume["args"].get("model") != args.model:
-            raise CheckpointError(f"--resume {args.resume}: a checkpoint of --model {resume['args'].get('model')}, "
-                                  f"not {args.model}")
+        check_resume(resume, args.resume, classes, args.model, "--data-dir")
     if args.initial_checkpoint:
         source = f"--initial-checkpoint {args.initial_checkpoint}"
         check_class_count(source, weights_of(read_checkpoint(args.initial_checkpoint), source), len(classes))
@@ -108,12 +68,7 @@ class Trainer:
     def __init__(self, args, info: DistInfo):
         self.args, self.info = args, info
         splits, self.classes, resume = _preflight(args, info)
-        self.output = _output_dir(args)
-        if info.is_main:
-            if not args.resume and os.path.exists(os.path.join(self.output, "last.pth")):
-                raise UsageError(f"--output {self.output} already holds a run (last.pth): continue it with --resume "
-                                 f"{os.path.join(self.output, 'last.pth')} or choose another --output")
-            os.makedirs(self.output, exist_ok=True)
+        self.output = prepare_output(args, args.model, info)
         args.world_size = info.world_size
         seed_everything(args.seed + info.rank)
 
@@ -130,11 +85,7 @@ class Trainer:
         self.model.to(info.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if info.distributed and args.sync_bn:
-            if info.device.type == "cuda":
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            else:
-                _logger.info("SyncBatchNorm needs CUDA: keeping per-process BatchNorm on %s", info.device.type)
+        self.model = sync_batchnorm(self.model, info, args.sync_bn)
 
         if args.auto_lr:
             args.lr = args.batch_size * info.world_size / 1024 * 1e-3
@@ -174,14 +125,10 @@ class Trainer:
         self.epoch_sums = _new_epoch_sums()  # the epoch's running loss sums: saved, so a resume continues them
         if resume is not None:
             self._restore(resume)
-        self.net = self.model
-        if info.distributed:
-            ids = [info.device.index] if info.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.logbook = Logbook(self.output, resume_epoch=self.epoch) if info.is_main else None
-        self.steps_log = os.path.join(self.output, "steps.csv")
-        if info.is_main:
-            self._trim_steps_log()
+        self.net = wrap_ddp(self.model, info)
+        self.logbook = Logbook(self.output, resume_step=self.step) if info.is_main else None
+        self.steps_log = StepsLog(os.path.join(self.output, "steps.csv"), STEP_COLUMNS, self.step) \
+            if info.is_main else None
 
     # ----------------------------------------------------------------------------------------------- state
     def _restore(self, state: Dict) -> None:
@@ -202,11 +149,7 @@ class Trainer:
         self.epoch_sums = dict(_new_epoch_sums(), **(state.get("epoch_sums") or {}))
         self.train_set.bad_count.value = int(self.epoch_sums["bad_images"])
         ckpt.set_rng_state(state["rng"])
-        changed = [f"{k}: {state['args'].get(k)} -> {getattr(args, k, None)}" for k in RUN_DEFINING
-                   if state["args"].get(k) != getattr(args, k, None)]
-        if changed:
-            _logger.warning("--resume: run-defining arguments differ from the checkpoint's (%s); the continuation "
-                            "will not equal an uninterrupted run", "; ".join(changed))
+        report_changed_args(state, args, RUN_DEFINING)
         _logger.info("resuming %s at epoch %d, batch %d (step %d)", args.resume, self.epoch, self.batch, self.step)
 
     def _state(self, metric: Optional[Dict] = None) -> Dict:
@@ -225,18 +168,6 @@ class Trainer:
     def _bad_images(self) -> int:
         """Unreadable images met in this epoch by this process (training and validation)."""
         return self.train_set.bad_count.value + self.val_set.bad_count.value
-
-    def _trim_steps_log(self) -> None:
-        """Drop step rows past the resume point (written after the checkpoint a kill fell back to)."""
-        if not os.path.exists(self.steps_log):
-            with open(self.steps_log, "w") as f:
-                f.write("epoch,batch,step,loss,loss_aux,lr\n")
-            return
-        with open(self.steps_log) as f:
-            lines = f.readlines()
-        keep = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and int(ln.split(",")[2]) <= self.step]
-        with open(self.steps_log, "w") as f:
-            f.writelines(keep)
 
     # ----------------------------------------------------------------------------------------------- steps
     def _lr(self) -> float:
@@ -261,25 +192,8 @@ class Trainer:
             else:
                 loss_main = loss = self.loss_fn(self.net(images), targets)
                 loss_aux = None
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if info.distributed:
-            finite = all_reduce_sum([0.0 if finite else 1.0], info)[0] == 0
-        if not finite:
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {self.epoch}, batch {self.batch} (step {self.step + 1})")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if args.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            self._check_gradients()
-            if args.clip_grad:
-                dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
-            self.optimizer.step()
+        optimize(loss, self.model, self.optimizer, self.scaler, info,
+                 f"epoch {self.epoch}, batch {self.batch} (step {self.step + 1})", args.clip_grad, args.clip_mode)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
         self.step += 1
@@ -287,14 +201,6 @@ class Trainer:
         if args.sched_on_updates:
             self.scheduler.step_update(self.step)
         return loss_main.item(), (loss_aux.item() if loss_aux is not None else None)
-
-    def _check_gradients(self) -> None:
-        """A finite loss can still give non-finite gradients (seen with bfloat16 autocast); without a loss scaler
-        to skip such a step, AdamW would write NaN into every weight, so stop before it does."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
-            raise NonFiniteLoss(f"non-finite gradients (finite loss) at epoch {self.epoch}, batch {self.batch} "
-                                f"(step {self.step + 1})")
 
     def train_epoch(self) -> Dict[str, float]:
         args, info = self.args, self.info
@@ -324,8 +230,7 @@ class Trainer:
             if info.is_main:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._lr():.2e}", img_s=f"{rate:.1f}")
                 if self.step % args.log_interval == 0:
-                    with open(self.steps_log, "a") as f:
-                        f.write(f"{self.epoch},{self.batch},{self.step},{loss!r},{loss_aux!r},{self._lr()!r}\n")
+                    self.steps_log.append(self.epoch, self.batch, self.step, loss, loss_aux, self._lr())
             if args.checkpoint_every and self.step % args.checkpoint_every == 0 and self.batch < self.steps_per_epoch:
                 self.save()
         bar.close()
@@ -362,7 +267,7 @@ class Trainer:
             try:
                 train_metrics = self.train_epoch()
             except NonFiniteLoss as e:
-                return self._stop_on_nan(e)
+                return nan_stop(e, self.output, "train", args.amp, logbook=self.logbook)
             val_metrics = self.validate()
             bad = int(all_reduce_sum([self._bad_images()], info)[0])
             row = {"epoch": self.epoch, "step": self.step, "lr": self._lr(), **train_metrics, **val_metrics,
@@ -407,22 +312,8 @@ class Trainer:
             parts.append(f"{row['train_img_per_s']:.1f} img/s, {row['epoch_time_s']:.0f} s")
         if row.get("bad_images"):
             parts.append(f"{row['bad_images']} unreadable images")
-        parts.append(f"eta {_duration(eta)}")
+        parts.append(f"eta {duration(eta)}")
         return " | ".join(parts)
-
-    def _stop_on_nan(self, err: NonFiniteLoss) -> int:
-        last = os.path.join(self.output, "last.pth")
-        has_last = os.path.exists(last)
-        advice = ["overlock train ... --resume " + last if has_last else
-                  "no checkpoint was written yet: start again"]
-        if self.args.amp:
-            advice.append("without --amp/--native-amp (the official README's advice for NaN losses under AMP)")
-        advice.append("with a lower --lr or with --clip-grad")
-        _logger.error("stopped: %s. Nothing was written after the last good checkpoint%s. Resume: %s",
-                      err, f" ({last})" if has_last else "", "; ".join(advice))
-        if self.logbook is not None:
-            self.logbook.close()
-        return 3
 
 
 def _new_epoch_sums() -> Dict[str, float]:
@@ -433,16 +324,9 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def train(args) -> int:
     info = init_distributed(args.device)
-    _setup_logging(info)
+    setup_logging(info)
     try:
         trainer = Trainer(args, info)
         return trainer.fit()
