@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -48,6 +50,30 @@ def run_subprocess(*argv, timeout=600, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "overlock", *map(str, argv)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+def start_subprocess(*argv):
+    """``python -m overlock ...`` started in the background (to be killed), stderr kept for the error report."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "overlock", *map(str, argv)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def kill_when(proc, steps_csv, min_step, timeout=240, step_column=2):
+    """``kill -9`` ``proc`` as soon as its steps.csv lists step ``min_step`` or later."""
+    start = time.time()
+    while time.time() - start < timeout:
+        if os.path.exists(steps_csv):
+            lines = open(steps_csv).read().splitlines()[1:]
+            if lines and int(lines[-1].split(",")[step_column]) >= min_step:
+                assert proc.poll() is None, "the run finished before it could be killed"
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for steps")
 
 
 # a fast recipe for tests: tiny model, small images, light augmentation

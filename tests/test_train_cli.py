@@ -5,15 +5,13 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from cli_helpers import FAST, make_image_folder, run_cli, run_subprocess
+from cli_helpers import FAST, kill_when, make_image_folder, run_cli, run_subprocess, start_subprocess
 
 
 def _rows(path):
@@ -104,22 +102,6 @@ def test_predict_uses_checkpoint_class_names(trained, data):
     assert code == 0 and stdout.startswith(images[0] + ": ")
 
 
-def _kill_when(proc, steps_csv, min_step, timeout=240):
-    start = time.time()
-    while time.time() - start < timeout:
-        if os.path.exists(steps_csv):
-            lines = open(steps_csv).read().splitlines()[1:]
-            if lines and int(lines[-1].split(",")[2]) >= min_step:
-                assert proc.poll() is None, "the run finished before it could be killed"
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()}")
-        time.sleep(0.02)
-    raise AssertionError("timed out waiting for steps")
-
-
 @pytest.mark.slow
 def test_resume_after_kill_continues_the_same_run(data, tmp_path):
     """kill -9 mid-epoch, --resume: the losses after the resume equal those of an uninterrupted run (which used
@@ -132,10 +114,8 @@ def test_resume_after_kill_continues_the_same_run(data, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "overlock", "train", *map(str, args), "-j", "2", "--output", str(killed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    _kill_when(proc, killed / "steps.csv", min_step=9)  # mid-epoch 2 (6 steps per epoch), after the step-8 save
+    proc = start_subprocess("train", *args, "-j", "2", "--output", killed)
+    kill_when(proc, killed / "steps.csv", min_step=9)  # mid-epoch 2 (6 steps per epoch), after the step-8 save
     state = torch.load(killed / "last.pth", weights_only=True)
     assert state["step"] >= 8 and state["batch"] > 0  # a mid-epoch checkpoint is what we resume from
     proc = run_subprocess("train", *args, "-j", "2", "--output", killed, "--resume", killed / "last.pth")

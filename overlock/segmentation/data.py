@@ -186,17 +186,34 @@ def photometric_distortion(img: np.ndarray, rng: np.random.Generator, brightness
 
 
 def _resize(img: np.ndarray, size: Tuple[int, int], mode: str) -> np.ndarray:
-    """(H, W[, C]) uint8 -> ``size`` = (h, w); bilinear rounds like OpenCV, nearest picks floor(x * scale)."""
+    """(H, W[, C]) uint8 -> ``size`` = (h, w); bilinear rounds like OpenCV, nearest picks floor(x * scale).
+
+    Bilinear is computed in NumPy (float64, separable, ``align_corners=False`` like ``F.interpolate``): torch's
+    CPU kernel rounds some pixels differently with 1 and with 2+ threads, and data workers run single-threaded,
+    so the crops (and a resumed run) would depend on ``--workers``."""
     if img.shape[:2] == tuple(size):
         return img
-    t = torch.from_numpy(np.array(img, dtype=np.float32))
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
-    kw = {} if mode == "nearest" else {"align_corners": False}
-    t = F.interpolate(t, size=size, mode=mode, **kw)
-    if mode != "nearest":
-        t = t.round_().clamp_(0, 255)
-    t = t[0, 0] if img.ndim == 2 else t[0].permute(1, 2, 0)
-    return t.numpy().astype(np.uint8)
+    if mode == "nearest":
+        t = torch.from_numpy(np.array(img, dtype=np.float32))
+        t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+        t = F.interpolate(t, size=size, mode=mode)
+        t = t[0, 0] if img.ndim == 2 else t[0].permute(1, 2, 0)
+        return t.numpy().astype(np.uint8)
+    x = img.astype(np.float64)
+    for axis, n_out in enumerate(size):
+        i0, i1, w = _linear_taps(img.shape[axis], n_out)
+        shape = [1] * x.ndim
+        shape[axis] = n_out
+        w = w.reshape(shape)
+        x = np.take(x, i0, axis=axis) * (1 - w) + np.take(x, i1, axis=axis) * w
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def _linear_taps(n_in: int, n_out: int):
+    """Source indices and weights of 1-D linear interpolation, as ``F.interpolate(align_corners=False)``."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), src - i0
 
 
 class TrainPipeline:

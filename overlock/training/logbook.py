@@ -104,8 +104,8 @@ def plot_curves(rows: List[Dict[str, str]], path: str, panels: Sequence[Panel] =
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4))
-    for ax, (title, series) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
         for key, label in series:
             xs, ys = _series(rows, key, x_key)
             if xs:
