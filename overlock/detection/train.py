@@ -25,10 +25,10 @@ import torch.nn as nn
 from ..data.folder import DataError, sample_seed, seed_everything
 from ..data.sampler import ResumableSampler
 from ..training import run_state as ckpt
-from ..training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
-from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, nan_stop, optimize, prepare_output,
-                            report_changed_args, setup_logging, wrap_ddp)
+from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, launch, nan_stop, optimize,
+                            prepare_output, report_changed_args, wrap_ddp)
 from .build import create_detection_model, detection_checkpoint
 from .data import CocoInstances, collate
 from .evaluate import evaluate_coco
@@ -273,9 +273,4 @@ class DetectionTrainer:
 
 
 def train(args) -> int:
-    info = init_distributed(args.device)
-    setup_logging(info)
-    try:
-        return DetectionTrainer(args, info).fit()
-    finally:
-        cleanup()
+    return launch(DetectionTrainer, args)

@@ -3,10 +3,11 @@
 Shared with classification: torchrun/DDP setup and exact reductions (``training.distributed``), atomic
 resumable run states with RNG (``training.run_state``), the run machinery (``training.run``: AMP, the
 optimisation step with its NaN stop, output directory, resume checks, steps.csv), metrics.csv/curves.png
-(``training.logbook``), the resumable sampler (``data.sampler``) and the per-sample seeding rule. Specific here: iterations instead of
-epochs (evaluation and checkpoints every N iterations), the poly schedule with linear warm-up (mmcv's
-``PolyLrUpdaterHook``), AdamW parameter groups by name (mmcv's ``paramwise_cfg.custom_keys``), the pixel loss
-(mmseg's cross-entropy: ignore index 255, mean over all pixels of the batch) and mIoU evaluation.
+(``training.logbook``), the resumable sampler (``data.sampler``) and the per-sample seeding rule. Specific
+here: iterations instead of epochs (evaluation and checkpoints every N iterations), the poly schedule with
+linear warm-up (mmcv's ``PolyLrUpdaterHook``), AdamW parameter groups by name (mmcv's
+``paramwise_cfg.custom_keys``), the pixel loss (mmseg's cross-entropy: ignore index 255, mean over all pixels of
+the batch) and mIoU evaluation.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ from ..data import DataError
 from ..data.folder import sample_seed, seed_everything
 from ..data.sampler import ResumableSampler, ShardSampler
 from ..training import run_state as ckpt
-from ..training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
-from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, nan_stop, optimize,
-                            prepare_output, report_changed_args, setup_logging, sync_batchnorm, wrap_ddp)
+from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, launch, nan_stop,
+                            optimize, prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .data import SegDataset, TrainPipeline, collate_eval, find_layout
 from .inference import infer
 from .metrics import IoUAccumulator, summarize
@@ -294,9 +295,4 @@ class SegTrainer:
 
 
 def train_segmentation(args) -> int:
-    info = init_distributed(args.device)
-    setup_logging(info)
-    try:
-        return SegTrainer(args, info).fit()
-    finally:
-        cleanup()
+    return launch(SegTrainer, args)

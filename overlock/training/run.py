@@ -20,7 +20,7 @@ from timm.utils import dispatch_clip_grad
 
 from ..errors import UsageError
 from ..weights import CheckpointError
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
 
 _logger = logging.getLogger("overlock")
 
@@ -36,6 +36,17 @@ def setup_logging(info: DistInfo) -> None:
     _logger.handlers[:] = [handler]
     _logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
     _logger.propagate = False
+
+
+def launch(trainer_class, args) -> int:
+    """Join torchrun's process group (if any), set up logging, build ``trainer_class(args, info)`` and ``fit()``
+    it; the exit code. The process group is left on every way out."""
+    info = init_distributed(args.device)
+    setup_logging(info)
+    try:
+        return trainer_class(args, info).fit()
+    finally:
+        cleanup()
 
 
 def autocast_for(args, device: torch.device):

@@ -22,11 +22,11 @@ from ..data import DataError, ImageFolderSplit, check_image_folder, find_classes
 from ..data.folder import resolve_split, sample_seed, seed_everything
 from ..data.loaders import data_config_for, eval_transform, train_loader, eval_loader, train_transform
 from . import run_state as ckpt
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .evaluate import evaluate
 from .logbook import Logbook
-from .run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, nan_stop, optimize,
-                  prepare_output, report_changed_args, setup_logging, sync_batchnorm, wrap_ddp)
+from .run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, launch, nan_stop, optimize,
+                  prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .modeling import check_class_count, create_model, load_weights, weights_of
 
 _logger = logging.getLogger("overlock")
@@ -325,10 +325,4 @@ def _fmt(v) -> str:
 
 
 def train(args) -> int:
-    info = init_distributed(args.device)
-    setup_logging(info)
-    try:
-        trainer = Trainer(args, info)
-        return trainer.fit()
-    finally:
-        cleanup()
+    return launch(Trainer, args)
