@@ -165,3 +165,12 @@ def test_bad_annotations_are_named_not_fatal(coco, tmp_path):
     assert (target["boxes"][:, 2] > target["boxes"][:, 0]).all()
     assert "missing or malformed segmentation (box used)" in ds.report
     assert CocoInstances(str(ann), tr_img, train=False).ids.count(98) == 1  # evaluation keeps empty images
+
+
+def test_val_ann_without_images_is_a_usage_error(coco, tmp_path):
+    _, (tr_ann, tr_img), (va_ann, _) = coco
+    code, _, stderr = run_cli("detect-train", "--train-ann", tr_ann, "--train-images", tr_img, "--val-ann", va_ann,
+                              *FAST, "--output", str(tmp_path / "r"))
+    assert code == 2
+    assert "--val-ann needs --val-images" in stderr
+    assert not (tmp_path / "r").exists()

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mask-channels", type=int, default=256)
     m.add_argument("--rcnn-samples", type=int, default=512, metavar="N",
                    help="RoIs sampled per image for the box/mask losses (official 512; fewer is faster)")
+    m.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm over the GPUs of a torchrun (off: the official detectors keep per-GPU BN)")
     m.add_argument("--resume", default=None, metavar="FILE", help="continue a run from its last.pth (exactly)")
 
     o = p.add_argument_group("optimization (official recipe)")
@@ -67,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
 
     from overlock.cli import friendly_errors
     from overlock.detection.train import train
+    from overlock.errors import UsageError
 
     torch.set_flush_denormal(True)
     if args.val_ann and not args.val_images:
-        raise SystemExit("--val-ann needs --val-images (the folder of its images)")
+        raise UsageError("--val-ann needs --val-images (the folder of its images)")
     with friendly_errors("overlock detect-train"):
         return train(args)

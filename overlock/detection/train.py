@@ -28,7 +28,7 @@ from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
 from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, launch, nan_stop, optimize,
-                            prepare_output, report_changed_args, wrap_ddp)
+                            prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .build import create_detection_model, detection_checkpoint
 from .data import CocoInstances, collate
 from .evaluate import evaluate_coco
@@ -113,6 +113,7 @@ class DetectionTrainer:
             from .build import load_detection_checkpoint
             load_detection_checkpoint(self.model, args.pretrained_path)
         self.model.to(info.device)
+        self.model = sync_batchnorm(self.model, info, getattr(args, "sync_bn", False))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
                                            betas=(0.9, 0.999))
         self.autocast, self.scaler = autocast_for(args, info.device)
