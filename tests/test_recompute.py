@@ -108,3 +108,30 @@ def test_dilated_reparam_block_updates_running_statistics_once(monkeypatch):
         plain(x).sum().backward()
     for (name, a), b in zip(block.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), name  # running means, variances and batch counts
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_whole_model_training_gradients_unchanged(channels_last, monkeypatch):
+    """A training step of the tiny registered model (aux head on): every parameter's gradient as without recompute."""
+    import timm
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _randomize(timm.create_model("test_overlock", use_ds=True, num_classes=5)).to(memory_format=fmt).train()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(plain):
+        model.load_state_dict(state)
+        model.zero_grad()
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(recompute, "enabled", lambda *a: False)
+            logits, aux = model(x, return_aux=True)
+            (logits.square().mean() + 0.4 * aux.square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, got = grads(True), grads(False)
+    assert want.keys() == got.keys() and len(want) == sum(1 for _ in model.parameters())
+    scale = max(g.abs().max().item() for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
