@@ -135,3 +135,27 @@ def test_whole_model_training_gradients_unchanged(channels_last, monkeypatch):
     scale = max(g.abs().max().item() for g in want.values())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_recompute_inside_gradient_checkpointing(monkeypatch):
+    """Blocks run under torch.utils.checkpoint (``set_grad_checkpointing``) still give the plain gradients."""
+    import timm
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("test_overlock", num_classes=5)).train()
+    x = torch.randn(2, 3, 64, 64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(plain, ckpt):
+        model.load_state_dict(state)
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(recompute, "enabled", lambda *a: False)
+            model(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want, got = grads(True, False), grads(False, True)
+    scale = max(g.abs().max().item() for g in want)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
