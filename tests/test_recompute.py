@@ -159,3 +159,14 @@ def test_recompute_inside_gradient_checkpointing(monkeypatch):
     scale = max(g.abs().max().item() for g in want)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_recompute_can_be_turned_off():
+    mlp = GrnMlp(4, 16).train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    try:
+        recompute.set_enabled(False)
+        assert type(mlp(x).grad_fn).__name__ != "_MlpTailBackward"
+    finally:
+        recompute.set_enabled(True)
+    assert type(mlp(x).grad_fn).__name__ == "_MlpTailBackward"

@@ -15,17 +15,28 @@ same values without side effects (BatchNorm must not update its running statisti
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["mlp_tail", "recompute", "enabled"]
+__all__ = ["mlp_tail", "recompute", "enabled", "set_enabled"]
+
+# On by default: about 35% less training memory for about 5-10% more time per step (overlock_t, CPU, b8);
+# OVERLOCK_RECOMPUTE=0 or set_enabled(False) keeps every activation instead (same gradients either way).
+_enabled = os.environ.get("OVERLOCK_RECOMPUTE", "1") not in ("0", "false", "False", "no")
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the recomputation of cheap activations in backward on (default) or off, for all models."""
+    global _enabled
+    _enabled = bool(flag)
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """Recompute only in eager autograd (not under torch.compile / tracing, which have their own planners)."""
-    if not torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing():
+    if not _enabled or not torch.is_grad_enabled() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
     if torch.compiler.is_compiling():
         return False
