@@ -56,10 +56,10 @@ def recompute(fn: Callable, x: torch.Tensor, params: Sequence[torch.Tensor]) -> 
     ``params``: every tensor ``fn`` uses that needs a gradient (the module's parameters).
     """
     params = tuple(params)
-    return _RecomputeP.apply(fn, len(params), x, *params)
+    return _Recompute.apply(fn, len(params), x, *params)
 
 
-class _RecomputeP(torch.autograd.Function):
+class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, n_params, x, *params):
         ctx.fn = fn
