@@ -6,21 +6,27 @@ set -e
 OVERLOCK=${OVERLOCK:-.venv/bin/overlock}
 OUT=${OUT:-benchmarks}
 OFFICIAL=${OFFICIAL_CODE:+--official-code $OFFICIAL_CODE}
+PY=${PY:-.venv/bin/python}
+# files are named for the CPU's vector ISA (timings differ between AVX2 and AVX-512 machines); the files
+# without a suffix are the AVX2 records made before this naming
+ISA=${ISA:-_$($PY -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")}
 # 1. overlock_t inference, batch 16, 224 px: deploy form + channels_last vs the official method and convnext_tiny
 $OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode infer -b 16 --img-size 224 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_infer_t_b16_224.json
+    --warmup 1 --repeats 3 --json $OUT/cpu_infer_t_b16_224$ISA.json
 # 2. overlock_t training step (aux loss, AdamW), batch 8, 224 px vs the official method
 $OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode train -b 8 --img-size 224 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_train_t_b8_224.json
+    --warmup 1 --repeats 3 --json $OUT/cpu_train_t_b8_224$ISA.json
+# 2b. overlock_t batch-1 latency, 224 px (issue #12: at most 1.5x convnext_tiny's)
+$OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode infer -b 1 --img-size 224 \
+    --warmup 2 --repeats 10 --json $OUT/cpu_infer_t_b1_224$ISA.json
 # 3. overlock_xt on one large image (peak memory) and scaling 224..1024
 $OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode infer -b 1 --img-size 1024 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_infer_xt_b1_1024.json
+    --warmup 1 --repeats 3 --json $OUT/cpu_infer_xt_b1_1024$ISA.json
 $OVERLOCK benchmark --model overlock_xt --mode infer -b 1 --img-size 224 448 640 1024 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_scaling_xt_b1.json
+    --warmup 1 --repeats 3 --json $OUT/cpu_scaling_xt_b1$ISA.json
 # 4. the demo setting: overlock_xt training at 32 px, batch 64
 $OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode train -b 64 --img-size 32 --num-classes 10 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_train_xt_b64_32.json
+    --warmup 1 --repeats 3 --json $OUT/cpu_train_xt_b64_32$ISA.json
 # 5. Mask R-CNN + overlock_t (random weights): inference at 800x1333 and one training step (not yet recorded)
-PY=${PY:-.venv/bin/python}
 $PY -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 --json $OUT/cpu_infer_maskrcnn_t_800x1333.json
 $PY -m overlock.detection.bench --model overlock_t --mode train --size 800 1333 --json $OUT/cpu_train_maskrcnn_t_800x1333.json

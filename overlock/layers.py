@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import recompute
 from .ops.depthwise import depthwise_conv2d
 
 __all__ = [
@@ -142,6 +143,13 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias + (bias - bn.running_mean) * scale
 
 
+def _batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, rerun: bool) -> torch.Tensor:
+    """``bn(x)``; when re-run for backward, the same values without a second running-statistics update."""
+    if rerun and bn.training:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    return bn(x)
+
+
 # UniRepLKNet's dilated branches: (kernel sizes, dilations) per large kernel size.
 _DILATED_BRANCHES = {
     19: ((5, 7, 9, 9, 3, 3, 3), (1, 1, 1, 2, 4, 5, 7)),
@@ -186,9 +194,14 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return depthwise_conv(x, self.lk_origin.weight, self.lk_origin.bias)
-        out = self.origin_bn(depthwise_conv(x, self.lk_origin.weight))
+        if recompute.enabled():  # keep only x: each branch's conv output is rebuilt in backward
+            return recompute.recompute(self._branch_sum, x, [p for p in self.parameters() if p.requires_grad])
+        return self._branch_sum(x)
+
+    def _branch_sum(self, x: torch.Tensor, rerun: bool = False) -> torch.Tensor:
+        out = _batch_norm(self.origin_bn, depthwise_conv(x, self.lk_origin.weight), rerun)
         for r, conv, bn in self._branches():
-            out = out + bn(depthwise_conv(x, conv.weight, dilation=r))
+            out = out.add_(_batch_norm(bn, depthwise_conv(x, conv.weight, dilation=r), rerun))
         return out
 
     @torch.no_grad()
@@ -238,15 +251,38 @@ class ConvNorm(nn.Sequential):
 
 
 class GrnMlp(nn.Sequential):
-    """ConvNeXt-V2 MLP: 1x1 expansion, GELU, residual 3x3 depthwise conv, GRN, 1x1 projection."""
+    """ConvNeXt-V2 MLP: 1x1 expansion, GELU, residual 3x3 depthwise conv, GRN, 1x1 projection.
+
+    In training the GELU, depthwise-conv and GRN outputs (each as wide as the hidden map) are not kept for
+    backward but rebuilt from the hidden map (:func:`grn_mlp`).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__(PointwiseConv(dim, hidden_dim), nn.GELU(), ResDWConv(hidden_dim, 3), GRN(hidden_dim),
                          PointwiseConv(hidden_dim, out_dim or dim))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grn_mlp(self, x)
+
     def fuse(self) -> nn.Module:
         from .fused import FusedGrnMlp
         return FusedGrnMlp(self)
+
+
+def grn_mlp(layers, x: torch.Tensor) -> torch.Tensor:
+    """Run the five GRN-MLP layers ``(fc1, act, dwconv, grn, fc2)`` on ``x``.
+
+    With autograd on, only ``fc1``'s output is kept for the middle three (memory-bound) layers, which
+    backward runs again (:func:`overlock.ops.recompute.mlp_tail`); same values and gradients.
+    """
+    fc1, act, dw, grn, fc2 = layers
+    h = fc1(x)
+    if not recompute.enabled():
+        return fc2(grn(dw(act(h))))
+
+    def mid(t):
+        return grn(dw(act(t)))
+    return recompute.mlp_tail(mid, [*dw.parameters(), *grn.parameters()], fc2, h)
 
 
 def conv_bn(in_dim: int, out_dim: int, *act: nn.Module) -> ConvNorm:

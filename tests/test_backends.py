@@ -51,6 +51,28 @@ def test_tiled_single_tile_without_autograd_in_chunks(chunk_bytes, monkeypatch):
     assert rel_err(out, na2d_av_naive(attn, value, 7)) < 1e-12
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 8 * 99 * 99, 1 << 30])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_tiled_single_tile_backward_in_chunks(chunk_bytes, needs, monkeypatch):
+    """The one-tile autograd path (dense weights rebuilt per chunk in backward) on a strided value view."""
+    monkeypatch.setattr("overlock.ops.neighborhood.DENSE_CHUNK_BYTES", chunk_bytes)
+    attn, _ = _inputs(9, 11, 5, B=3, G=2)
+    # values as context_mix passes them: a permuted view of a channels_last map, one half of the channels
+    nhwc = torch.randn(3, 9, 11, 2, 2, 4, dtype=torch.float64, requires_grad=needs[1])
+    value = nhwc.permute(3, 0, 4, 1, 2, 5)[1]
+    attn = attn.detach().requires_grad_(needs[0])
+    out = na2d_av_tiled(attn, value, 5)
+    ref = na2d_av_naive(attn, value, 5)
+    grad = torch.randn_like(ref)
+    inputs = [t for t, n in zip((attn, nhwc), needs) if n]
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
+    assert rel_err(out, ref) < 1e-12
+    assert type(out.grad_fn).__name__ != "ScatterBackward0"
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
+
+
 def test_map_smaller_than_kernel_is_a_clear_error():
     attn, value = _inputs(5, 5, 5)
     with pytest.raises(ValueError, match="at least 7x7"):

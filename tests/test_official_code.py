@@ -109,3 +109,25 @@ def test_full_size_models_equal_the_official_code(name):
     with torch.no_grad():
         deploy = timm.utils.reparameterize_model(ours)(x.contiguous(memory_format=torch.channels_last))
     assert ((deploy - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.skipif(not os.environ.get("OVERLOCK_OFFICIAL_CODE"), reason="set OVERLOCK_OFFICIAL_CODE to a checkout "
+                    "of github.com/LMMMEng/OverLoCK to compare with the official code itself")
+def test_training_gradients_equal_the_official_code():
+    """One training-mode backward (BatchNorm batch statistics, aux head): every gradient as the official code's."""
+    torch.manual_seed(0)
+    official = build_official_model(os.environ["OVERLOCK_OFFICIAL_CODE"], "overlock_xt", use_ds=True).train()
+    ours = timm.create_model("overlock_xt", use_ds=True).train()
+    ours.load_state_dict(official.state_dict())
+    ours = ours.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    out = official(x)
+    (out["main"].square().mean() + 0.4 * out["aux"].square().mean()).backward()
+    logits, aux = ours(x.contiguous(memory_format=torch.channels_last), return_aux=True)
+    (logits.square().mean() + 0.4 * aux.square().mean()).backward()
+    want = {n: p.grad for n, p in official.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert want.keys() == got.keys()
+    scale = max(g.abs().max().item() for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4 * scale, msg=name)

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..contmix import ContMixCore, layer_scale
 from ..layers import (GRN, ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
-                      SEModule)
+                      SEModule, grn_mlp)
 
 __all__ = ["RepConvBlock", "DynamicConvBlock"]
 
@@ -37,9 +37,11 @@ class RepConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(x)
+        p = self.proj
+        y = grn_mlp(p[4:9], p[3](p[2](p[1](p[0](x)))))
         if self.res_scale:
-            return self.ls(x) + self.proj(x)
-        return x + self.proj[-1](self.ls(self.proj[:-1](x)))
+            return self.ls(x) + p[9](y)
+        return x + p[9](self.ls(y))
 
     def fuse(self) -> nn.Module:
         from ..fused import FusedRepConvBlock

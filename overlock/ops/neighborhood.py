@@ -222,6 +222,45 @@ def _single_tile_chunked(a: torch.Tensor, v: torch.Tensor, local: torch.Tensor, 
     return out.view(B, G, P, -1)
 
 
+class _SingleTileAV(torch.autograd.Function):
+    """One-tile aggregation whose backward keeps only the weights and values, not the dense weight matrix.
+
+    The dense ``(P, region)`` matrix of each (sample, head) is several times larger than its ``k*k`` weights
+    (8x for a 5x5 kernel on a 14x14 map); forward and backward rebuild it per chunk in one reused buffer.
+    Gradients: ``dV = D^T dO`` and ``dA = gather(dO V^T)`` (the scatter's backward), as autograd would form them.
+    """
+
+    @staticmethod
+    def forward(ctx, a, v, local, region):
+        ctx.save_for_backward(a, v, local)
+        ctx.region = region
+        return _single_tile_chunked(a, v, local, region)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        a, v, local = ctx.saved_tensors
+        B, G, P, kk = a.shape
+        C = v.shape[-1]
+        a, v = a.reshape(B * G, P, kk), v.reshape(B * G, P, C)
+        go = grad_out.reshape(B * G, P, C)
+        n = max(1, min(B * G, DENSE_CHUNK_BYTES // (P * ctx.region * a.element_size())))
+        buf = a.new_empty(n, P, ctx.region)
+        idx = local.expand(n, -1, -1)
+        grad_a = a.new_empty(B * G, P, kk) if ctx.needs_input_grad[0] else None
+        grad_v = v.new_empty(B * G, P, C) if ctx.needs_input_grad[1] else None
+        for s in range(0, B * G, n):
+            e = min(s + n, B * G)
+            d = buf[:e - s]
+            if grad_v is not None:
+                d.zero_().scatter_(-1, idx[:e - s], a[s:e])
+                torch.matmul(d.transpose(1, 2), go[s:e], out=grad_v[s:e])
+            if grad_a is not None:
+                torch.matmul(go[s:e], v[s:e].transpose(1, 2), out=d)
+                torch.gather(d, -1, idx[:e - s], out=grad_a[s:e])
+        return (grad_a.view(B, G, P, kk) if grad_a is not None else None,
+                grad_v.view(B, G, P, C) if grad_v is not None else None, None, None)
+
+
 def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, tile: int | None = None) -> torch.Tensor:
     """Aggregate with one dense, masked matmul per tile: no ``k*k`` copies of the values."""
     B, G, H, W, C = value.shape
@@ -238,8 +277,10 @@ def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, til
     if single:
         if not torch.is_grad_enabled() or not (a.requires_grad or v.requires_grad):
             return _single_tile_chunked(a, v, local[0], region).reshape(B, G, H, W, C)
-        dense = a.new_zeros(B, G, H * W, region).scatter_(-1, local[0].expand(B, G, -1, -1), a)
-        return torch.matmul(dense, v).reshape(B, G, H, W, C)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            dense = a.new_zeros(B, G, H * W, region).scatter_(-1, local[0].expand(B, G, -1, -1), a)
+            return torch.matmul(dense, v).reshape(B, G, H, W, C)
+        return _SingleTileAV.apply(a, v, local[0], region).reshape(B, G, H, W, C)
     nt, P = pix.shape
     a = a[:, :, pix]  # (B, G, nt, P, kk)
     dense = a.new_zeros(B, G, nt, P, region).scatter_(-1, local.expand(B, G, -1, -1, -1), a)

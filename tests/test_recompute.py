@@ -1,0 +1,172 @@
+"""Blocks that rebuild cheap activations in backward give the values and gradients of the plain graph."""
+import pytest
+import torch
+
+from overlock.layers import DilatedReparamBlock, GrnMlp
+from overlock.models.blocks import DynamicConvBlock, RepConvBlock
+from overlock.ops import recompute
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _randomize(module):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    return module
+
+
+def _run(module, inputs, grads, plain, monkeypatch):
+    """Outputs and gradients (inputs, then parameters) with recomputation on or off."""
+    with monkeypatch.context() as m:
+        if plain:
+            m.setattr(recompute, "enabled", lambda *a: False)
+        xs = [t.detach().clone().requires_grad_() for t in inputs]
+        out = module(*xs)
+        out = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(out, grads) if o is not None]
+        params = list(module.parameters())
+        got = torch.autograd.grad([o for o, _ in pairs], xs + params, [g for _, g in pairs], allow_unused=True)
+    return [o.detach() for o, _ in pairs], got
+
+
+def _compare(module, inputs, monkeypatch):
+    module.train()
+    with torch.no_grad():
+        outs = module(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) if o is not None else None for o in outs]
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    out_a, grad_a = _run(module, inputs, grads, True, monkeypatch)
+    module.load_state_dict(state)  # the same BatchNorm statistics for both runs
+    out_b, grad_b = _run(module, inputs, grads, False, monkeypatch)
+    for a, b in zip(out_a, out_b):
+        assert torch.equal(a, b)
+    assert sum(g is not None for g in grad_a) > len(inputs)
+    # some gradients are zero in exact arithmetic (a bias in front of a training-mode BatchNorm) and float noise
+    # in both runs: compare each tensor relative to its own size, with an absolute floor set by the largest one
+    scale = max(g.abs().max().item() for g in grad_a if g is not None)
+    for a, b in zip(grad_a, grad_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((2, 6, 9, 7), True), ((3, 4, 5, 11), False), ((1, 8, 6, 6), True)])
+def test_grn_mlp_recomputes_exactly(shape, channels_last, monkeypatch):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mlp = _randomize(GrnMlp(shape[1], 3 * shape[1], 5)).to(memory_format=fmt)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    _compare(mlp, [x], monkeypatch)
+
+
+def test_grn_mlp_keeps_only_the_hidden_map():
+    mlp = GrnMlp(4, 16).train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= 2 * 16 * 8 * 8}
+    assert len(big) == 1  # the hidden map (fc1's output) only; without recomputation four maps of that size
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_rep_conv_block_recomputes_exactly(channels_last, monkeypatch):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    block = _randomize(RepConvBlock(8, kernel_size=7, ls_init_value=1.0)).to(memory_format=fmt)
+    _compare(block, [torch.randn(2, 8, 9, 10).contiguous(memory_format=fmt)], monkeypatch)
+
+
+def test_dynamic_conv_block_recomputes_exactly(monkeypatch):
+    block = _randomize(DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, ls_init_value=1.0))
+    block = block.to(memory_format=torch.channels_last)
+    cl = dict(memory_format=torch.channels_last)
+    x, ctx, prior = (torch.randn(2, c, 9, 9).contiguous(**cl) for c in (8, 4, 4))
+    _compare(block, [x, ctx, prior], monkeypatch)
+
+
+@pytest.mark.parametrize("kernel,shape,channels_last", [(7, (2, 6, 9, 8), True), (13, (2, 4, 15, 14), False),
+                                                        (5, (3, 5, 4, 6), True)])
+def test_dilated_reparam_block_recomputes_exactly(kernel, shape, channels_last, monkeypatch):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    block = _randomize(DilatedReparamBlock(shape[1], kernel)).to(memory_format=fmt)
+    _compare(block, [torch.randn(shape).contiguous(memory_format=fmt)], monkeypatch)
+
+
+def test_dilated_reparam_block_updates_running_statistics_once(monkeypatch):
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(4, 7).train()
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    plain = DilatedReparamBlock(4, 7).train()
+    plain.load_state_dict(block.state_dict())
+    block(x).sum().backward()
+    with monkeypatch.context() as m:
+        m.setattr(recompute, "enabled", lambda *a: False)
+        plain(x).sum().backward()
+    for (name, a), b in zip(block.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name  # running means, variances and batch counts
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_whole_model_training_gradients_unchanged(channels_last, monkeypatch):
+    """A training step of the tiny registered model (aux head on): every parameter's gradient as without recompute."""
+    import timm
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _randomize(timm.create_model("test_overlock", use_ds=True, num_classes=5)).to(memory_format=fmt).train()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(plain):
+        model.load_state_dict(state)
+        model.zero_grad()
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(recompute, "enabled", lambda *a: False)
+            logits, aux = model(x, return_aux=True)
+            (logits.square().mean() + 0.4 * aux.square().mean()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, got = grads(True), grads(False)
+    assert want.keys() == got.keys() and len(want) == sum(1 for _ in model.parameters())
+    scale = max(g.abs().max().item() for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_recompute_inside_gradient_checkpointing(monkeypatch):
+    """Blocks run under torch.utils.checkpoint (``set_grad_checkpointing``) still give the plain gradients."""
+    import timm
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("test_overlock", num_classes=5)).train()
+    x = torch.randn(2, 3, 64, 64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def grads(plain, ckpt):
+        model.load_state_dict(state)
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(recompute, "enabled", lambda *a: False)
+            model(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want, got = grads(True, False), grads(False, True)
+    scale = max(g.abs().max().item() for g in want)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_recompute_can_be_turned_off():
+    mlp = GrnMlp(4, 16).train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    try:
+        recompute.set_enabled(False)
+        assert type(mlp(x).grad_fn).__name__ != "_MlpTailBackward"
+    finally:
+        recompute.set_enabled(True)
+    assert type(mlp(x).grad_fn).__name__ == "_MlpTailBackward"
