@@ -1,14 +1,15 @@
 """Speed of UperNet-OverLoCK: inference at 512x512 and one training step (decode + 0.4 aux loss, AdamW), with our
 default ContMix path beside the official code path (the natten-free ``unfold`` backend, NCHW), same head.
 
-``python -m overlock.segmentation.bench --model overlock_t --img-size 512 -b 1 --json row.json``. Written for the
-benchmark table; NOT measured in this project yet (the development machine was shared), so no numbers are
-recorded.
+``python -m overlock.segmentation.bench --model overlock_t --img-size 512 --json row.json`` (row 6 of
+``benchmarks/run.sh``). The JSON file holds the command, the machine (``cpu_isa``: timings differ between AVX2
+and AVX-512) and every timing, like the ``overlock benchmark`` rows.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Dict, List
 
@@ -87,8 +88,11 @@ def main(argv=None) -> int:
             print(f"{row['model']} {mode} b{b} {a.img_size}px {backend}{' channels_last' if cl else ''}: "
                   f"{row['seconds']:.3f} s/batch, {row['img_per_s']:.2f} img/s")
     if a.json:
+        from overlock.benchmark import environment
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(dict(command="python -m overlock.segmentation.bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                    else argv),
+                           environment=environment(), results=rows), f, indent=2)
     return 0
 
 
