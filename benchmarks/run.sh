@@ -27,6 +27,7 @@ $PY -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 
 $PY -m overlock.detection.bench --model overlock_t --mode train --size 800 1333 --warmup 1 --repeats 3 \
     --json $OUT/cpu_train_maskrcnn_t_800x1333.json
 # 6. UperNet + overlock_t (150 classes): inference at 512x512 (batch 1) and a training step (batch 2, aux loss,
-#    AdamW), ours (tiled ContMix, channels_last) beside the same head on the official method (unfold, NCHW)
-$PY -m overlock.segmentation.bench --model overlock_t --img-size 512 --warmup 1 --repeats 3 \
+#    AdamW), ours (tiled ContMix, channels_last) beside the same heads on the official method (unfold, NCHW) and,
+#    with OFFICIAL_CODE, on the official mmseg backbone itself
+$PY -m overlock.segmentation.bench --model overlock_t --img-size 512 --warmup 1 --repeats 3 $OFFICIAL \
     --json $OUT/cpu_upernet_t_512.json
