@@ -27,6 +27,13 @@ $OVERLOCK benchmark --model overlock_xt --mode infer -b 1 --img-size 224 448 640
 # 4. the demo setting: overlock_xt training at 32 px, batch 64
 $OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode train -b 64 --img-size 32 --num-classes 10 \
     --warmup 1 --repeats 3 --json $OUT/cpu_train_xt_b64_32$ISA.json
-# 5. Mask R-CNN + overlock_t (random weights): inference at 800x1333 and one training step (not yet recorded)
-$PY -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 --json $OUT/cpu_infer_maskrcnn_t_800x1333.json
-$PY -m overlock.detection.bench --model overlock_t --mode train --size 800 1333 --json $OUT/cpu_train_maskrcnn_t_800x1333.json
+# 5. Mask R-CNN + overlock_t (random weights, 80 classes): inference at 800x1333 and one training step (batch 1)
+$PY -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 --warmup 1 --repeats 3 \
+    --json $OUT/cpu_infer_maskrcnn_t_800x1333$ISA.json
+$PY -m overlock.detection.bench --model overlock_t --mode train --size 800 1333 --warmup 1 --repeats 3 \
+    --json $OUT/cpu_train_maskrcnn_t_800x1333$ISA.json
+# 6. UperNet + overlock_t (150 classes): inference at 512x512 (batch 1) and a training step (batch 2, aux loss,
+#    AdamW), ours (tiled ContMix, channels_last) beside the same heads on the official method (unfold, NCHW) and,
+#    with OFFICIAL_CODE, on the official mmseg backbone itself
+$PY -m overlock.segmentation.bench --model overlock_t --img-size 512 --warmup 1 --repeats 3 $OFFICIAL \
+    --json $OUT/cpu_upernet_t_512$ISA.json

@@ -10,6 +10,10 @@ that import and only where the real package is missing:
 - ``mmengine.runner.load_checkpoint``: raises (pretrained loading is not needed to measure speed);
 - ``timm.models.registry.register_model``: a no-op, so our registrations stay in place.
 
+:func:`build_official_segmentation_backbone` imports the official mmseg backbone
+(``segmentation/models/overlock.py``) the same way, with stand-ins for the mmseg registry and logger and mmcv's
+``load_checkpoint`` where those packages are missing.
+
 Nothing of the official code is copied into this project; the user points at their own checkout.
 """
 from __future__ import annotations
@@ -22,7 +26,8 @@ import sys
 import types
 import warnings
 
-__all__ = ["load_official_models", "build_official_model", "official_overlock_file"]
+__all__ = ["load_official_models", "build_official_model", "official_overlock_file",
+           "build_official_segmentation_backbone"]
 
 
 def official_overlock_file(repo: str) -> str:
@@ -111,3 +116,64 @@ def build_official_model(repo: str, name: str, **kwargs):
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(**kwargs)
+
+
+def _mmseg_stand_ins() -> dict:
+    """mmseg's ``MODELS`` registry (a decorator that registers nothing), ``get_root_logger`` and mmcv's
+    ``load_checkpoint``: what ``segmentation/models/overlock.py`` imports, where mmseg/mmcv are missing."""
+    import logging
+
+    mods = {}
+    try:
+        from mmseg.models.builder import MODELS  # noqa: F401
+        from mmseg.utils import get_root_logger  # noqa: F401
+    except ImportError:
+        class _Registry:
+            @staticmethod
+            def register_module(*args, **kwargs):
+                return args[0] if args and callable(args[0]) else (lambda fn: fn)
+        names = ("mmseg", "mmseg.models", "mmseg.models.builder", "mmseg.utils")
+        made = {n: types.ModuleType(n) for n in names}
+        made["mmseg.models.builder"].MODELS = _Registry()
+        made["mmseg.utils"].get_root_logger = lambda *a, **k: logging.getLogger("overlock_official")
+        mods.update(made)
+    try:
+        from mmcv.runner import load_checkpoint  # noqa: F401
+    except ImportError:
+        mmcv, runner = types.ModuleType("mmcv"), types.ModuleType("mmcv.runner")
+
+        def load_checkpoint(*args, **kwargs):
+            raise RuntimeError("the official code's pretrained loading needs mmcv; load weights with overlock")
+        runner.load_checkpoint = load_checkpoint
+        mmcv.runner = runner
+        mods.update({"mmcv": mmcv, "mmcv.runner": runner})
+    return mods
+
+
+def build_official_segmentation_backbone(repo: str, name: str, **kwargs):
+    """The official mmseg backbone (``segmentation/models/overlock.py`` of ``repo``) by name, constructor prints
+    swallowed; ``out_channels`` is set to the widths of its four maps, as our dense backbones have it."""
+    path = os.path.join(os.path.expanduser(repo), "segmentation", "models", "overlock.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --official-code must be a checkout of "
+                                f"https://github.com/LMMMEng/OverLoCK (with its segmentation/ folder)")
+    spec = importlib.util.spec_from_file_location("overlock_official_segmentation", path)
+    module = importlib.util.module_from_spec(spec)
+    with _patched_modules({**_stand_ins(), **_mmseg_stand_ins()}), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            raise ImportError(f"importing {path} failed ({e}); the official code also needs einops "
+                              f"(pip install einops)") from e
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"{name!r} is not a backbone of the official code in {path} "
+                         f"(it has overlock_xt, overlock_t, overlock_s, overlock_b)")
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fn(**kwargs)
+    model.out_channels = [norm.normalized_shape[0] if hasattr(norm, "normalized_shape") else norm.num_features
+                          for norm in model.extra_norm]
+    return model

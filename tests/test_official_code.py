@@ -131,3 +131,21 @@ def test_training_gradients_equal_the_official_code():
     scale = max(g.abs().max().item() for g in want.values())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
+@pytest.mark.skipif(not os.environ.get("OVERLOCK_OFFICIAL_CODE"), reason="set OVERLOCK_OFFICIAL_CODE to a checkout "
+                    "of github.com/LMMMEng/OverLoCK to compare with the official code itself")
+def test_segmentation_backbone_equals_the_official_code():
+    from overlock.official_code import build_official_segmentation_backbone
+    from overlock.segmentation.model import create_segmentation_model
+    torch.manual_seed(0)
+    official = build_official_segmentation_backbone(os.environ["OVERLOCK_OFFICIAL_CODE"], "overlock_xt").eval()
+    ours = create_segmentation_model("overlock_xt", 11, channels=16, aux_channels=8).backbone.eval()
+    assert official.out_channels == list(ours.out_channels)
+    ours.load_state_dict(official.state_dict())  # strict: the same keys and shapes
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        refs, outs = official(x), ours(x)
+    assert len(refs) == len(outs) == 4
+    for ref, out in zip(refs, outs):
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -66,6 +66,26 @@ def test_scene_generator_api():
     assert set(np.unique(label)) == {0} | {c + 1 for c, _ in instances}
 
 
+def test_scene_generator_options(tmp_path):
+    from overlock.data.scenes import main, make_scene
+    rng = np.random.default_rng(0)
+    counts = [len(make_scene(rng, 64, min_digits=2, max_digits=2, min_side=0.3, max_side=0.35)[1]) for _ in range(20)]
+    assert max(counts) == 2 and min(counts) >= 1 and sum(counts) > 30  # two asked; fewer only when they do not fit
+    sides = []
+    for _ in range(20):
+        for _c, mask in make_scene(rng, 64, max_digits=1, min_side=0.5, max_side=0.5)[1]:
+            ys, xs = np.nonzero(mask)
+            sides.append(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+    assert 20 <= min(sides) and max(sides) <= 32  # glyphs fill most of their 32-pixel square
+    for bad in (dict(min_digits=0), dict(min_digits=3, max_digits=2), dict(min_side=0.7, max_side=0.6)):
+        with pytest.raises(ValueError, match="make_scene"):
+            make_scene(rng, 64, **bad)
+    assert main([str(tmp_path), "--train", "2", "--val", "1", "--size", "32", "--min-digits", "1", "--max-digits",
+                 "1", "--min-side", "0.6", "--max-side", "0.8"]) == 0
+    label = np.asarray(Image.open(tmp_path / "masks" / "train" / "scene_00000.png"))
+    assert label.shape == (32, 32) and len(set(np.unique(label)) - {0}) == 1
+
+
 def test_train_writes_run_and_learns(trained):
     files = set(os.listdir(trained))
     assert {"last.pth", "best.pth", "metrics.csv", "curves.png"} <= files

@@ -65,17 +65,22 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def make_scene(rng: np.random.Generator, size: int, *, max_digits: int = 3, min_side: float = 0.3,
-               max_side: float = 0.6) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
-    """One scene: ``(image uint8 HxWx3, [(class_id, mask bool HxW), ...])`` with H = W = ``size``; 1 to
-    ``max_digits`` digits of ``min_side`` to ``max_side`` x ``size`` pixels (fewer when they do not fit without
+               max_side: float = 0.6, min_digits: int = 1) -> Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]:
+    """One scene: ``(image uint8 HxWx3, [(class_id, mask bool HxW), ...])`` with H = W = ``size``; ``min_digits``
+    to ``max_digits`` digits of ``min_side`` to ``max_side`` x ``size`` pixels (fewer when they do not fit without
     overlapping). Large, bold digits by default, so that a network whose output has stride 4 can resolve them."""
     if size < 16:
         raise ValueError(f"make_scene: size must be at least 16 pixels, got {size}")
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"make_scene: need 1 <= min_digits <= max_digits, got {min_digits} and {max_digits}")
+    if not 0 < min_side <= max_side <= 1:
+        raise ValueError(f"make_scene: need 0 < min_side <= max_side <= 1 (fractions of size), got {min_side} and "
+                         f"{max_side}")
     images, targets = _digits()
     canvas = _background(rng, size)
     occupied = np.zeros((size, size), bool)
     instances: List[Tuple[int, np.ndarray]] = []
-    for _ in range(int(rng.integers(1, max_digits + 1))):
+    for _ in range(int(rng.integers(min_digits, max_digits + 1))):
         k = int(rng.integers(len(images)))
         side = int(rng.integers(max(8, int(size * min_side)), max(9, int(size * max_side)) + 1))
         for _attempt in range(10):
@@ -113,8 +118,10 @@ def semantic_label(instances: List[Tuple[int, np.ndarray]], size: int) -> np.nda
     return label
 
 
-def write_segmentation_dataset(root: str, n_train: int = 600, n_val: int = 100, size: int = 64, seed: int = 0) -> str:
-    """Write generated scenes in the plain segmentation layout; train and val use disjoint random streams."""
+def write_segmentation_dataset(root: str, n_train: int = 600, n_val: int = 100, size: int = 64, seed: int = 0,
+                               **scene_kwargs) -> str:
+    """Write generated scenes in the plain segmentation layout; train and val use disjoint random streams.
+    ``scene_kwargs`` go to :func:`make_scene` (number and size of the digits)."""
     from PIL import Image
 
     for split, n, stream in (("train", n_train, 0), ("val", n_val, 1)):
@@ -122,13 +129,26 @@ def write_segmentation_dataset(root: str, n_train: int = 600, n_val: int = 100, 
         os.makedirs(os.path.join(root, "images", split), exist_ok=True)
         os.makedirs(os.path.join(root, "masks", split), exist_ok=True)
         for i in range(n):
-            image, instances = make_scene(rng, size)
+            image, instances = make_scene(rng, size, **scene_kwargs)
             Image.fromarray(image).save(os.path.join(root, "images", split, f"scene_{i:05d}.png"))
             Image.fromarray(semantic_label(instances, size)).save(os.path.join(root, "masks", split,
                                                                                f"scene_{i:05d}.png"))
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("\n".join(SEMANTIC_CLASSES) + "\n")
     return root
+
+
+def add_scene_arguments(p: argparse.ArgumentParser) -> None:
+    """The :func:`make_scene` options as command-line flags (shared with the detection demo's writer)."""
+    p.add_argument("--min-digits", type=int, default=1, help="fewest digits per scene")
+    p.add_argument("--max-digits", type=int, default=3, help="most digits per scene (fewer when they do not fit)")
+    p.add_argument("--min-side", type=float, default=0.3, help="smallest digit side, as a fraction of --size")
+    p.add_argument("--max-side", type=float, default=0.6, help="largest digit side, as a fraction of --size")
+
+
+def scene_kwargs(args: argparse.Namespace) -> dict:
+    return dict(min_digits=args.min_digits, max_digits=args.max_digits, min_side=args.min_side,
+                max_side=args.max_side)
 
 
 def main(argv=None) -> int:
@@ -138,8 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--val", type=int, default=100)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    add_scene_arguments(p)
     a = p.parse_args(argv)
-    write_segmentation_dataset(a.root, a.train, a.val, a.size, a.seed)
+    write_segmentation_dataset(a.root, a.train, a.val, a.size, a.seed, **scene_kwargs(a))
     print(f"{a.train} training and {a.val} validation scenes ({a.size}x{a.size}) in {a.root}")
     return 0
 

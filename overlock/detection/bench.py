@@ -3,7 +3,8 @@
 ``python -m overlock.detection.bench --model overlock_t --mode infer --size 800 1333 --json out.json``
 (random weights; the detection heads' cost does not depend on the weights, except through the number of
 detections, which the official thresholds cap at 100). One process per measurement, like ``overlock
-benchmark``; run it on a quiet machine.
+benchmark``; run it on a quiet machine. The JSON file holds the command, the machine (``cpu_isa``) and every
+timing, like the ``overlock benchmark`` rows.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import platform
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -19,6 +21,7 @@ import torch
 
 def measure(model_name: str, mode: str, size, batch: int, warmup: int, repeats: int, device: str) -> dict:
     from . import create_detection_model
+    torch.set_flush_denormal(True)  # as every benchmark row: fresh weights produce denormals that slow CPUs down
     dev = torch.device(device)
     model = create_detection_model(model_name, num_classes=80).to(dev)
     h, w = size
@@ -75,8 +78,11 @@ def main(argv=None) -> int:
     row = measure(a.model, a.mode, a.size, a.batch_size, a.warmup, a.repeats, a.device)
     print(json.dumps(row, indent=2))
     if a.json:
+        from ..benchmark import environment
         with open(a.json, "w") as f:
-            json.dump(row, f, indent=2)
+            json.dump(dict(command="python -m overlock.detection.bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                 else argv),
+                           environment=environment(), results=[row]), f, indent=2)
     return 0
 
 

@@ -1,16 +1,19 @@
 """Speed of UperNet-OverLoCK: inference at 512x512 and one training step (decode + 0.4 aux loss, AdamW), with our
-default ContMix path beside the official code path (the natten-free ``unfold`` backend, NCHW), same head.
+default ContMix path beside the official method (our backbone on the natten-free ``unfold`` backend, NCHW, as the
+official code runs) and, with ``--official-code DIR``, the official mmseg backbone itself (``segmentation/models/
+overlock.py`` of a checkout of LMMMEng/OverLoCK), all with the same UperNet and FCN heads.
 
-``python -m overlock.segmentation.bench --model overlock_t --img-size 512 -b 1 --json row.json``. Written for the
-benchmark table; NOT measured in this project yet (the development machine was shared), so no numbers are
-recorded.
+``python -m overlock.segmentation.bench --model overlock_t --img-size 512 --json row.json`` (row 6 of
+``benchmarks/run.sh``). The JSON file holds the command, the machine (``cpu_isa``: timings differ between AVX2
+and AVX-512) and every timing, like the ``overlock benchmark`` rows.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -19,15 +22,22 @@ __all__ = ["measure_upernet"]
 
 def measure_upernet(model: str = "overlock_t", mode: str = "infer", batch_size: int = 1, img_size: int = 512,
                     backend: str = "tiled", channels_last: bool = True, warmup: int = 1, repeats: int = 3,
-                    num_classes: int = 150, device: str = "cpu") -> Dict:
-    """Median seconds per batch of one configuration (fresh weights; eval + inference mode for ``infer``)."""
+                    num_classes: int = 150, device: str = "cpu", official_code: Optional[str] = None) -> Dict:
+    """Median seconds per batch of one configuration (fresh weights; eval + inference mode for ``infer``).
+    ``official_code``: a checkout of LMMMEng/OverLoCK; its segmentation backbone replaces ours (same heads)."""
     import overlock
     from overlock.segmentation import create_segmentation_model
+    from overlock.segmentation.model import SEGMENTATION_DEFAULTS, OverLoCKUperNet
     from overlock.segmentation.train import seg_loss
 
     torch.set_flush_denormal(True)
     dev = torch.device(device)
-    net = create_segmentation_model(model, num_classes).to(dev)
+    if official_code:
+        from overlock.official_code import build_official_segmentation_backbone
+        backbone = build_official_segmentation_backbone(official_code, model, **SEGMENTATION_DEFAULTS[model])
+        net = OverLoCKUperNet(backbone, num_classes).to(dev)
+    else:
+        net = create_segmentation_model(model, num_classes).to(dev)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -62,7 +72,7 @@ def measure_upernet(model: str = "overlock_t", mode: str = "infer", batch_size: 
     times.sort()
     median = times[len(times) // 2]
     return {"model": f"upernet_{model}", "mode": mode, "batch_size": batch_size, "img_size": img_size,
-            "backend": backend, "channels_last": channels_last, "device": device, "seconds": median,
+            "backbone": "official code" if official_code else "ours", "backend": None if official_code else backend, "channels_last": channels_last, "device": device, "seconds": median,
             "img_per_s": batch_size / median, "times": times, "threads": torch.get_num_threads()}
 
 
@@ -76,19 +86,29 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--official-code", default=None, metavar="DIR",
+                   help="a checkout of LMMMEng/OverLoCK: also measure its own segmentation backbone (same heads)")
     p.add_argument("--json", default=None, metavar="FILE")
     a = p.parse_args(argv)
     rows = []
+    runs = [("tiled", True, None), ("unfold", False, None)]  # ours, then the official method
+    if a.official_code:
+        runs.append(("unfold", False, a.official_code))  # the official code itself (its natten-free fallback)
     for mode in a.mode:
-        for backend, cl in (("tiled", True), ("unfold", False)):  # ours, then the official code path
+        for backend, cl, official in runs:
             b = a.batch_size or (1 if mode == "infer" else 2)
-            row = measure_upernet(a.model, mode, b, a.img_size, backend, cl, a.warmup, a.repeats, device=a.device)
+            row = measure_upernet(a.model, mode, b, a.img_size, backend, cl, a.warmup, a.repeats, device=a.device,
+                                  official_code=official)
             rows.append(row)
-            print(f"{row['model']} {mode} b{b} {a.img_size}px {backend}{' channels_last' if cl else ''}: "
-                  f"{row['seconds']:.3f} s/batch, {row['img_per_s']:.2f} img/s")
+            what = "official code" if official else f"{backend}{' channels_last' if cl else ''}"
+            print(f"{row['model']} {mode} b{b} {a.img_size}px {what}: {row['seconds']:.3f} s/batch, "
+                  f"{row['img_per_s']:.2f} img/s", flush=True)
     if a.json:
+        from overlock.benchmark import environment
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(dict(command="python -m overlock.segmentation.bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                    else argv),
+                           environment=environment(), results=rows), f, indent=2)
     return 0
 
 
