@@ -93,10 +93,15 @@ def load_official_models(repo: str) -> types.ModuleType:
     The official layer constructors print to stdout; that output is swallowed. The natten stand-in stays bound
     inside the returned module (it was imported by name), so the module keeps working after the import.
     """
-    path = official_overlock_file(repo)
-    spec = importlib.util.spec_from_file_location("overlock_official_models", path)
+    return _import_file(official_overlock_file(repo), "overlock_official_models", _stand_ins())
+
+
+def _import_file(path: str, module_name: str, stand_ins: dict) -> types.ModuleType:
+    """Import one file of the official code with ``stand_ins`` for packages it imports but we do not need;
+    its prints and warnings are swallowed."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    with _patched_modules(_stand_ins()), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with _patched_modules(stand_ins), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             spec.loader.exec_module(module)
@@ -157,16 +162,7 @@ def build_official_segmentation_backbone(repo: str, name: str, **kwargs):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --official-code must be a checkout of "
                                 f"https://github.com/LMMMEng/OverLoCK (with its segmentation/ folder)")
-    spec = importlib.util.spec_from_file_location("overlock_official_segmentation", path)
-    module = importlib.util.module_from_spec(spec)
-    with _patched_modules({**_stand_ins(), **_mmseg_stand_ins()}), warnings.catch_warnings(), \
-            contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            spec.loader.exec_module(module)
-        except ImportError as e:
-            raise ImportError(f"importing {path} failed ({e}); the official code also needs einops "
-                              f"(pip install einops)") from e
+    module = _import_file(path, "overlock_official_segmentation", {**_stand_ins(), **_mmseg_stand_ins()})
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
         raise ValueError(f"{name!r} is not a backbone of the official code in {path} "
