@@ -113,11 +113,14 @@ def _import_file(path: str, module_name: str, stand_ins: dict) -> types.ModuleTy
 
 def build_official_model(repo: str, name: str, **kwargs):
     """An official model by its registered name (``overlock_t`` ...), constructor prints swallowed."""
-    module = load_official_models(repo)
+    return _construct(load_official_models(repo), name, f"a model of the official code in {repo}", kwargs)
+
+
+def _construct(module: types.ModuleType, name: str, what: str, kwargs: dict):
+    """``module.<name>(**kwargs)`` with the constructor's prints and warnings swallowed."""
     fn = getattr(module, name, None)
     if fn is None or not callable(fn):
-        raise ValueError(f"{name!r} is not a model of the official code in {repo} "
-                         f"(it has overlock_xt, overlock_t, overlock_s, overlock_b)")
+        raise ValueError(f"{name!r} is not {what} (it has overlock_xt, overlock_t, overlock_s, overlock_b)")
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(**kwargs)
@@ -163,13 +166,7 @@ def build_official_segmentation_backbone(repo: str, name: str, **kwargs):
         raise FileNotFoundError(f"{path} not found: --official-code must be a checkout of "
                                 f"https://github.com/LMMMEng/OverLoCK (with its segmentation/ folder)")
     module = _import_file(path, "overlock_official_segmentation", {**_stand_ins(), **_mmseg_stand_ins()})
-    fn = getattr(module, name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"{name!r} is not a backbone of the official code in {path} "
-                         f"(it has overlock_xt, overlock_t, overlock_s, overlock_b)")
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = fn(**kwargs)
+    model = _construct(module, name, f"a backbone of the official code in {path}", kwargs)
     model.out_channels = [norm.normalized_shape[0] if hasattr(norm, "normalized_shape") else norm.num_features
                           for norm in model.extra_norm]
     return model
