@@ -174,9 +174,20 @@ def test_schedule_loss_and_param_groups():
     labels[0, 0] = 255
     per_pixel = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
     assert seg_loss(logits, labels).item() == pytest.approx(per_pixel.sum().item() / labels.numel())
+    weight = torch.tensor([0.5, 2.0, 4.0])  # mmseg class_weight: each pixel times its class's weight, / all pixels
+    valid = labels != 255
+    weighted = (per_pixel[valid] * weight[labels[valid]]).sum() / labels.numel()
+    assert seg_loss(logits, labels, class_weight=weight).item() == pytest.approx(weighted.item())
     from overlock.segmentation import create_segmentation_model
     model = create_segmentation_model("test_overlock", 3, channels=8, aux_channels=8)
     decay, no_decay = param_groups(model, 0.01, ["norm"])
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("norm" in names[id(p)] for p in no_decay["params"]) and no_decay["weight_decay"] == 0
     assert any(".rpb1" in names[id(p)] for p in decay["params"])  # the official keys miss OverLoCK's rpb names
+
+
+def test_class_weight_count_is_checked_before_anything_is_written(data, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = run_cli("train-seg", "--data-dir", data, *FAST, "--class-weight", "1", "5", "--output", out)
+    assert code == 2 and "--class-weight: 2 weights for 11 classes" in stderr, stderr
+    assert not out.exists()

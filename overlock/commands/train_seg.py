@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--drop-path", type=float, default=None, help="default: official 0.2 / 0.3 / 0.5 for T / S / B")
     m.add_argument("--channels", type=int, default=512, help="UperNet channels (official 512)")
     m.add_argument("--aux-channels", type=int, default=256, help="auxiliary FCN channels (official 256)")
+    m.add_argument("--class-weight", type=float, nargs="+", default=None, metavar="W",
+                   help="one loss weight per class, in class-list order (mmseg's class_weight; default: all 1); "
+                        "e.g. weigh rare foreground classes above a dominant background")
     m.add_argument("--aux-loss-weight", type=float, default=0.4, help="0 trains without the auxiliary head")
     m.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=True,
                    help="SyncBatchNorm under torchrun on CUDA (default, as the official SyncBN config)")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataError
+from ..errors import UsageError
 from ..data.folder import sample_seed, seed_everything
 from ..data.sampler import ResumableSampler, ShardSampler
 from ..training import run_state as ckpt
@@ -46,12 +47,16 @@ SEG_PANELS = [("loss", [("train_loss", "train_loss"), ("train_loss_aux", "train_
 STEP_COLUMNS = ("iteration", "loss", "loss_aux", "lr")
 
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+             class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """mmseg 0.30's decode loss: logits resized to the labels (bilinear), cross-entropy with the ignore index,
-    averaged over all pixels (ignored ones count as 0: ``avg_non_ignore=False``, its default)."""
+    averaged over all pixels (ignored ones count as 0: ``avg_non_ignore=False``, its default). ``class_weight``
+    scales each pixel's loss by its true class's weight, still divided by the pixel count (mmseg's
+    ``CrossEntropyLoss(class_weight=...)``)."""
     if logits.shape[-2:] != labels.shape[-2:]:
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").mean()
+    return F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=ignore_index,
+                           reduction="none").mean()
 
 
 def poly_lr_factor(iteration: int, max_iters: int, warmup_iters: int, warmup_ratio: float, power: float = 1.0,
@@ -110,6 +115,10 @@ class SegTrainer:
         self.args, self.info = args, info
         layout = find_layout(args.data_dir, (args.train_split, args.val_split), args.reduce_zero_label)
         self.classes = layout.classes
+        if args.class_weight is not None and len(args.class_weight) != len(self.classes):
+            raise UsageError(f"--class-weight: {len(args.class_weight)} weights for {len(self.classes)} classes "
+                             f"({', '.join(self.classes[:4])}{', ...' if len(self.classes) > 4 else ''}); give one "
+                             "weight per class, in the order of the class list")
         if args.batch_size is None:
             args.batch_size = max(1, 16 // info.world_size)  # the official global batch of 16
         args.world_size = info.world_size
@@ -131,6 +140,8 @@ class SegTrainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay, args.no_decay_keys),
                                            lr=args.lr, betas=(0.9, 0.999))
         self.autocast, self.scaler = autocast_for(args, info.device)
+        self.class_weight = None if args.class_weight is None else torch.tensor(
+            args.class_weight, dtype=torch.float32, device=info.device)
 
         bad_log = os.path.join(self.output, "bad_images.txt") if info.is_main else None
         pipeline = TrainPipeline(crop_size=args.crop_size, scale=args.scale, ratio_range=args.ratio_range,
@@ -203,8 +214,8 @@ class SegTrainer:
         self.net.train()
         with self.autocast():
             decode, aux = self.net(images, return_heads=True)  # through DDP's forward, for its gradient hooks
-            loss_main = seg_loss(decode, labels)
-            loss_aux = seg_loss(aux, labels) if aux is not None else None
+            loss_main = seg_loss(decode, labels, class_weight=self.class_weight)
+            loss_aux = seg_loss(aux, labels, class_weight=self.class_weight) if aux is not None else None
             loss = loss_main + (args.aux_loss_weight * loss_aux if loss_aux is not None else 0.0)
         optimize(loss, self.model, self.optimizer, self.scaler, info, f"iteration {self.iteration + 1}")
         self.iteration += 1
