@@ -4,8 +4,8 @@
 ``(class_id, mask)`` with ``class_id`` the digit (0-9) and ``mask`` a boolean ``size x size`` array of its pixels.
 (Keyword-only arguments tune the number and size of digits; the defaults are the demo's.)
 Backgrounds are random crops of scikit-image's bundled textures (brick, grass, gravel, moon, camera), tinted with a
-random colour; each digit is one of scikit-learn's 1,797 8x8 scans, enlarged (bilinear), thresholded into a pixel
-mask and painted with a colour that differs from the background. Digits never overlap (each pixel has at most one
+random colour and darkened; each digit is one of scikit-learn's 1,797 8x8 scans, enlarged (bilinear), painted in
+a random bright colour with the scan's grey levels as opacity, its mask the pixels above a quarter of full ink. Digits never overlap (each pixel has at most one
 instance), so the same scenes serve semantic segmentation (``semantic_label``) and instance detection.
 
 Everything is drawn from ``rng`` (a ``numpy.random.Generator``): the same generator state gives the same scene.
@@ -61,7 +61,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     y, x = (int(rng.integers(0, tex.shape[i] - side + 1)) for i in (0, 1))
     gray = _resize(tex[y:y + side, x:x + side], size, size)
     tint = rng.uniform(0.3, 1.0, 3)
-    return gray[..., None] * tint[None, None, :] * 255.0
+    return gray[..., None] * tint[None, None, :] * (0.4 * 255.0)  # darkened: the bright digits stand out
 
 
 def make_scene(rng: np.random.Generator, size: int, *, max_digits: int = 3, min_side: float = 0.3,
@@ -95,13 +95,10 @@ def make_scene(rng: np.random.Generator, size: int, *, max_digits: int = 3, min_
             continue
         mask = np.zeros((size, size), bool)
         mask[y:y + side, x:x + side] = local
-        bg_mean = canvas[mask].mean(0) if mask.any() else canvas.mean((0, 1))
-        colour = rng.uniform(0, 255, 3)
-        for _c in range(5):  # a colour that stands out from the local background
-            if np.abs(colour - bg_mean).sum() > 150:
-                break
-            colour = rng.uniform(0, 255, 3)
-        alpha = np.clip((glyph - 0.15) / 0.2, 0, 1)[..., None]
+        # the scan's grey levels as the paint's opacity: strokes keep the scan's inner detail, which a thresholded
+        # silhouette loses (a from-scratch network then barely learns which digit it is)
+        alpha = glyph[..., None]
+        colour = rng.uniform(180, 255, 3)
         region = canvas[y:y + side, x:x + side]
         canvas[y:y + side, x:x + side] = region * (1 - alpha) + colour[None, None, :] * alpha
         occupied[y:y + side, x:x + side] = True
