@@ -136,3 +136,4 @@ def test_dilated_reparam_block_grads_equal_native_with_sub_map_path(monkeypatch)
         assert rel_err(gx, x.grad) < 1e-5
         for n, p in block.named_parameters():
             assert rel_err(fast[n], p.grad) < 1e-5, n
+
