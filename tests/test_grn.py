@@ -33,3 +33,10 @@ def test_grn_fused_backward_matches_float64_autograd(shape, channels_last):
         assert torch.isfinite(got).all() and rel_err(got.double(), want) < 1e-6
     with torch.no_grad():
         assert rel_err(grn(x).double(), ref) < 1e-6
+
+
+def test_half_precision_maps_keep_the_plain_graph():
+    from overlock.layers import GRN
+    grn = GRN(4)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    assert type(grn.to(torch.bfloat16)(x).grad_fn).__name__ != "_GrnBackward"

@@ -77,9 +77,10 @@ class _Grn(torch.autograd.Function):
 
 
 def fast_path(x: torch.Tensor) -> bool:
-    """Eager CPU/GPU maps (not under torch.compile / tracing / scripting, which see the plain graph)."""
-    return (x.dim() == 4 and not torch.jit.is_scripting() and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling())
+    """Eager float32/float64 maps (not under torch.compile / tracing / scripting, which see the plain graph;
+    half-precision maps keep ``vector_norm``, which autocast runs in float32)."""
+    return (x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
