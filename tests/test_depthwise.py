@@ -66,3 +66,74 @@ def test_dilated_reparam_block_trains_the_same_as_with_native_convs(monkeypatch)
     block(x).square().sum().backward()
     for n, p in block.named_parameters():
         assert rel_err(fast[n], p.grad) < 1e-5, n
+
+
+@pytest.mark.parametrize("shape,kernel,dilation", [
+    ((2, 6, 14, 14), 3, 5),    # d does not divide the map: zero-padded sub-maps, native forward
+    ((2, 4, 15, 11), 3, 7),    # wide reach: forward on the sub-maps too; non-square map
+    ((3, 5, 16, 16), 9, 2),    # 9x9 dilation 2 (wide reach, >= 5 taps: depthwise-form weight gradient)
+    ((2, 3, 9, 10), 7, 2),     # 7x7 dilation 2, native forward, fast weight gradient on sub-maps
+    ((2, 4, 7, 7), 3, 3),      # stage-4 sized map
+    ((1, 3, 5, 6), 5, 3),      # kernel cropped (reach larger than the map)
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dilated_conv_on_sub_maps_matches_float64_autograd(shape, kernel, dilation, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(shape[1], 1, kernel, kernel, requires_grad=True)
+    b = torch.randn(shape[1], requires_grad=True) if with_bias else None
+    g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    out = depthwise_conv(x, w, b, dilation=dilation)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    inputs = (x, w) + ((b,) if with_bias else ())
+    grads = torch.autograd.grad(out, inputs, g)
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    k = kernel
+    reach_h = min(k // 2, (shape[2] - 1) // dilation)
+    reach_w = min(k // 2, (shape[3] - 1) // dilation)
+    ref = F.conv2d(ref_in[0], ref_in[1], ref_in[2] if with_bias else None, padding=(k // 2) * dilation,
+                   dilation=dilation, groups=shape[1])
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    assert out.shape == ref.shape and rel_err(out.double(), ref) < 1e-6
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and rel_err(got.double(), want) < 1e-6
+    with torch.no_grad():  # the no-autograd path (native or sub-map forward) gives the same values
+        assert rel_err(depthwise_conv(x, w, b, dilation=dilation).double(), ref) < 1e-6
+    assert reach_h >= 0 and reach_w >= 0
+
+
+@pytest.mark.parametrize("size,d", [((7, 7), 2), ((14, 14), 5), ((9, 12), 4), ((8, 8), 2), ((3, 2), 3)])
+def test_grid_split_and_merge_are_inverse(size, d):
+    from overlock.ops.depthwise import grid_merge, grid_split
+    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
+    xs = grid_split(x, d)
+    h, w = -(-size[0] // d), -(-size[1] // d)
+    assert xs.shape == (2 * d * d, 3, h, w)
+    # sub-map (r, s) of sample b holds x[b, :, r::d, s::d], zero past the border
+    sub = xs.view(2, d, d, 3, h, w)
+    for r in range(d):
+        for s in range(d):
+            part = x[:, :, r::d, s::d]
+            assert torch.equal(sub[:, r, s, :, :part.shape[2], :part.shape[3]], part)
+            assert sub[:, r, s, :, part.shape[2]:].abs().sum() == 0 and sub[:, r, s, :, :, part.shape[3]:].abs().sum() == 0
+    assert torch.equal(grid_merge(xs, d, *size), x)
+
+
+def test_dilated_reparam_block_grads_equal_native_with_sub_map_path(monkeypatch):
+    torch.manual_seed(0)
+    for ks, size in ((17, 20), (13, 14), (7, 7)):
+        block = DilatedReparamBlock(6, ks).train()
+        x = torch.randn(3, 6, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+        block(x).square().sum().backward()
+        fast = {n: p.grad.clone() for n, p in block.named_parameters()}
+        gx = x.grad.clone()
+        block.zero_grad()
+        x.grad = None
+        monkeypatch.setattr("overlock.ops.depthwise._use_grid", lambda *a: False)
+        monkeypatch.setattr("overlock.ops.depthwise.MIN_TAPS", 10 ** 6)
+        block(x).square().sum().backward()
+        monkeypatch.undo()
+        assert rel_err(gx, x.grad) < 1e-5
+        for n, p in block.named_parameters():
+            assert rel_err(fast[n], p.grad) < 1e-5, n
+

@@ -1,0 +1,92 @@
+"""Global Response Normalization with a hand-written backward and cache-sized spatial reductions.
+
+``GRN(x) = beta + x * (gamma * nx + 1)``, ``nx = gx / (mean_c(gx) + 1e-6)``, ``gx`` = each channel's spatial L2
+norm. Autograd runs this as about six passes over the map in backward (two products for ``addcmul``, the norm's
+``x * g / gx``, their sum, ...), and ``torch.linalg.vector_norm`` over the two spatial dims of a channels_last
+map is slow on CPU (14 ms against 2 ms for a sum of squares, 8x256x56x56, one thread). Here:
+
+- spatial sums (``sum_hw x^2`` forward, ``sum_hw g * x`` backward) run per chunk of samples on the NHWC view, so
+  the elementwise product stays in cache (and, in float32, is more accurate than ``vector_norm``);
+- backward is ``dx = g * s + x * t`` with per-(sample, channel) ``s`` and ``t``: two passes.
+
+Same function and gradients as the autograd graph of :class:`overlock.layers.GRN` (``vector_norm``'s gradient
+convention included: 0, not NaN, for an all-zero channel map).
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["grn", "spatial_dot", "fast_path"]
+
+EPS = 1e-6
+CHUNK_ELEMS = 1 << 20  # samples per chunk: about 4 MB of float32 products at a time
+
+
+def spatial_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum((2, 3))``, shape ``(B, C)``, without a map-sized temporary for channels_last maps."""
+    B, C, H, W = a.shape
+    cl = torch.channels_last
+    if not (a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl)) or B == 1:
+        return (a * b).sum((2, 3)) if a is not b else a.square().sum((2, 3))
+    av = a.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    bv = av if b is a else b.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    out = a.new_empty(B, C)
+    step = max(1, CHUNK_ELEMS // max(1, H * W * C))
+    for i in range(0, B, step):
+        j = min(B, i + step)
+        torch.sum(av[i:j] * bv[i:j], 1, out=out[i:j])
+    return out
+
+
+def _scale(gx: torch.Tensor, gamma: torch.Tensor):
+    """``m = mean_c(gx) + eps``, ``nx = gx / m`` and ``s = gamma * nx + 1`` (all ``(B, C)``)."""
+    m = gx.mean(dim=1, keepdim=True) + EPS
+    nx = gx / m
+    return m, nx, torch.addcmul(torch.ones_like(nx), gamma.view(1, -1), nx)
+
+
+class _Grn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta):
+        B, C = x.shape[:2]
+        gx = spatial_dot(x, x).sqrt_()
+        m, nx, s = _scale(gx, gamma)
+        ctx.save_for_backward(x, gamma, gx, m, nx, s)
+        return torch.addcmul(beta, x, s.view(B, C, 1, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, gamma, gx, m, nx, s = ctx.saved_tensors
+        B, C = x.shape[:2]
+        g = g.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) \
+            else g.contiguous()
+        ds = spatial_dot(g, x)  # d loss / d s
+        grad_gamma = (ds * nx).sum(0).view_as(gamma) if ctx.needs_input_grad[1] else None
+        grad_beta = g.sum((0, 2, 3)).view_as(gamma) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            dnx = ds * gamma.view(1, -1)
+            # nx = gx / m, m = mean_c(gx) + eps
+            dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
+            # gx = ||x||: d gx / d x = x / gx (0 where gx == 0, as vector_norm's backward)
+            t = (dgx / gx).masked_fill_(gx == 0, 0)
+            grad_x = torch.mul(g, s.view(B, C, 1, 1)).addcmul_(x, t.view(B, C, 1, 1))
+        return grad_x, grad_gamma, grad_beta
+
+
+def fast_path(x: torch.Tensor) -> bool:
+    """Eager float32/float64 maps (not under torch.compile / tracing / scripting, which see the plain graph;
+    half-precision maps keep ``vector_norm``, which autocast runs in float32)."""
+    return (x.dim() == 4 and x.dtype in (torch.float32, torch.float64) and not torch.jit.is_scripting()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+
+def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``beta + x * (gamma * nx + 1)`` (GRN) with the fast reductions and, under autograd, the fused backward."""
+    B, C = x.shape[:2]
+    if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
+        return _Grn.apply(x, gamma, beta)
+    gx = spatial_dot(x, x).sqrt_()
+    return torch.addcmul(beta, x, _scale(gx, gamma)[2].view(B, C, 1, 1))
