@@ -71,13 +71,13 @@ benchmark: venv
 .PHONY: demo-seg
 DEMO_SEG_DATA ?= demo-data/scenes32
 DEMO_SEG_RUN ?= runs/demo-seg
-DEMO_SEG_ITERS ?= 350
+DEMO_SEG_ITERS ?= 450
 demo-seg: venv
-	$(PY) -m overlock.data.scenes $(DEMO_SEG_DATA) --train 2000 --val 100 --size 32 --max-digits 1 \
+	$(PY) -m overlock.data.scenes $(DEMO_SEG_DATA) --train 1500 --val 100 --size 32 --max-digits 1 \
 		--min-side 0.6 --max-side 0.9
 	rm -rf $(DEMO_SEG_RUN)
 	$(VENV)/bin/overlock train-seg --data-dir $(DEMO_SEG_DATA) --model overlock_xt --channels 64 --aux-channels 32 \
-		--crop-size 32 32 --scale 32 32 --ratio-range 1 1 --flip 0 --no-photometric -b 16 \
+		--crop-size 32 32 --scale 32 32 --ratio-range 1 1 --flip 0 --no-photometric -b 8 \
 		--class-weight 1 10 10 10 10 10 10 10 10 10 10 --iters $(DEMO_SEG_ITERS) --eval-interval $(DEMO_SEG_ITERS) \
 		--warmup-iters 20 --lr 1e-3 --drop-path 0 -j 0 --output $(DEMO_SEG_RUN)
 	$(VENV)/bin/overlock eval-seg --data-dir $(DEMO_SEG_DATA) --checkpoint $(DEMO_SEG_RUN)/best.pth \
