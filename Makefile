@@ -65,8 +65,8 @@ benchmark: venv
 
 # Semantic segmentation on generated scenes (scikit-learn digits on scikit-image textures, one class per digit):
 # overlock_xt UperNet from scratch on the CPU, mIoU on held-out scenes, overlays in runs/demo-seg/overlays.
-# About 5 minutes on 2 cores. One large digit per 32-pixel scene (the budget holds ~350 steps), no flips (a mirrored
-# digit is another shape), no scale or colour jitter, digit classes weighted 10x in the pixel loss (with plain
+# About 5 minutes on 2 cores. One large digit per 32-pixel scene (the budget holds ~450 steps of batch 8), no flips
+# (a mirrored digit is another shape), no scale or colour jitter, digit classes weighted 10x in the pixel loss (with plain
 # weights background wins every pixel for hundreds of steps), one evaluation at the end, data in the main process.
 .PHONY: demo-seg
 DEMO_SEG_DATA ?= demo-data/scenes32
