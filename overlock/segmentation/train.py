@@ -23,9 +23,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataError
-from ..errors import UsageError
 from ..data.folder import sample_seed, seed_everything
 from ..data.sampler import ResumableSampler, ShardSampler
+from ..errors import UsageError
 from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
