@@ -137,3 +137,37 @@ def test_dilated_reparam_block_grads_equal_native_with_sub_map_path(monkeypatch)
         for n, p in block.named_parameters():
             assert rel_err(fast[n], p.grad) < 1e-5, n
 
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_widened_kernel_gives_the_same_values_and_gradients(monkeypatch, grad):
+    """A 13x13 kernel run zero-padded to 15x15 (the AVX-512 rule, forced here on any CPU) changes nothing."""
+    import overlock.ops.depthwise as dw
+    calls = []
+    real_conv2d = F.conv2d
+
+    def spy(x, w, *args, **kwargs):
+        calls.append(tuple(w.shape[-2:]))
+        return real_conv2d(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(dw, "_cpu_isa", lambda: "TEST")
+    monkeypatch.setattr(dw, "WIDENED_KERNELS", {"TEST": {13: 15}})
+    monkeypatch.setattr(dw.F, "conv2d", spy)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 14, 14).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+    w = torch.randn(8, 1, 13, 13, requires_grad=grad)
+    b = torch.randn(8, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = depthwise_conv(x, w, b)
+    assert calls[0] == (15, 15), "the 13x13 forward did not run as 15x15"
+    x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = real_conv2d(x2, w2, b2, padding=6, groups=8)
+    assert rel_err(out.double(), ref) < 1e-6
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if grad:
+        g = torch.randn_like(out)
+        for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x2, w2, b2), g.double())):
+            assert got.shape == want.shape and rel_err(got.double(), want) < 1e-5
+    calls.clear()
+    depthwise_conv(x.detach().contiguous(), w.detach(), b.detach())  # NCHW: not measured, left native
+    assert calls == [(13, 13)]
