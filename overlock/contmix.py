@@ -29,7 +29,7 @@ from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerSc
                      SEModule, conv_bn)
 from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
 
-__all__ = ["context_mix", "context_mix_reference", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
+__all__ = ["context_mix", "context_mix_reference", "window_biases", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("tiled", "unfold", "naive")
 _backend = os.environ.get("OVERLOCK_CONTMIX_BACKEND", "tiled")
@@ -65,7 +65,7 @@ assert set(BACKEND_NAMES) == set(BACKENDS)
 
 def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight_proj: nn.Conv2d,
                 rpb_small: torch.Tensor, rpb_large: torch.Tensor, smk_size: int, kernel_size: int,
-                num_heads: int, backend: str | None = None) -> torch.Tensor:
+                num_heads: int, backend: str | None = None, biases=None) -> torch.Tensor:
     """Dynamic-kernel aggregation of ContMix.
 
     Args:
@@ -75,6 +75,7 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
         weight_proj: the 1x1 conv mapping 49 affinities to ``smk^2 + k^2`` kernel logits.
         rpb_small, rpb_large: ``(G, 2s-1, 2s-1)`` and ``(G, 2k-1, 2k-1)`` relative position biases.
         backend: aggregation kernel (default: the one chosen by ``set_backend``).
+        biases: ``window_biases(...)`` of these parameters and map size, if already computed.
     Returns:
         ``(B, C, H, W)`` laid out as ``value``'s NHWC view (channels_last when the input is).
     """
@@ -85,10 +86,11 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     ss, kk = smk_size * smk_size, kernel_size * kernel_size
     q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)  # (B, G, HW, c)
     keys = torch.matmul(key.reshape(B, G, c, n_ctx), weight_proj.weight.reshape(ss + kk, n_ctx).t())
-    bias_s, bias_l = weight_proj.bias.split([ss, kk])
+    if biases is None:
+        biases = window_biases(rpb_small, rpb_large, weight_proj.bias, H, W, smk_size, kernel_size)
     # the biases are added in place: a matmul keeps no output for its backward
-    a1 = torch.matmul(q, keys[..., :ss]).add_(_gather_rpb(rpb_small, H, W, smk_size) + bias_s)
-    a2 = torch.matmul(q, keys[..., ss:]).add_(_gather_rpb(rpb_large, H, W, kernel_size) + bias_l)
+    a1 = torch.matmul(q, keys[..., :ss]).add_(biases[0])
+    a2 = torch.matmul(q, keys[..., ss:]).add_(biases[1])
     a1 = a1.softmax(dim=-1).reshape(B, G, H, W, ss)
     a2 = a2.softmax(dim=-1).reshape(B, G, H, W, kk)
     cv = value.shape[1] // (2 * G)
@@ -102,10 +104,11 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
 
 def context_mix_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight_proj: nn.Conv2d,
                           rpb_small: torch.Tensor, rpb_large: torch.Tensor, smk_size: int, kernel_size: int,
-                          num_heads: int, backend: str = "naive") -> torch.Tensor:
+                          num_heads: int, backend: str = "naive", biases=None) -> torch.Tensor:
     """:func:`context_mix` in the official order of operations (affinities ``q . k``, then ``weight_proj``).
 
     The yardstick for tests, and what ``overlock info`` counts (the paper's FLOPs are those of this order).
+    ``biases`` is accepted for a drop-in signature and not used (the biases are added as the official code does).
     """
     B, Cq, H, W = query.shape
     G, c = num_heads, Cq // num_heads
@@ -119,6 +122,15 @@ def context_mix_reference(query: torch.Tensor, key: torch.Tensor, value: torch.T
     v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)
     x1, x2 = na2d_av(a1, v[0], smk_size, backend), na2d_av(a2, v[1], kernel_size, backend)
     return torch.cat([x1, x2], dim=1).permute(0, 1, 4, 2, 3).reshape(B, 2 * G * cv, H, W)
+
+
+def window_biases(rpb_small: torch.Tensor, rpb_large: torch.Tensor, proj_bias: torch.Tensor, height: int,
+                  width: int, smk_size: int, kernel_size: int):
+    """Per-pixel additive logit biases of both kernels: relative position bias of each window offset plus
+    ``weight_proj``'s bias, shapes ``(G, H*W, smk^2)`` and ``(G, H*W, k^2)``."""
+    bias_s, bias_l = proj_bias.split([smk_size * smk_size, kernel_size * kernel_size])
+    return (_gather_rpb(rpb_small, height, width, smk_size) + bias_s,
+            _gather_rpb(rpb_large, height, width, kernel_size) + bias_l)
 
 
 def _gather_rpb(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
@@ -182,8 +194,32 @@ class ContMixCore(nn.Module):
         if value_proj is not None:
             value = value_proj(value)
         out = context_mix(self.weight_query(query_src) * self.scale, self.weight_key(key_src), value,
-                          self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads)
+                          self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads,
+                          biases=self._cached_biases(*value.shape[-2:]))
         return F.adaptive_avg_pool2d(out, (H, W)) if small else out
+
+    def _cached_biases(self, height: int, width: int):
+        """:func:`window_biases` for this map size, kept between calls when no gradient is recorded.
+
+        They depend only on parameters (a gather of the position-bias tables), so inference computes them once
+        per map size (4% of a batch-1 forward on CPU otherwise). The key holds the parameters' version counters,
+        so loading or editing weights in place recomputes them; under autograd they are always recomputed.
+        """
+        params = (self.rpb1, self.rpb2, self.weight_proj.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        key = (height, width, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        cache = self.__dict__.setdefault("_bias_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable in any later mode
+                hit = window_biases(*params, height, width, self.smk_size, self.kernel_size)
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = hit
+        return hit
 
     def dynamic_conv(self, x: torch.Tensor, mixed_proj: nn.Module, query_src: torch.Tensor,
                      key_src: torch.Tensor, value_proj: nn.Module | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import contmix
+from .ops.depthwise import native_kernel_sizes
 
 __all__ = ["count_params", "count_macs", "model_summary"]
 
@@ -25,13 +26,15 @@ def count_macs(model: nn.Module, img_size: int = 224) -> Dict[str, int]:
 
     Counted by PyTorch's FlopCounterMode (FLOPs / 2) with ContMix in the official order of operations on the
     ``unfold`` aggregation (``context_mix_reference``): the natural ``k*k`` products per pixel (the fast
-    backend's dense tiles also multiply zeros, which is not part of the model's cost). ``paper`` is convolutions plus matrix products without the neighbourhood
-    aggregation, which the paper's counter (fvcore, natten's op unknown to it) leaves out; ``total`` adds it.
+    backend's dense tiles also multiply zeros, which is not part of the model's cost), and every depthwise
+    kernel at its own size (not zero-padded to a faster one, ``ops.depthwise.WIDENED_KERNELS``). ``paper`` is
+    convolutions plus matrix products without the neighbourhood aggregation, which the paper's counter (fvcore,
+    natten's op unknown to it) leaves out; ``total`` adds it.
     """
     model = model.eval()
     x = torch.zeros(1, 3, img_size, img_size)
     counter = FlopCounterMode(display=False)
-    with _reference_contmix(), counter:
+    with _reference_contmix(), native_kernel_sizes(), counter:
         model(x)
     by_op = {str(op).split(".")[-1]: n // 2 for op, n in counter.get_flop_counts()["Global"].items()}
     aggregation = by_op.get("bmm", 0)

@@ -171,3 +171,29 @@ def test_backend_selection_round_trip():
     assert overlock.get_backend() == before
     with pytest.raises(ValueError):
         overlock.set_backend("natten")
+
+
+def test_window_biases_cached_in_inference_follow_the_weights():
+    """Inference reuses the gathered position biases per map size; in-place weight edits and training see fresh ones."""
+    from overlock.contmix import ContMixBlock
+    torch.manual_seed(0)
+    block = ContMixBlock(dim=32, kernel_size=7, smk_size=3, num_heads=2).eval()
+    x = torch.randn(2, 32, 9, 9)
+    with torch.inference_mode():
+        first = block(x)
+        assert len(block._bias_cache) == 1
+        again = block(x)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with torch.no_grad():
+        block.rpb2.add_(torch.randn_like(block.rpb2))  # as load_state_dict would: in place
+        block.weight_proj.bias.mul_(2.0)
+        edited = block(x)
+    block._bias_cache.clear()
+    with torch.no_grad():
+        recomputed = block(x)
+    torch.testing.assert_close(edited, recomputed, rtol=0, atol=0)
+    assert (edited - first).abs().max() > 1e-3
+    out = block(x)  # grad mode: no cache, gradients reach the tables
+    out.square().sum().backward()
+    assert block.rpb2.grad is not None and block.rpb2.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), recomputed, rtol=1e-5, atol=1e-6)

@@ -21,6 +21,7 @@ there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional, Tuple
 
@@ -215,6 +216,17 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 # relative to 15x15: 11x11 1.8x, 13x13 2.9x, 15x15 1.0x), so 13x13 runs as 15x15 (2.1-2.5x faster, every map
 # size and batch measured). Not yet measured on AVX2: no change there.
 WIDENED_KERNELS = {"AVX512": {13: 15}}
+
+
+@contextlib.contextmanager
+def native_kernel_sizes():
+    """Run every kernel at its own size (no widening): for counting the model's multiply-adds."""
+    global WIDENED_KERNELS
+    saved, WIDENED_KERNELS = WIDENED_KERNELS, {}
+    try:
+        yield
+    finally:
+        WIDENED_KERNELS = saved
 
 
 def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
