@@ -219,7 +219,7 @@ class FusedGrnMlp(nn.Module):
         self.approximate = act.approximate
         self.fc1_weight = _param(fc1.weight.flatten(1), fc1.weight)
         self.fc1_bias = fc1.bias
-        self.dwconv = dw
+        self.dwconv = dw.fuse() if hasattr(dw, "fuse") else dw
         self.grn_gamma = grn.gamma  # GRN's beta is folded into fc2_bias
         w2 = fc2.weight.flatten(1)
         b2 = torch.addmv(fc2.bias, w2, grn.beta.flatten())
@@ -248,7 +248,7 @@ class FusedRepConvBlock(nn.Module):
         super().__init__()
         norm, large_kernel, bn, se, *mlp, _drop_path = block.proj  # the official flat layout
         self.res_scale = block.res_scale
-        self.dwconv = block.dwconv
+        self.dwconv = block.dwconv.fuse() if hasattr(block.dwconv, "fuse") else block.dwconv
         self.norm = norm
         self.large_kernel = _conv_with_bn(large_kernel, bn)
         self.se = se

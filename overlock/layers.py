@@ -115,10 +115,25 @@ class ResDWConv(nn.Conv2d):
         super().__init__(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv(x, self.residual_weight(), self.bias)
+
+    def residual_weight(self) -> torch.Tensor:
+        """The kernel with the identity in its centre tap (differentiable in ``weight``)."""
         c = self.kernel_size[0] // 2
         weight = self.weight.clone()
         weight[:, :, c, c] += 1
-        return depthwise_conv(x, weight, self.bias)
+        return weight
+
+    def fuse(self) -> nn.Module:
+        """A plain depthwise conv holding the residual kernel, built once (not on every call)."""
+        from .fused import DepthwiseConv, _param
+        conv = DepthwiseConv(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                             groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight = _param(self.residual_weight(), self.weight)
+            conv.bias = _param(self.bias, self.bias)
+        return conv.to(memory_format=torch.channels_last) if self.weight.is_contiguous(
+            memory_format=torch.channels_last) and not self.weight.is_contiguous() else conv
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
