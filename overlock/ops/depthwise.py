@@ -214,7 +214,9 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 # CPU vector ISA: such a kernel is run zero-padded to the larger size (same products: the added taps multiply
 # exact zeros). Measured with benchmarks/depthwise_sweep.py; AVX-512 EPYC, 2 threads, 8x128x28x28 (per-tap time
 # relative to 15x15: 11x11 1.8x, 13x13 2.9x, 15x15 1.0x), so 13x13 runs as 15x15 (2.1-2.5x faster, every map
-# size and batch measured). Not yet measured on AVX2: no change there.
+# size and batch measured). AVX2 code paths (emulated on that machine: ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2): 13x13 is not slow there (0.029 ns/tap against 0.025 at
+# 15x15), so no AVX2 entry; re-check on a real AVX2 CPU.
 WIDENED_KERNELS = {"AVX512": {13: 15}}
 
 
