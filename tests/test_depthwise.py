@@ -171,3 +171,28 @@ def test_widened_kernel_gives_the_same_values_and_gradients(monkeypatch, grad):
     calls.clear()
     depthwise_conv(x.detach().contiguous(), w.detach(), b.detach())  # NCHW: not measured, left native
     assert calls == [(13, 13)]
+
+
+@pytest.mark.parametrize("isa,dilation,on_sub_maps", [("AVX2", 5, True), ("AVX512", 5, False), ("AVX512", 7, True),
+                                                      ("AVX2", 4, False)])
+def test_dilated_forward_on_sub_maps_past_the_isa_reach(monkeypatch, isa, dilation, on_sub_maps):
+    """The reach from which the forward runs on sub-maps is per ISA (oneDNN leaves its depthwise kernel earlier on
+    AVX2); either way the values are those of the dilated conv."""
+    import overlock.ops.depthwise as dw
+    splits = []
+    real_split = dw.grid_split
+
+    def spy(x, d):
+        splits.append(d)
+        return real_split(x, d)
+
+    monkeypatch.setattr(dw, "_cpu_isa", lambda: isa)
+    monkeypatch.setattr(dw, "grid_split", spy)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
+    with torch.no_grad():
+        out = depthwise_conv(x, w, b, dilation=dilation)
+    assert bool(splits) == on_sub_maps
+    ref = F.conv2d(x.double(), w.double(), b.double(), padding=dilation, dilation=dilation, groups=8)
+    assert rel_err(out.double(), ref) < 1e-6

@@ -119,13 +119,18 @@ def _grid_conv(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return grid_merge(ys, d, height, width)
 
 
-# oneDNN's forward dilated depthwise conv is fast up to this reach (d * (k - 1) + 1 taps wide), then several times
-# slower (9x9 dilation 2 on 8x64x56x56: 37 ms native, 7 ms as an undilated conv on the sub-maps)
-GRID_FORWARD_SPAN = 15
+# oneDNN's forward dilated depthwise conv is fast up to a reach (d * (k - 1) + 1 taps wide) that depends on the
+# vector ISA, then several times slower: past it oneDNN leaves its depthwise kernel (jit_dw) for a generic one
+# (AVX-512: jit, 9x9 dilation 2 on 8x64x56x56 37 ms native, 7 ms as an undilated conv on the sub-maps; AVX2:
+# im2col GEMM, 3x3 dilation 5 on 8x256x14x14 6.3 ms native, 0.5 ms on sub-maps). Below it the sub-maps cost
+# 2-6x the native conv (the split and merge copies). Figures: benchmarks/README.md.
+GRID_FORWARD_SPANS = {"AVX512": 15, "AVX2": 11}
+GRID_FORWARD_SPAN = 15  # other ISAs (not measured)
 
 
 def _grid_forward(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> bool:
-    return dilation * (max(weight.shape[-2:]) - 1) + 1 >= GRID_FORWARD_SPAN
+    span = GRID_FORWARD_SPANS.get(_cpu_isa(), GRID_FORWARD_SPAN)
+    return dilation * (max(weight.shape[-2:]) - 1) + 1 >= span
 
 
 class _DilatedConv(torch.autograd.Function):
