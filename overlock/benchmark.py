@@ -292,6 +292,9 @@ def _cpu_isa() -> Optional[str]:
         return None
 
 
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def environment() -> Dict:
     """Machine and versions, recorded with every result file."""
     import timm
@@ -311,6 +314,11 @@ def environment() -> Dict:
         overlock=overlock.__version__, mkldnn=torch.backends.mkldnn.is_available(),
         cpu_isa=_cpu_isa(),
     )
+    # ISA caps hold the kernels to an older instruction set than the CPU has (e.g. AVX2 code paths measured on an
+    # AVX-512 machine): record them, since cpu_isa then names the emulated ISA
+    caps = {k: os.environ[k] for k in ISA_CAP_VARS if os.environ.get(k)}
+    if caps:
+        env["isa_caps"] = caps
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     try:

@@ -94,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
     env = environment()
-    print(f"# {env['cpu']} ({env['cpu_count']} cpus, {env['cpu_isa']}), torch {env['torch']}, timm {env['timm']}", flush=True)
+    caps = f", capped by {' '.join(f'{k}={v}' for k, v in env['isa_caps'].items())}" if env.get("isa_caps") else ""
+    print(f"# {env['cpu']} ({env['cpu_count']} cpus, {env['cpu_isa']}{caps}), torch {env['torch']}, timm {env['timm']}",
+          flush=True)
     results = []
     ours = None  # the latest non-baseline result: baselines are compared with it
     print("| run | img/s | latency ms | ms/img | peak MB | our speed-up over this row |")
