@@ -46,3 +46,15 @@ def test_official_method_config():
     assert (cfg.backend, cfg.channels_last, cfg.reparam, cfg.batch_size) == ("unfold", False, False, 8)
     with pytest.raises(ValueError):
         BenchConfig("overlock_t", mode="eval")
+
+
+def test_environment_records_isa_caps(monkeypatch):
+    """With the kernels held to an older ISA, the record says so (cpu_isa then names the capped ISA)."""
+    from overlock.benchmark import environment
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert "isa_caps" not in environment()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert environment()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
