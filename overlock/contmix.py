@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
                      SEModule, conv_bn)
-from .ops.neighborhood import BACKENDS, na2d_av, rpb_index
+from .ops.neighborhood import BACKENDS, na2d_av, na2d_softmax_av, rpb_index
 
 __all__ = ["context_mix", "context_mix_reference", "window_biases", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
 
@@ -88,18 +88,34 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     keys = torch.matmul(key.reshape(B, G, c, n_ctx), weight_proj.weight.reshape(ss + kk, n_ctx).t())
     if biases is None:
         biases = window_biases(rpb_small, rpb_large, weight_proj.bias, H, W, smk_size, kernel_size)
+    backend = backend or _backend
+    cv = value.shape[1] // (2 * G)
+    v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
+    if backend == "tiled" and _per_sample_ok(q, keys, v):
+        # a map that is one tile for the small kernel is one for the large kernel too (default_tile)
+        x1 = na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size)
+        x2 = None if x1 is None else na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size)
+        if x2 is not None:
+            out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)
+            return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
     # the biases are added in place: a matmul keeps no output for its backward
     a1 = torch.matmul(q, keys[..., :ss]).add_(biases[0])
     a2 = torch.matmul(q, keys[..., ss:]).add_(biases[1])
     a1 = a1.softmax(dim=-1).reshape(B, G, H, W, ss)
     a2 = a2.softmax(dim=-1).reshape(B, G, H, W, kk)
-    cv = value.shape[1] // (2 * G)
-    v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
-    backend = backend or _backend
     x1 = na2d_av(a1, v[0], smk_size, backend)
     x2 = na2d_av(a2, v[1], kernel_size, backend)
     out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv)
     return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+
+
+def _per_sample_ok(*tensors: torch.Tensor) -> bool:
+    """The per-sample inference path (:func:`na2d_softmax_av`): no autograd, one dtype, not traced or compiled."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return len({t.dtype for t in tensors}) == 1 and not torch.is_autocast_enabled(tensors[0].device.type)
 
 
 def context_mix_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, weight_proj: nn.Conv2d,

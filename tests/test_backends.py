@@ -115,6 +115,22 @@ def test_context_mix_matches_official_order(backend, memory_format, H, W):
         assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("H,W", [(7, 7), (9, 14), (16, 16), (30, 30)])
+def test_context_mix_without_autograd_matches_official_order(H, W, monkeypatch):
+    """Inference runs softmax and aggregation per sample (one-tile maps) or as in training (larger maps): same values."""
+    import overlock.contmix as cm
+    calls = []
+    real = cm.na2d_softmax_av
+    monkeypatch.setattr(cm, "na2d_softmax_av", lambda *a: calls.append(1) or real(*a))
+    kw, _ = _contmix_args(H, W, memory_format=torch.channels_last)
+    ref = context_mix_reference(**kw)
+    with torch.no_grad():
+        out = context_mix(**kw, backend="tiled")
+    assert calls, "the per-sample path was not tried"
+    assert out.shape == ref.shape and rel_err(out, ref.detach()) < 1e-5
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("H,W,k,r", [(2, 2, 13, 1), (1, 1, 7, 1), (4, 3, 3, 5), (2, 5, 17, 1), (8, 8, 3, 7),
                                      (20, 20, 5, 2)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])

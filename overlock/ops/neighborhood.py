@@ -13,7 +13,8 @@ Backends, all computing the same function:
 - ``naive``: explicit loops over pixels. Obviously correct, slow; the yardstick for the tests.
 - ``unfold``: what the official code does without natten (``F.unfold`` of the values, replicate padding,
   one einsum). Materialises ``k*k`` copies of the values; kept to measure the official method in-project.
-- ``tiled``: the fast path. The output is cut into tiles; the neighbours of a tile lie in a region of
+- ``tiled``: the fast path (without autograd, :func:`na2d_softmax_av` also takes the softmax per sample).
+  The output is cut into tiles; the neighbours of a tile lie in a region of
   ``(t + k - 1)^2`` pixels, so each tile is one dense, masked matmul (the scattered softmax weights times
   the region's values). A map that fits in one tile needs no gather at all. Cost is linear in pixels.
 """
@@ -35,6 +36,7 @@ __all__ = [
     "na2d_av_naive",
     "na2d_av_unfold",
     "na2d_av_tiled",
+    "na2d_softmax_av",
     "BACKENDS",
 ]
 
@@ -286,6 +288,34 @@ def na2d_av_tiled(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, til
     dense = a.new_zeros(B, G, nt, P, region).scatter_(-1, local.expand(B, G, -1, -1, -1), a)
     out = torch.matmul(dense, v[:, :, reg])  # (B, G, nt, P, C)
     return out.reshape(B, G, nt * P, C)[:, :, owner].reshape(B, G, H, W, C)
+
+
+def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, value: torch.Tensor,
+                    kernel_size: int) -> torch.Tensor | None:
+    """``na2d_av(softmax(query @ keys + bias), value)`` without autograd, one sample at a time.
+
+    ``query`` is ``(B, G, H*W, c)``, ``keys`` ``(B, G, c, k*k)``, ``bias`` ``(G, H*W, k*k)``, ``value``
+    ``(B, G, H, W, C)``. Computing a whole batch's logits, then its softmax, then the aggregation streams the
+    ``(B, G, H*W, k*k)`` logits through memory three times (17 MB for a 13x13 kernel on a 14x14 map at batch 16);
+    per sample, the logits, weights and dense matrix stay in cache. Same operations per sample, same values.
+    Only for maps that fit in one tile (``None`` otherwise: use :func:`na2d_av`).
+    """
+    B, G, H, W, C = value.shape
+    k = kernel_size
+    _check_size(H, W, k)
+    single, _pix, _reg, local, _owner, region = _tiled_plan(H, W, k, default_tile(H, W, k), value.device)
+    if not single:
+        return None
+    v = value.reshape(B, G, H * W, C)
+    out = value.new_empty(B, G, H * W, C)
+    dense = None if H == k and W == k else value.new_empty(G, H * W, region)
+    idx = local[0].expand(G, -1, -1)
+    for b in range(B):
+        weights = torch.matmul(query[b], keys[b]).add_(bias).softmax(dim=-1)
+        if dense is not None:  # scatter each pixel's window weights into its row of the map
+            weights = dense.zero_().scatter_(-1, idx, weights)
+        torch.matmul(weights, v[b], out=out[b])
+    return out.view(B, G, H, W, C)
 
 
 BACKENDS = {
