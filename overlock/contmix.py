@@ -214,13 +214,22 @@ class ContMixCore(nn.Module):
                           biases=self._cached_biases(*value.shape[-2:]))
         return F.adaptive_avg_pool2d(out, (H, W)) if small else out
 
+    cache_biases = False  # set by the fuse step (``reparameterize``)
+
+    def reparameterize(self) -> None:
+        """Deploy conversion hook (run by :func:`overlock.fuse` and ``timm.utils.reparameterize_model``): from now
+        on inference keeps the window biases per map size (:meth:`_cached_biases`)."""
+        self.cache_biases = True
+
     def _cached_biases(self, height: int, width: int):
         """:func:`window_biases` for this map size, kept between calls when no gradient is recorded.
 
-        They depend only on parameters (a gather of the position-bias tables), so inference computes them once
+        They depend only on parameters (a gather of the position-bias tables), so a fused model computes them once
         per map size (4% of a batch-1 forward on CPU otherwise). The key holds the parameters' version counters,
         so loading or editing weights in place recomputes them; under autograd they are always recomputed.
         """
+        if not self.cache_biases:
+            return None
         params = (self.rpb1, self.rpb2, self.weight_proj.bias)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return None
@@ -285,7 +294,7 @@ class ContMixBlock(ContMixCore):
     def reparm(self):
         """Official name of the deploy conversion (merges the dilated branches)."""
         for m in self.modules():
-            if isinstance(m, DilatedReparamBlock):
+            if isinstance(m, (DilatedReparamBlock, ContMixCore)):
                 m.reparameterize()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,9 +196,14 @@ def test_window_biases_cached_in_inference_follow_the_weights():
     block = ContMixBlock(dim=32, kernel_size=7, smk_size=3, num_heads=2).eval()
     x = torch.randn(2, 32, 9, 9)
     with torch.inference_mode():
+        exact = block(x)
+    assert "_bias_cache" not in block.__dict__, "the exact (unfused) model must not cache"
+    block.reparm()  # the deploy conversion turns the cache on
+    with torch.inference_mode():
         first = block(x)
         assert len(block._bias_cache) == 1
         again = block(x)
+    torch.testing.assert_close(first, exact, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     with torch.no_grad():
         block.rpb2.add_(torch.randn_like(block.rpb2))  # as load_state_dict would: in place
