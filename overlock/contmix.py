@@ -225,7 +225,7 @@ class ContMixCore(nn.Module):
         """:func:`window_biases` for this map size, kept between calls when no gradient is recorded.
 
         They depend only on parameters (a gather of the position-bias tables), so a fused model computes them once
-        per map size (4% of a batch-1 forward on CPU otherwise). The key holds the parameters' version counters,
+        per map size (2-3% of a batch-1 forward on CPU otherwise). The key holds the parameters' version counters,
         so loading or editing weights in place recomputes them; under autograd they are always recomputed.
         """
         if not self.cache_biases:
