@@ -129,11 +129,10 @@ class ResDWConv(nn.Conv2d):
         from .fused import DepthwiseConv, _param
         conv = DepthwiseConv(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
                              groups=self.groups, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
+        with torch.no_grad():  # clone() keeps the weight's memory format
             conv.weight = _param(self.residual_weight(), self.weight)
             conv.bias = _param(self.bias, self.bias)
-        return conv.to(memory_format=torch.channels_last) if self.weight.is_contiguous(
-            memory_format=torch.channels_last) and not self.weight.is_contiguous() else conv
+        return conv
 
 
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
