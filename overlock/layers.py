@@ -211,14 +211,19 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return depthwise_conv(x, self.lk_origin.weight, self.lk_origin.bias)
-        if recompute.enabled():  # keep only x: each branch's conv output is rebuilt in backward
-            return recompute.recompute(self._branch_sum, x, [p for p in self.parameters() if p.requires_grad])
-        return self._branch_sum(x)
+        out = _batch_norm(self.origin_bn, depthwise_conv(x, self.lk_origin.weight), False)
+        if recompute.enabled():
+            # The large kernel's output is kept for its BatchNorm (rebuilding it would cost a whole large-kernel
+            # conv); the dilated branches keep only x and are rebuilt in backward.
+            params = [p for _, conv, bn in self._branches() for p in (conv.weight, bn.weight, bn.bias) if p.requires_grad]
+            return out + recompute.recompute(self._dilated_sum, x, params)
+        return out.add_(self._dilated_sum(x))
 
-    def _branch_sum(self, x: torch.Tensor, rerun: bool = False) -> torch.Tensor:
-        out = _batch_norm(self.origin_bn, depthwise_conv(x, self.lk_origin.weight), rerun)
+    def _dilated_sum(self, x: torch.Tensor, rerun: bool = False) -> torch.Tensor:
+        out = None
         for r, conv, bn in self._branches():
-            out = out.add_(_batch_norm(bn, depthwise_conv(x, conv.weight, dilation=r), rerun))
+            y = _batch_norm(bn, depthwise_conv(x, conv.weight, dilation=r), rerun)
+            out = y if out is None else out.add_(y)
         return out
 
     @torch.no_grad()

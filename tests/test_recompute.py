@@ -96,6 +96,18 @@ def test_dilated_reparam_block_recomputes_exactly(kernel, shape, channels_last, 
     _compare(block, [torch.randn(shape).contiguous(memory_format=fmt)], monkeypatch)
 
 
+def test_dilated_reparam_block_keeps_only_its_input_and_the_large_kernel_output():
+    block = DilatedReparamBlock(4, 13).train()
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x)
+    maps = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= x.numel()}
+    # x and lk_origin's output (its BatchNorm's input); the six dilated branches' outputs are rebuilt in backward
+    assert len(maps) == 2
+    assert x.untyped_storage().data_ptr() in maps
+
+
 def test_dilated_reparam_block_updates_running_statistics_once(monkeypatch):
     torch.manual_seed(0)
     block = DilatedReparamBlock(4, 7).train()

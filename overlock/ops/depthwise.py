@@ -39,7 +39,9 @@ def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple
     """``dW`` (shape ``(C, 1, kh, kw)``) of a stride-1 depthwise conv, as one forward depthwise conv (see module)."""
     B, C, H, W = x.shape
     ph, pw = padding
-    xp = F.pad(x, (pw, pw, ph, ph)).reshape(1, B * C, H + 2 * ph, W + 2 * pw)
+    # zero-padded NCHW copy of x in one pass (F.pad of a channels_last map, then reshape, copies it twice)
+    xp = x.new_zeros(1, B * C, H + 2 * ph, W + 2 * pw)
+    xp.view(B, C, H + 2 * ph, W + 2 * pw)[:, :, ph:ph + H, pw:pw + W] = x
     g = grad_out.reshape(B * C, 1, grad_out.shape[2], grad_out.shape[3])
     out = F.conv2d(xp, g, stride=dilation, groups=B * C)  # (1, B*C, 2*ph/d + 1, 2*pw/d + 1)
     return out.reshape(B, C, *kernel).sum(0).unsqueeze(1)
