@@ -173,6 +173,8 @@ def _step_fn(cfg: BenchConfig, model, x):
     import torch
     import torch.nn.functional as F
 
+    from .training.optim import fused_kwargs
+
     autocast = (lambda: torch.autocast(x.device.type, dtype=getattr(torch, cfg.amp_dtype))) if cfg.amp \
         else contextlib.nullcontext
     if cfg.mode == "infer":
@@ -181,7 +183,7 @@ def _step_fn(cfg: BenchConfig, model, x):
                 return model(x)
         return step
     target = torch.randint(0, cfg.num_classes, (x.shape[0],), device=x.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused_kwargs(model.parameters()))
     with_aux = is_overlock(cfg.model)
 
     def step():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import FAST, kill_when, make_image_folder, run_cli, run_subprocess, start_subprocess
+from overlock.training.optim import fused_kwargs
 
 
 def _rows(path):
@@ -45,6 +46,8 @@ def test_train_writes_full_state_metrics_and_curves(trained):
     assert state["class_names"] == ["blue", "green", "red"]
     for key in ("model", "model_ema", "optimizer", "scheduler", "rng", "args"):
         assert state[key], key
+    fused = bool(fused_kwargs([torch.zeros(1)]))  # torch >= 2.4: the fused AdamW kernel on the CPU
+    assert all(bool(g["fused"]) == fused for g in state["optimizer"]["param_groups"])
     assert any(k.startswith("aux_head.") for k in state["model"])  # deep supervision is the default
     rows = _rows(trained / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from ..training.optim import fused_kwargs
+
 
 def measure(model_name: str, mode: str, size, batch: int, warmup: int, repeats: int, device: str) -> dict:
     from . import create_detection_model
@@ -36,7 +38,7 @@ def measure(model_name: str, mode: str, size, batch: int, warmup: int, repeats: 
                 model(images)
     else:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused_kwargs(model.parameters()))
         side = min(h, w) // 4
         targets = [{"boxes": torch.tensor([[w / 4, h / 4, w / 4 + side, h / 4 + side]], device=dev),
                     "labels": torch.tensor([1], device=dev),

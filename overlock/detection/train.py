@@ -27,6 +27,7 @@ from ..data.sampler import ResumableSampler
 from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
+from ..training.optim import fused_kwargs
 from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, launch, nan_stop, optimize,
                             prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .build import create_detection_model, detection_checkpoint
@@ -115,7 +116,7 @@ class DetectionTrainer:
         self.model.to(info.device)
         self.model = sync_batchnorm(self.model, info, getattr(args, "sync_bn", False))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay), lr=args.lr,
-                                           betas=(0.9, 0.999))
+                                           betas=(0.9, 0.999), **fused_kwargs(self.model.parameters()))
         self.autocast, self.scaler = autocast_for(args, info.device)
         self.sampler = ResumableSampler(len(self.train_set), args.batch_size, args.seed, info.rank, info.world_size)
         self.loader = torch.utils.data.DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..training.optim import fused_kwargs
+
 __all__ = ["measure_upernet"]
 
 
@@ -50,7 +52,7 @@ def measure_upernet(model: str = "overlock_t", mode: str = "infer", batch_size: 
     else:
         net.train()
         y = torch.randint(0, num_classes, (batch_size, img_size, img_size), device=dev)
-        opt = torch.optim.AdamW(net.parameters(), lr=6e-5, weight_decay=0.01)
+        opt = torch.optim.AdamW(net.parameters(), lr=6e-5, weight_decay=0.01, **fused_kwargs(net.parameters()))
 
         def step():
             decode, aux = net(x, return_heads=True)

@@ -29,6 +29,7 @@ from ..errors import UsageError
 from ..training import run_state as ckpt
 from ..training.distributed import DistInfo, all_reduce_sum, barrier
 from ..training.logbook import Logbook
+from ..training.optim import fused_kwargs
 from ..training.run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, launch, nan_stop,
                             optimize, prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .data import SegDataset, TrainPipeline, collate_eval, find_layout
@@ -138,7 +139,7 @@ class SegTrainer:
         self.model.to(info.device)
         self.model = sync_batchnorm(self.model, info, args.sync_bn)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, args.weight_decay, args.no_decay_keys),
-                                           lr=args.lr, betas=(0.9, 0.999))
+                                           lr=args.lr, betas=(0.9, 0.999), **fused_kwargs(self.model.parameters()))
         self.autocast, self.scaler = autocast_for(args, info.device)
         self.class_weight = None if args.class_weight is None else torch.tensor(
             args.class_weight, dtype=torch.float32, device=info.device)

@@ -28,6 +28,7 @@ from .logbook import Logbook
 from .run import (NonFiniteLoss, StepsLog, autocast_for, check_resume, duration, launch, nan_stop, optimize,
                   prepare_output, report_changed_args, sync_batchnorm, wrap_ddp)
 from .modeling import check_class_count, create_model, load_weights, weights_of
+from .optim import fused_kwargs
 
 _logger = logging.getLogger("overlock")
 
@@ -90,7 +91,8 @@ class Trainer:
         if args.auto_lr:
             args.lr = args.batch_size * info.world_size / 1024 * 1e-3
         self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                             **({"eps": args.opt_eps} if args.opt_eps else {}))
+                                             **({"eps": args.opt_eps} if args.opt_eps else {}),
+                                             **fused_kwargs(self.model.parameters(), args.opt))
         self.autocast, self.scaler = autocast_for(args, info.device)
         self.ema = ModelEmaV3(self.model, decay=args.model_ema_decay,
                               device="cpu" if args.model_ema_force_cpu else None) if args.model_ema else None
