@@ -108,6 +108,31 @@ def test_dilated_reparam_block_keeps_only_its_input_and_the_large_kernel_output(
     assert x.untyped_storage().data_ptr() in maps
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_dilated_reparam_block_with_frozen_parameters(input_grad, monkeypatch):
+    """Some branches frozen (conv weight, BatchNorm scale), the input with or without a gradient: the same gradients
+    for what does train, none for the rest."""
+    block = _randomize(DilatedReparamBlock(6, 13)).to(memory_format=torch.channels_last).train()
+    block.dil_conv_k5_1.weight.requires_grad_(False)
+    block.dil_bn_k7_2.weight.requires_grad_(False)
+    block.dil_bn_k3_4.bias.requires_grad_(False)
+    x = torch.randn(2, 6, 16, 15).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 6, 16, 15)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    trained = [p for p in block.parameters() if p.requires_grad]
+    results = []
+    for plain in (True, False):
+        block.load_state_dict(state)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(recompute, "enabled", lambda *a: False)
+            x_ = x.clone().requires_grad_(input_grad)
+            results.append(torch.autograd.grad(block(x_), ([x_] if input_grad else []) + trained, g))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    assert block.dil_conv_k5_1.weight.grad is None
+
+
 def test_dilated_reparam_block_updates_running_statistics_once(monkeypatch):
     torch.manual_seed(0)
     block = DilatedReparamBlock(4, 7).train()
