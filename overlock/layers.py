@@ -198,7 +198,7 @@ class _DilatedBranches(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block, x, *params):
-        ctx.block = block
+        ctx.block, ctx.autocast = block, recompute.autocast_state()
         out, stats = None, []
         with torch.no_grad():
             for r, conv, bn in block._branches():
@@ -218,7 +218,7 @@ class _DilatedBranches(torch.autograd.Function):
         grad_x, grads = None, []
         for i, (r, conv, bn) in enumerate(ctx.block._branches()):
             need_w, need_gamma, need_beta = need[2 + 3 * i:5 + 3 * i]
-            with torch.enable_grad():
+            with torch.enable_grad(), recompute.autocast_as(ctx.autocast):
                 x_ = x.detach().requires_grad_(need[1])
                 w_ = conv.weight.detach().requires_grad_(need_w)
                 z = depthwise_conv(x_, w_, dilation=r)

@@ -15,13 +15,14 @@ same values without side effects (BatchNorm must not update its running statisti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["mlp_tail", "recompute", "enabled", "set_enabled"]
+__all__ = ["mlp_tail", "recompute", "enabled", "set_enabled", "autocast_state", "autocast_as"]
 
 # On by default: about 35% less training memory for about 5-10% more time per step (overlock_t, CPU, b8);
 # OVERLOCK_RECOMPUTE=0 or set_enabled(False) keeps every activation instead (same gradients either way).
@@ -43,6 +44,35 @@ def enabled(*tensors: torch.Tensor) -> bool:
     return True
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_state():
+    """This moment's autocast settings per device, ``((device, enabled, dtype), ...)``."""
+    state = []
+    for device in _AUTOCAST_DEVICES:
+        try:
+            state.append((device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
+        except (TypeError, AttributeError):  # torch < 2.4
+            if device == "cpu":
+                state.append((device, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()))
+            else:
+                state.append((device, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()))
+    return tuple(state)
+
+
+@contextlib.contextmanager
+def autocast_as(state):
+    """Re-enter the autocast settings ``state`` (from the forward pass) while rebuilding in backward, as
+    ``torch.utils.checkpoint`` does: the rebuilt ops must run in the forward's precision (``loss.backward()`` is
+    usually called outside the autocast region)."""
+    with contextlib.ExitStack() as stack:
+        for (device, enabled, dtype), (_, now_enabled, now_dtype) in zip(state, autocast_state()):
+            if (enabled, dtype) != (now_enabled, now_dtype):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
+
+
 def _grads(outputs: torch.Tensor, inputs: Sequence[torch.Tensor], grad: torch.Tensor):
     """Gradients of ``outputs`` w.r.t. the ``inputs`` that require them (``None`` for the others)."""
     want = [t for t in inputs if t.requires_grad]
@@ -62,7 +92,7 @@ def recompute(fn: Callable, x: torch.Tensor, params: Sequence[torch.Tensor]) -> 
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, n_params, x, *params):
-        ctx.fn = fn
+        ctx.fn, ctx.autocast = fn, autocast_state()
         ctx.save_for_backward(x, *params)
         with torch.no_grad():
             return fn(x, rerun=False)
@@ -70,7 +100,7 @@ class _Recompute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, *params = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_as(ctx.autocast):
             x_ = x.detach().requires_grad_(ctx.needs_input_grad[2])
             out = ctx.fn(x_, rerun=True)
             grads = _grads(out, [x_, *params], grad)
@@ -80,7 +110,7 @@ class _Recompute(torch.autograd.Function):
 class _MlpTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mid, fc2, n_params, h, weight, bias, *params):
-        ctx.mid = mid
+        ctx.mid, ctx.autocast = mid, autocast_state()
         ctx.has_bias = bias is not None
         ctx.save_for_backward(h, weight, *params)
         with torch.no_grad():
@@ -89,18 +119,19 @@ class _MlpTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         h, weight, *params = ctx.saved_tensors
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(ctx.needs_input_grad[3])
-            r = ctx.mid(h_)
-        cout, cin = weight.shape[:2]
-        g2 = grad.permute(0, 2, 3, 1).reshape(-1, cout)  # (B*H*W, Cout), a view on a channels_last gradient
-        grad_w = grad_b = None
-        if ctx.needs_input_grad[4]:
-            grad_w = g2.t().mm(r.detach().permute(0, 2, 3, 1).reshape(-1, cin)).view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[5]:
-            grad_b = g2.sum(0)
-        grad_r = g2.mm(weight.reshape(cout, cin)).view(r.shape[0], r.shape[2], r.shape[3], cin).permute(0, 3, 1, 2)
-        grads = _grads(r, [h_, *params], grad_r)
+        with autocast_as(ctx.autocast):  # the forward's precision for the rebuilt ops and fc2's products
+            with torch.enable_grad():
+                h_ = h.detach().requires_grad_(ctx.needs_input_grad[3])
+                r = ctx.mid(h_)
+            cout, cin = weight.shape[:2]
+            g2 = grad.permute(0, 2, 3, 1).reshape(-1, cout)  # (B*H*W, Cout), a view on a channels_last gradient
+            grad_w = grad_b = None
+            if ctx.needs_input_grad[4]:
+                grad_w = g2.t().mm(r.detach().permute(0, 2, 3, 1).reshape(-1, cin)).view_as(weight)
+            if ctx.has_bias and ctx.needs_input_grad[5]:
+                grad_b = g2.sum(0)
+            grad_r = g2.mm(weight.reshape(cout, cin)).view(r.shape[0], r.shape[2], r.shape[3], cin).permute(0, 3, 1, 2)
+            grads = _grads(r, [h_, *params], grad_r)
         return (None, None, None, grads[0], grad_w, grad_b, *grads[1:])
 
 
