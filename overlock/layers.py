@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .ops import grn as grn_ops
 from .ops import recompute
@@ -181,59 +180,6 @@ _DILATED_BRANCHES = {
 }
 
 
-def _count_batch(bn: nn.BatchNorm2d) -> float:
-    """What ``bn``'s training-mode forward does before normalizing: count the batch; the running-average factor."""
-    bn.num_batches_tracked.add_(1)
-    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-
-
-class _DilatedBranches(torch.autograd.Function):
-    """Sum of a DilatedReparamBlock's dilated conv + training-mode BatchNorm branches, keeping only ``x``.
-
-    Unlike :func:`overlock.ops.recompute.recompute`, backward does not run the BatchNorms forward again: it keeps
-    each branch's batch mean and inverse std from the forward pass (C numbers each) and calls BatchNorm's backward
-    kernel with them, the very call autograd makes. Each branch's conv output is rebuilt and differentiated one
-    branch at a time, so backward holds one of them at a time instead of six.
-    """
-
-    @staticmethod
-    def forward(ctx, block, x, *params):
-        ctx.block, ctx.autocast = block, recompute.autocast_state()
-        out, stats = None, []
-        with torch.no_grad():
-            for r, conv, bn in block._branches():
-                z = depthwise_conv(x, conv.weight, dilation=r)
-                y, mean, invstd = torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                          True, _count_batch(bn), bn.eps)
-                stats += [mean, invstd]
-                out = y if out is None else out.add_(y)
-        ctx.save_for_backward(x, *stats)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, *stats = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grads = None, []
-        for i, (r, conv, bn) in enumerate(ctx.block._branches()):
-            need_w, need_gamma, need_beta = need[2 + 3 * i:5 + 3 * i]
-            with torch.enable_grad(), recompute.autocast_as(ctx.autocast):
-                x_ = x.detach().requires_grad_(need[1])
-                w_ = conv.weight.detach().requires_grad_(need_w)
-                z = depthwise_conv(x_, w_, dilation=r)
-            grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-                grad, z.detach(), bn.weight, None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
-                [need[1] or need_w, need_gamma, need_beta])
-            wanted = [t for t in (x_, w_) if t.requires_grad]
-            got = iter(torch.autograd.grad(z, wanted, grad_z) if wanted else ())
-            gx, gw = (next(got) if need[1] else None), (next(got) if need_w else None)
-            if gx is not None:
-                grad_x = gx if grad_x is None else grad_x.add_(gx)
-            grads += [gw, grad_gamma, grad_beta]
-        return (None, grad_x, *grads)
-
-
 class DilatedReparamBlock(nn.Module):
     """Large-kernel depthwise conv plus parallel dilated small-kernel branches (UniRepLKNet).
 
@@ -269,10 +215,9 @@ class DilatedReparamBlock(nn.Module):
         if recompute.enabled():
             # The large kernel's output is kept for its BatchNorm (rebuilding it would cost a whole large-kernel
             # conv); the dilated branches keep only x and are rebuilt in backward.
-            if all(type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
-                   for _, _, bn in self._branches()):
-                params = [p for _, conv, bn in self._branches() for p in (conv.weight, bn.weight, bn.bias)]
-                return out + _DilatedBranches.apply(self, x, *params)
+            branches = [(conv.weight, r, bn) for r, conv, bn in self._branches()]
+            if recompute.bn_branches_ok(branches):
+                return out + recompute.bn_branch_sum(x, branches, depthwise_conv)
             params = [p for _, conv, bn in self._branches() for p in (conv.weight, bn.weight, bn.bias) if p.requires_grad]
             return out + recompute.recompute(self._dilated_sum, x, params)
         return out.add_(self._dilated_sum(x))

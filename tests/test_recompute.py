@@ -63,13 +63,17 @@ def test_grn_mlp_recomputes_exactly(shape, channels_last, monkeypatch):
     _compare(mlp, [x], monkeypatch)
 
 
-def test_grn_mlp_keeps_only_the_hidden_map():
-    mlp = GrnMlp(4, 16).train()
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+def _saved_maps(module, x, numel):
+    """Storages of the tensors that ``module(x)`` keeps for backward, of at least ``numel`` elements."""
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        mlp(x)
-    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= 2 * 16 * 8 * 8}
+        module(x)
+    return {t.untyped_storage().data_ptr() for t in saved if t.numel() >= numel}
+
+
+def test_grn_mlp_keeps_only_the_hidden_map():
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    big = _saved_maps(GrnMlp(4, 16).train(), x, 2 * 16 * 8 * 8)
     assert len(big) == 1  # the hidden map (fc1's output) only; without recomputation four maps of that size
 
 
@@ -97,12 +101,8 @@ def test_dilated_reparam_block_recomputes_exactly(kernel, shape, channels_last, 
 
 
 def test_dilated_reparam_block_keeps_only_its_input_and_the_large_kernel_output():
-    block = DilatedReparamBlock(4, 13).train()
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        block(x)
-    maps = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= x.numel()}
+    maps = _saved_maps(DilatedReparamBlock(4, 13).train(), x, x.numel())
     # x and lk_origin's output (its BatchNorm's input); the six dilated branches' outputs are rebuilt in backward
     assert len(maps) == 2
     assert x.untyped_storage().data_ptr() in maps

@@ -12,6 +12,9 @@ backward, with the very same ops, so values and gradients are those of the plain
 own backward is written out (one GEMM each for the input and weight gradients), so its GEMM is not re-run.
 ``recompute``: ``fn(x)`` keeping only ``x``; ``fn(x, rerun=True)`` is called in backward and must return the
 same values without side effects (BatchNorm must not update its running statistics a second time).
+``bn_branch_sum``: ``sum_i BN_i(conv_i(x))`` (the dilated branches of a re-parameterizable block) keeping only ``x``
+and each BatchNorm's batch statistics, so backward rebuilds the conv outputs but never runs a BatchNorm forward.
+Rebuilt ops re-enter the forward's autocast settings (``autocast_as``).
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["mlp_tail", "recompute", "enabled", "set_enabled", "autocast_state", "autocast_as"]
+__all__ = ["mlp_tail", "recompute", "bn_branch_sum", "bn_branches_ok", "enabled", "set_enabled", "autocast_state",
+           "autocast_as"]
 
 # On by default: about 35% less training memory for about 5-10% more time per step (overlock_t, CPU, b8);
 # OVERLOCK_RECOMPUTE=0 or set_enabled(False) keeps every activation instead (same gradients either way).
@@ -142,3 +147,66 @@ def mlp_tail(mid: Callable, params: Sequence[torch.Tensor], fc2: nn.Conv2d, h: t
     """
     params = tuple(params)
     return _MlpTail.apply(mid, fc2, len(params), h, fc2.weight, fc2.bias, *params)
+
+
+def _count_batch(bn: nn.BatchNorm2d) -> float:
+    """What ``bn``'s training-mode forward does before normalizing: count the batch; the running-average factor."""
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
+def bn_branches_ok(branches) -> bool:
+    """Whether :func:`bn_branch_sum` applies: plain training-mode BatchNorm2d with affine parameters and running
+    statistics (not SyncBatchNorm, not eval mode: those go through :func:`recompute`)."""
+    return all(type(bn) is nn.BatchNorm2d and bn.training and bn.track_running_stats and bn.affine
+               for _, _, bn in branches)
+
+
+def bn_branch_sum(x: torch.Tensor, branches, conv: Callable) -> torch.Tensor:
+    """``sum(bn(conv(x, weight, dilation=d)) for weight, d, bn in branches)``, keeping only ``x`` for backward.
+
+    Backward does not run the BatchNorms forward again: each keeps its batch mean and inverse std from the forward
+    pass (C numbers) and BatchNorm's backward kernel is called with them, the very call autograd makes. The conv
+    outputs are rebuilt and differentiated one branch at a time, so backward holds one of them instead of all.
+    """
+    branches = list(branches)
+    params = [p for weight, _, bn in branches for p in (weight, bn.weight, bn.bias)]
+    return _BnBranchSum.apply(branches, conv, x, *params)
+
+
+class _BnBranchSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, branches, conv, x, *params):
+        ctx.branches, ctx.conv, ctx.autocast = branches, conv, autocast_state()
+        out, stats = None, []
+        with torch.no_grad():
+            for weight, d, bn in branches:
+                y, mean, invstd = torch.native_batch_norm(conv(x, weight, dilation=d), bn.weight, bn.bias,
+                                                          bn.running_mean, bn.running_var, True, _count_batch(bn),
+                                                          bn.eps)
+                stats += [mean, invstd]
+                out = y if out is None else out.add_(y)
+        ctx.save_for_backward(x, *stats)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, *stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grads = None, []
+        for i, (weight, d, bn) in enumerate(ctx.branches):
+            need_w, need_gamma, need_beta = need[3 + 3 * i:6 + 3 * i]
+            with torch.enable_grad(), autocast_as(ctx.autocast):
+                x_ = x.detach().requires_grad_(need[2])
+                w_ = weight.detach().requires_grad_(need_w)
+                z = ctx.conv(x_, w_, dilation=d)
+            grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+                grad, z.detach(), bn.weight, None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
+                [need[2] or need_w, need_gamma, need_beta])
+            got = iter(_grads(z, [x_, w_], grad_z))
+            gx, gw = next(got), next(got)
+            if gx is not None:
+                grad_x = gx if grad_x is None else grad_x.add_(gx)
+            grads += [gw, grad_gamma, grad_beta]
+        return (None, None, grad_x, *grads)
