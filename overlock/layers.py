@@ -211,14 +211,14 @@ class DilatedReparamBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deploy:
             return depthwise_conv(x, self.lk_origin.weight, self.lk_origin.bias)
-        out = _batch_norm(self.origin_bn, depthwise_conv(x, self.lk_origin.weight), False)
+        out = self.origin_bn(depthwise_conv(x, self.lk_origin.weight))
         if recompute.enabled():
             # The large kernel's output is kept for its BatchNorm (rebuilding it would cost a whole large-kernel
             # conv); the dilated branches keep only x and are rebuilt in backward.
             branches = [(conv.weight, r, bn) for r, conv, bn in self._branches()]
             if recompute.bn_branches_ok(branches):
                 return out + recompute.bn_branch_sum(x, branches, depthwise_conv)
-            params = [p for _, conv, bn in self._branches() for p in (conv.weight, bn.weight, bn.bias) if p.requires_grad]
+            params = [p for w, _, bn in branches for p in (w, bn.weight, bn.bias) if p.requires_grad]
             return out + recompute.recompute(self._dilated_sum, x, params)
         return out.add_(self._dilated_sum(x))
 
