@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge"]
 
 MIN_TAPS = 5  # kernels narrower than this keep the native weight gradient
@@ -59,16 +61,40 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         d = ctx.dilation
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = _input_grad(grad_out, weight, ctx.padding, d) if need_x else None
+        grad_w = _weight_grad(x, grad_out, weight, ctx.padding, d) if need_w else None
+        grad_b = None
+        if (need_x and grad_x is None) or (need_w and grad_w is None):
+            grad_x_aten, grad_w_aten = torch.ops.aten.convolution_backward(
                 grad_out, x, weight, None, [1, 1], list(ctx.padding), [d, d], False, [0, 0], weight.shape[0],
-                [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad_out, tuple(weight.shape[-2:]), ctx.padding, d).to(weight.dtype)
+                [need_x and grad_x is None, need_w and grad_w is None, False])[:2]
+            grad_x = grad_x if grad_x is not None else grad_x_aten
+            grad_w = grad_w if grad_w is not None else grad_w_aten
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
+
+
+def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation: int
+                 ) -> Optional[torch.Tensor]:
+    """``dW``: by the hand-written kernel where it runs this conv, else as one depthwise conv for kernels of
+    ``MIN_TAPS`` or more; ``None`` for small kernels elsewhere (PyTorch's backward is fast there)."""
+    kernel = tuple(weight.shape[-2:])
+    grad_w = None
+    if max(kernel) >= MIN_TAPS and _use_native(x, weight, padding, dilation):
+        grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel)
+    if grad_w is None and max(kernel) >= MIN_TAPS:
+        grad_w = depthwise_weight_grad(x, grad_out, kernel, padding, dilation)
+    return None if grad_w is None else grad_w.to(weight.dtype)
+
+
+def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> Optional[torch.Tensor]:
+    """``dX`` of a stride-1 same-size depthwise conv by the hand-written forward: the conv of ``dY`` with the
+    kernel turned 180 degrees. ``None`` where that kernel is not used (then PyTorch's backward runs)."""
+    if dilation != 1 or not _use_native(grad_out, weight, padding, 1):
+        return None
+    return native.depthwise_conv2d_same(grad_out, weight.flip(-2, -1))
 
 
 def grid_split(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -117,7 +143,7 @@ def grid_merge(y: torch.Tensor, d: int, height: int, width: int) -> torch.Tensor
 def _grid_conv(xs: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], d: int, height: int,
                width: int) -> torch.Tensor:
     kh, kw = weight.shape[-2:]
-    ys = F.conv2d(xs, weight, bias, padding=(kh // 2, kw // 2), groups=weight.shape[0])
+    ys = _forward(xs, weight, bias, (kh // 2, kw // 2), 1)
     return grid_merge(ys, d, height, width)
 
 
@@ -168,13 +194,16 @@ class _DilatedConv(torch.autograd.Function):
         kh, kw = weight.shape[-2:]
         pad = (kh // 2, kw // 2)
         gs = grid_split(grad_out, d)
-        fast_w = ctx.needs_input_grad[1] and max(kh, kw) >= MIN_TAPS
-        grad_xs, grad_w, _ = torch.ops.aten.convolution_backward(
-            gs, xs, weight, None, [1, 1], list(pad), [1, 1], False, [0, 0], weight.shape[0],
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not fast_w, False])
-        if fast_w:
-            grad_w = depthwise_weight_grad(xs, gs, (kh, kw), pad).to(weight.dtype)
-        grad_x = grid_merge(grad_xs, d, *ctx.size) if ctx.needs_input_grad[0] else None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_xs = _input_grad(gs, weight, pad, 1) if need_x else None
+        grad_w = _weight_grad(xs, gs, weight, pad, 1) if need_w else None
+        if (need_x and grad_xs is None) or (need_w and grad_w is None):
+            grad_xs_aten, grad_w_aten, _ = torch.ops.aten.convolution_backward(
+                gs, xs, weight, None, [1, 1], list(pad), [1, 1], False, [0, 0], weight.shape[0],
+                [need_x and grad_xs is None, need_w and grad_w is None, False])
+            grad_xs = grad_xs if grad_xs is not None else grad_xs_aten
+            grad_w = grad_w if grad_w is not None else grad_w_aten
+        grad_x = grid_merge(grad_xs, d, *ctx.size) if need_x else None
         grad_b = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
@@ -186,10 +215,13 @@ def _cpu_autocast() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def _use_fast_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (weight.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and max(weight.shape[-2:]) >= MIN_TAPS and not _cpu_autocast())
+def _use_fast_grad(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> bool:
+    """Autograd through :class:`_DepthwiseConv`: for the depthwise-form weight gradient (kernels of
+    ``MIN_TAPS`` or more), or for the hand-written forward and input gradient (any kernel, where it is used)."""
+    return (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad) and x.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and not _cpu_autocast()
+            and ((weight.requires_grad and max(weight.shape[-2:]) >= MIN_TAPS)
+                 or _use_native(x, weight, padding, dilation)))
 
 
 def _same_padding(weight: torch.Tensor, dilation: int) -> Tuple[int, int]:
@@ -212,7 +244,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             return _DilatedConv.apply(x, weight, bias, dilation)
         if _grid_forward(x, weight, dilation):
             return _grid_conv(grid_split(x, dilation), weight, bias, dilation, *x.shape[-2:])
-    if _use_fast_grad(x, weight):
+    if _use_fast_grad(x, weight, padding, dilation):
         return _DepthwiseConv.apply(x, weight, bias, tuple(padding), dilation)
     return _forward(x, weight, bias, padding, dilation)
 
@@ -248,8 +280,42 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
     return WIDENED_KERNELS.get(_cpu_isa(), {}).get(k, k)
 
 
+# CPU vector ISAs on which the hand-written kernel (ops/native.py, csrc/depthwise_avx2.c) replaces oneDNN's
+# forward. Real AVX2 EPYC, 2 threads: 1.8-2.4x faster at 13x13-17x17, 1.2-1.6x at 3x3 (benchmarks/README.md).
+# AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
+NATIVE_ISAS = {"AVX2"}
+# Kernels under MIN_TAPS x MIN_TAPS run there only on up to this many output pixels (batch x height x width):
+# 3x3 on 1x384x14x14 1.6x faster, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
+# Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches).
+NATIVE_SMALL_KERNEL_PIXELS = 4096
+
+
+def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> bool:
+    """The hand-written kernel runs this conv (its autograd, if any, is :class:`_DepthwiseConv`'s)."""
+    taps = weight.shape[-2] * weight.shape[-1]
+    return (dilation == 1 and tuple(padding) == (weight.shape[-2] // 2, weight.shape[-1] // 2)
+            and (taps >= MIN_TAPS ** 2 or x.shape[0] * x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS)
+            and _native_isa(x))
+
+
+def _native_isa(x: torch.Tensor) -> bool:
+    return (_cpu_isa() in NATIVE_ISAS and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and not _cpu_autocast()
+            and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and native.available())
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):
-    """The native forward, with a slow kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
+    """The forward: the hand-written kernel where it is faster (:data:`NATIVE_ISAS`), else oneDNN's, with a slow
+    kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
+    if _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias):
+        y = native.depthwise_conv2d_same(x, weight, bias)
+        if y is not None:
+            return y
     k = weight.shape[-1]
     wide = _widened(weight, x, dilation)
     if wide != k:

@@ -1,0 +1,177 @@
+"""Hand-written CPU kernels (``csrc/*.c``), compiled with the system C compiler on first use, called by ctypes.
+
+Why C through ctypes and not a PyTorch C++ extension: the kernel needs no PyTorch headers, so it compiles in
+about a second (a C++ extension takes a minute and needs ninja), and a machine without a compiler simply keeps
+PyTorch's kernels. The library links to the OpenMP runtime that PyTorch itself loaded, so it shares torch's
+thread pool and thread count (``torch.set_num_threads``) instead of starting a second pool.
+
+The compiled library is cached in ``$OVERLOCK_CACHE`` (default ``$XDG_CACHE_HOME/overlock`` or
+``~/.cache/overlock``) under a name that hashes the source, the compiler and the OpenMP runtime.
+``OVERLOCK_NATIVE=0`` switches the kernels off (PyTorch's kernels everywhere, same values up to summation order).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "status", "disabled"]
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("csrc") / "depthwise_avx2.c"
+_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+_reason = "not loaded yet"
+_disabled = 0  # > 0 inside `disabled()`
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("OVERLOCK_CACHE"):
+        return Path(os.environ["OVERLOCK_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "overlock"
+
+
+def _openmp_runtime() -> Optional[Path]:
+    """The GNU-compatible OpenMP library PyTorch loaded (its ``libgomp``, or Intel's ``libiomp5``), if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/lib" in line}
+    except OSError:
+        return None
+    for prefix in ("libgomp", "libiomp5"):
+        for p in sorted(paths):
+            if os.path.basename(p).startswith(prefix) and ".so" in p:
+                return Path(p)
+    return None
+
+
+def _compile(cc: str, omp: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        # compile with OpenMP, link against torch's runtime by file name (not -fopenmp, which adds the system one)
+        subprocess.run([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(SOURCE), "-o", str(obj)],
+                       check=True, capture_output=True, text=True)
+        subprocess.run([cc, "-shared", str(obj), "-o", str(lib), f"-L{omp.parent}", f"-l:{omp.name}",
+                        f"-Wl,-rpath,{omp.parent}"], check=True, capture_output=True, text=True)
+        os.replace(lib, target)  # atomic: concurrent first uses each build, one wins, none sees half a file
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    global _reason
+    if os.environ.get("OVERLOCK_NATIVE", "1") == "0":
+        _reason = "off (OVERLOCK_NATIVE=0)"
+        return None
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        _reason = f"off (written for x86-64 Linux, this is {platform.system()} {platform.machine()})"
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _reason = f"off (the CPU lacks AVX2: {torch.backends.cpu.get_cpu_capability()})"
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    omp = _openmp_runtime()
+    if cc is None or omp is None:
+        _reason = "off (no C compiler on PATH)" if cc is None else "off (PyTorch loaded no GNU OpenMP runtime)"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + str(omp).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"depthwise_avx2-{key}.so"
+        if not target.exists():
+            _compile(cc, omp, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        _reason = f"off (building {SOURCE.name} with {cc} failed: {detail.strip()[:300]})"
+        log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
+        return None
+    lib.overlock_depthwise_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_avx2.argtypes = [_FLOAT_P] * 4 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_wgrad_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int] * 6
+    _reason = f"on ({target})"
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (and not switched off by :func:`disabled`)."""
+    return _disabled == 0 and _library() is not None
+
+
+def status() -> str:
+    """One line for ``overlock info``: on (with the library's path) or off, and why."""
+    _library()
+    return _reason
+
+
+class disabled:
+    """Context manager: PyTorch's kernels only, inside (for tests and side-by-side timing)."""
+
+    def __enter__(self):
+        global _disabled
+        _disabled += 1
+
+    def __exit__(self, *exc):
+        global _disabled
+        _disabled -= 1
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.cast(t.data_ptr(), _FLOAT_P)
+
+
+def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                          ) -> Optional[torch.Tensor]:
+    """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` on float32 channels_last CPU maps.
+
+    Returns ``None`` where the kernel does not apply (then call PyTorch): native kernels off, channels not a
+    multiple of 8, an even kernel side, or tensors that are not float32 CPU. The result is channels_last.
+    """
+    lib = _library() if _disabled == 0 else None
+    if lib is None or x.dim() != 4 or weight.dim() != 4:
+        return None
+    N, C, H, W = x.shape
+    kh, kw = weight.shape[-2:]
+    if (C % 8 or kh % 2 == 0 or kw % 2 == 0 or weight.shape[0] != C or weight.shape[1] != 1
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != C))):
+        return None
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = weight.detach().reshape(C, kh * kw).t().contiguous()  # (kh*kw, C): a vector of channels per tap
+    b = None if bias is None else bias.detach().contiguous()
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    if N * H * W:
+        rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw)
+        if rc != 0:
+            return None
+    return y
+
+
+def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int]
+                               ) -> Optional[torch.Tensor]:
+    """The weight gradient ``(C, 1, kh, kw)`` of :func:`depthwise_conv2d_same` from its input and output
+    gradient, or ``None`` where the kernel does not apply (as there)."""
+    lib = _library() if _disabled == 0 else None
+    kh, kw = kernel
+    if (lib is None or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8 or kh % 2 == 0 or kw % 2 == 0
+            or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32 or x.device.type != "cpu"
+            or grad_out.device.type != "cpu"):
+        return None
+    N, C, H, W = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    g = grad_out.contiguous(memory_format=torch.channels_last)
+    dw = x.new_zeros(kh, kw, C)
+    if N * H * W and lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw) != 0:
+        return None
+    return dw.permute(2, 0, 1).unsqueeze(1)  # (C, 1, kh, kw), channels_last like a depthwise conv's weight

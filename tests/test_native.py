@@ -1,0 +1,133 @@
+"""The hand-written AVX2 depthwise kernel (ops/native.py, csrc/depthwise_avx2.c): values, gradients, dispatch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from overlock import OverLoCK, load_into
+from overlock.layers import DilatedReparamBlock, depthwise_conv
+from overlock.ops import depthwise, native
+
+from conftest import DATA, rel_err
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.status()}")
+
+
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape,kernel", [
+    ((1, 64, 56, 56), (17, 17)),   # stage 1 at 224
+    ((2, 32, 14, 14), (13, 13)),   # 16-channel blocks, kernel almost the map
+    ((3, 24, 9, 11), (5, 3)),      # 8-channel blocks, non-square kernel and map
+    ((1, 8, 4, 3), (17, 17)),      # kernel far larger than the map: only the centre taps land
+    ((2, 16, 7, 13), (3, 3)),      # width not a multiple of the 6-pixel tile
+    ((1, 48, 1, 1), (7, 7)),
+])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_values_match_float64_conv(shape, kernel, with_bias):
+    torch.manual_seed(0)
+    x = cl(torch.randn(shape))
+    w = torch.randn(shape[1], 1, *kernel)
+    b = torch.randn(shape[1]) if with_bias else None
+    out = native.depthwise_conv2d_same(x, w, b)
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(),
+                   padding=(kernel[0] // 2, kernel[1] // 2), groups=shape[1])
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_unsupported_shapes_are_declined():
+    x = cl(torch.randn(1, 12, 8, 8))
+    assert native.depthwise_conv2d_same(x, torch.randn(12, 1, 3, 3)) is None          # 12 channels
+    x16 = cl(torch.randn(1, 16, 8, 8))
+    assert native.depthwise_conv2d_same(x16, torch.randn(16, 1, 4, 4)) is None        # even kernel
+    assert native.depthwise_conv2d_same(x16.double(), torch.randn(16, 1, 3, 3).double()) is None
+    with native.disabled():
+        assert not native.available() and native.depthwise_conv2d_same(x16, torch.randn(16, 1, 3, 3)) is None
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """The kernel used by the model's convs on this CPU whatever its ISA; counts the calls."""
+    calls = []
+    real = native.depthwise_conv2d_same
+
+    def spy(x, w, b=None):
+        out = real(x, w, b)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(depthwise, "NATIVE_ISAS", {depthwise._cpu_isa()})
+    monkeypatch.setattr(native, "depthwise_conv2d_same", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kernel,dilation,size", [(13, 1, 14), (3, 1, 9), (3, 5, 20), (9, 2, 16)])
+def test_training_gradients_match_float64(forced, kernel, dilation, size):
+    """Forward and input gradient by the kernel (the gradient is the conv with the kernel turned 180 degrees),
+    dilated convs on their sub-maps included."""
+    torch.manual_seed(0)
+    x = cl(torch.randn(2, 16, size, size)).requires_grad_()
+    w = torch.randn(16, 1, kernel, kernel, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    g = cl(torch.randn(2, 16, size, size))
+    out = depthwise_conv(x, w, b, dilation=dilation)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    assert len(forced) >= 2 and all(forced), "forward and input gradient did not both run in the kernel"
+    x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x2, w2, b2, padding=dilation * (kernel // 2), dilation=dilation, groups=16)
+    assert rel_err(out, ref) < 1e-6
+    for got, want in zip(grads, torch.autograd.grad(ref, (x2, w2, b2), g.double())):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_reparam_block_trains_as_with_pytorch_kernels(forced):
+    torch.manual_seed(0)
+    block = DilatedReparamBlock(16, 13).train()
+    x = cl(torch.randn(2, 16, 16, 16)).requires_grad_()
+    block(x).square().sum().backward()
+    ours = {n: p.grad.clone() for n, p in block.named_parameters()} | {"x": x.grad.clone()}
+    assert any(forced)
+    block.zero_grad()
+    x.grad = None
+    with native.disabled():
+        block(x).square().sum().backward()
+    theirs = {n: p.grad for n, p in block.named_parameters()} | {"x": x.grad}
+    for n in ours:
+        assert rel_err(ours[n], theirs[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("path,deploy,key", [("classification.pth", False, "logits"),
+                                              ("classification_reparam.pth", True, "logits_reparam")])
+def test_official_tiny_model_logits(forced, tiny_config, expected, path, deploy, key):
+    model = OverLoCK(**tiny_config, deploy=deploy).eval().to(memory_format=torch.channels_last)
+    load_into(model, DATA / path)
+    with torch.no_grad():
+        for i in (0, 1):
+            assert rel_err(model(cl(expected[f"input_{i}"])), expected[f"{key}_{i}"]) < 1e-5
+    assert sum(forced) >= 4
+
+
+def test_nchw_maps_keep_pytorch_kernels_and_layout(forced):
+    x, w = torch.randn(1, 16, 10, 10), torch.randn(16, 1, 5, 5)
+    out = depthwise_conv(x, w)
+    assert not forced and out.is_contiguous()
+
+
+def _fresh_status(env):
+    code = "from overlock.ops import native; print(native.status())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
+    assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
+    line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
+    assert line.startswith("off (building depthwise_avx2.c with false failed"), line
+    built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
+    assert built.startswith("on (") and str(tmp_path) in built
