@@ -92,6 +92,9 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     cv = value.shape[1] // (2 * G)
     v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
     if backend == "tiled" and _per_sample_ok(q, keys, v):
+        out = _native_context_mix(q, keys, biases, v, smk_size, kernel_size)
+        if out is not None:
+            return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
         # a map that is one tile for the small kernel is one for the large kernel too (default_tile)
         x1 = na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size)
         x2 = None if x1 is None else na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size)
@@ -107,6 +110,23 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     x2 = na2d_av(a2, v[1], kernel_size, backend)
     out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)  # (B, H, W, 2G, cv)
     return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+
+
+def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
+    """Both aggregations by the fused hand-written kernel (ops/native.py) into one ``(B, H, W, 2, G, cv)``
+    buffer, on the CPUs where the depthwise kernels are used; ``None`` where it does not apply."""
+    from .ops import depthwise, native
+    if depthwise._cpu_isa() not in depthwise.NATIVE_ISAS or v.device.type != "cpu" or not native.available():
+        return None
+    _, B, G, H, W, cv = v.shape
+    ss = smk_size * smk_size
+    out = v.new_empty(B, H, W, 2, G, cv)
+    halves = out.permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv) like v
+    if not native.na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size, halves[0]):
+        return None
+    if not native.na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size, halves[1]):
+        return None
+    return out
 
 
 def _per_sample_ok(*tensors: torch.Tensor) -> bool:

@@ -128,6 +128,39 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    assert line.startswith("off (building depthwise_avx2.c with false failed"), line
+    assert line.startswith("off (building depthwise_avx2.c, neighborhood_avx2.c with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built
+
+
+@pytest.mark.parametrize("B,G,H,W,c,C,k", [(2, 3, 9, 11, 16, 16, 5), (1, 2, 7, 7, 8, 24, 7), (2, 2, 14, 14, 4, 8, 13),
+                                           (1, 1, 13, 16, 3, 16, 13)])
+def test_fused_aggregation_matches_float64(B, G, H, W, c, C, k):
+    """softmax(q @ keys + bias) over each pixel's NATTEN window (shifted at the borders), times the values."""
+    from overlock.ops.neighborhood import na2d_av
+    torch.manual_seed(0)
+    q, keys = torch.randn(B, G, H * W, c), torch.randn(B, G, c, k * k)
+    bias, v = torch.randn(G, H * W, k * k), torch.randn(B, H, W, G, C).permute(0, 3, 1, 2, 4)  # strided heads
+    out = torch.full((B, G, H, W, C), float("nan"))
+    assert native.na2d_softmax_av(q, keys, bias, v, k, out)
+    attn = (q.double() @ keys.double() + bias.double()).softmax(-1).reshape(B, G, H, W, k * k)
+    assert rel_err(out, na2d_av(attn, v.double(), k, "naive")) < 1e-6
+    assert not native.na2d_softmax_av(q, keys, bias, v[..., :4], k, out[..., :4])  # 4 channels: declined
+
+
+def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
+    """The official tiny ContMix block's outputs with the fused aggregation (channels_last maps, inference)."""
+    import json
+
+    from overlock import ContMixBlock
+    calls = []
+    real = native.na2d_softmax_av
+    monkeypatch.setattr(native, "na2d_softmax_av", lambda *a: calls.append(1) or real(*a))
+    block = ContMixBlock(**json.loads((DATA / "contmix_config.json").read_text())).eval()
+    block.load_state_dict(torch.load(DATA / "contmix_block.pth", weights_only=True)["state_dict"])
+    block = block.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for i in (0, 1):  # input 1 (9x11) is smaller than the 13x13 kernel
+            got = block(cl(expected[f"contmix_input_{i}"]))
+            assert rel_err(got, expected[f"contmix_output_{i}"]) < 1e-5
+    assert calls

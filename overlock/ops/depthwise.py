@@ -261,11 +261,13 @@ WIDENED_KERNELS = {"AVX512": {13: 15}}
 
 @contextlib.contextmanager
 def native_kernel_sizes():
-    """Run every kernel at its own size (no widening): for counting the model's multiply-adds."""
+    """Run every kernel at its own size (no widening) in PyTorch's kernels (which a FLOP counter sees): for
+    counting the model's multiply-adds."""
     global WIDENED_KERNELS
     saved, WIDENED_KERNELS = WIDENED_KERNELS, {}
     try:
-        yield
+        with native.disabled():
+            yield
     finally:
         WIDENED_KERNELS = saved
 

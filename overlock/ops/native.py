@@ -25,10 +25,11 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "status", "disabled"]
+__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "na2d_softmax_av", "status",
+           "disabled"]
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("csrc") / "depthwise_avx2.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c")]
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _reason = "not loaded yet"
 _disabled = 0  # > 0 inside `disabled()`
@@ -58,12 +59,14 @@ def _openmp_runtime() -> Optional[Path]:
 def _compile(cc: str, omp: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        # compile with OpenMP, link against torch's runtime by file name (not -fopenmp, which adds the system one)
-        subprocess.run([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(SOURCE), "-o", str(obj)],
-                       check=True, capture_output=True, text=True)
-        subprocess.run([cc, "-shared", str(obj), "-o", str(lib), f"-L{omp.parent}", f"-l:{omp.name}",
-                        f"-Wl,-rpath,{omp.parent}"], check=True, capture_output=True, text=True)
+        objects = [str(Path(tmp) / f"{src.stem}.o") for src in SOURCES]
+        lib = Path(tmp) / "kernels.so"
+        for src, obj in zip(SOURCES, objects):  # OpenMP pragmas compiled in; runtime chosen at link time
+            subprocess.run([cc, "-O3", "-fPIC", "-fopenmp", "-c", str(src), "-o", obj],
+                           check=True, capture_output=True, text=True)
+        # link against torch's runtime by file name (not -fopenmp, which would add the system's libgomp)
+        subprocess.run([cc, "-shared", *objects, "-o", str(lib), f"-L{omp.parent}", f"-l:{omp.name}",
+                        f"-Wl,-rpath,{omp.parent}", "-lm"], check=True, capture_output=True, text=True)
         os.replace(lib, target)  # atomic: concurrent first uses each build, one wins, none sees half a file
 
 
@@ -86,20 +89,24 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + str(omp).encode()).hexdigest()[:16]
-        target = _cache_dir() / f"depthwise_avx2-{key}.so"
+        digest = hashlib.sha256(version.encode() + str(omp).encode())
+        for src in SOURCES:
+            digest.update(src.read_bytes())
+        target = _cache_dir() / f"kernels_avx2-{digest.hexdigest()[:16]}.so"
         if not target.exists():
             _compile(cc, omp, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        _reason = f"off (building {SOURCE.name} with {cc} failed: {detail.strip()[:300]})"
+        _reason = f"off (building {', '.join(src.name for src in SOURCES)} with {cc} failed: {detail.strip()[:300]})"
         log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_avx2.argtypes = [_FLOAT_P] * 4 + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int] * 6
+    lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
+    lib.overlock_na2d_softmax_av_avx2.argtypes = [_FLOAT_P] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
     _reason = f"on ({target})"
     return lib
 
@@ -175,3 +182,29 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     if N * H * W and lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw) != 0:
         return None
     return dw.permute(2, 0, 1).unsqueeze(1)  # (C, 1, kh, kw), channels_last like a depthwise conv's weight
+
+
+def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, value: torch.Tensor,
+                    kernel_size: int, out: torch.Tensor) -> bool:
+    """``out = na2d_av(softmax(query @ keys + bias), value)`` fused per pixel (no autograd), written into ``out``.
+
+    ``query`` ``(B, G, H*W, c)``, ``keys`` ``(B, G, c, k*k)``, ``bias`` ``(G, H*W, k*k)``, ``value`` and ``out``
+    ``(B, G, H, W, C)`` with contiguous channels (any other strides). Returns ``False`` (``out`` untouched) where
+    the kernel does not apply: kernels off, not float32 CPU, ``C`` not a multiple of 8, a map smaller than the
+    window, or more than 1024 taps.
+    """
+    lib = _library() if _disabled == 0 else None
+    if lib is None:
+        return False
+    B, G, H, W, C = value.shape
+    k = kernel_size
+    tensors = (query, keys, bias, value, out)
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or C % 8 or k * k > 1024
+            or H < k or W < k or value.stride(-1) != 1 or out.stride(-1) != 1 or out.shape != value.shape
+            or value.stride(2) != W * value.stride(3) or out.stride(2) != W * out.stride(3)):
+        return False
+    q, kk, b = query.contiguous(), keys.contiguous(), bias.contiguous()
+    rc = lib.overlock_na2d_softmax_av_avx2(
+        _ptr(q), _ptr(kk), _ptr(b), _ptr(value), _ptr(out), B, G, H, W, q.shape[-1], C, k,
+        value.stride(0), value.stride(1), value.stride(3), out.stride(0), out.stride(1), out.stride(3))
+    return rc == 0

@@ -1,0 +1,133 @@
+/* ContMix's aggregation at inference, fused: for every pixel p of every head, the logits of its k x k window
+ * (query . keys + bias), their softmax, and the softmax-weighted sum of the window's values, AVX2 + FMA.
+ *
+ * Why: in PyTorch these are three passes and, for maps that fit one tile, a dense (H*W x H*W) product that
+ * spends 8x the needed multiply-adds on a 5x5 window of a 14x14 map; on a 2-core AVX2 CPU ContMix took about a
+ * tenth of an overlock_t forward at batch 16. Here each pixel's logits stay in L1 and only its k*k neighbours
+ * are read. Same function as ops/neighborhood.na2d_av(softmax(q @ keys + bias)) (NATTEN's window rule: the
+ * window is centred on the pixel and shifted to stay inside the map near a border, never padded).
+ *
+ * Layout (float32): q (B, G, H*W, c) contiguous; keys (B, G, c, k*k) contiguous; bias (G, H*W, k*k)
+ * contiguous; v and out addressed by element strides (sample, head, pixel; channels contiguous, C of them).
+ */
+#include <immintrin.h>
+#include <math.h>
+
+#define TARGET __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+#define MAX_TAPS 1024
+
+/* e^x for x <= 0 (the softmax's shifted logits): 2^n * p(r), r in [-ln2/2, ln2/2], degree-6 polynomial
+ * (relative error about 2e-7, as a float32 expf); inputs below -87 give 0. */
+INLINE __m256 exp_neg(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline int window_start(int i, int k, int len) {
+    int s = i - k / 2;
+    if (s < 0) s = 0;
+    if (s > len - k) s = len - k;
+    return s;
+}
+
+/* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
+INLINE void pixel(const float *qp, const float *keys, const float *bp, const float *vg, long vpix, float *o,
+                  int c, int kk, int k, int W, int sy, int sx, int C, float *w) {
+    const int nv = (kk + 7) / 8;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int a = 0; a < nv; a++) {
+        const int a0 = a * 8;
+        __m256 acc;
+        if (a0 + 8 <= kk) {
+            acc = _mm256_loadu_ps(bp + a0);
+            for (int j = 0; j < c; j++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(qp[j]), _mm256_loadu_ps(keys + (long)j * kk + a0), acc);
+        } else {  /* tail: padding lanes get -inf (weight 0) */
+            float tmp[8];
+            for (int t = 0; t < 8; t++) {
+                float s = -INFINITY;
+                if (a0 + t < kk) {
+                    s = bp[a0 + t];
+                    for (int j = 0; j < c; j++) s = fmaf(qp[j], keys[(long)j * kk + a0 + t], s);
+                }
+                tmp[t] = s;
+            }
+            acc = _mm256_loadu_ps(tmp);
+        }
+        _mm256_storeu_ps(w + a0, acc);
+        mx = _mm256_max_ps(mx, acc);
+    }
+    /* horizontal max */
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 sum = _mm256_setzero_ps();
+    for (int a = 0; a < nv; a++) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + a * 8), m));
+        _mm256_storeu_ps(w + a * 8, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+    const float inv = 1.0f / _mm_cvtss_f32(s4);
+    for (int c0 = 0; c0 < C; c0 += 16) {
+        const int two = c0 + 16 <= C;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int a = 0;
+        for (int dy = 0; dy < k; dy++) {
+            const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
+            for (int dx = 0; dx < k; dx++, a++) {
+                const __m256 wa = _mm256_set1_ps(w[a]);
+                a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix), a0);
+                if (two) a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix + 8), a1);
+            }
+        }
+        const __m256 sc = _mm256_set1_ps(inv);
+        _mm256_storeu_ps(o + c0, _mm256_mul_ps(a0, sc));
+        if (two) _mm256_storeu_ps(o + c0 + 8, _mm256_mul_ps(a1, sc));
+    }
+}
+
+/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, more than MAX_TAPS taps, map < k). */
+TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, const float *bias, const float *v,
+                                         float *out, int B, int G, int H, int W, int c, int C, int k,
+                                         long vs_b, long vs_g, long vs_p, long os_b, long os_g, long os_p) {
+    const int kk = k * k;
+    if (C % 8 || kk > MAX_TAPS || H < k || W < k) return -1;
+    const long HW = (long)H * W;
+    #pragma omp parallel
+    {
+        float w[MAX_TAPS + 8] __attribute__((aligned(32)));
+        #pragma omp for schedule(static)
+        for (long item = 0; item < (long)B * G * H; item++) {  /* one row of pixels of one head */
+            const int y = item % H, g = (item / H) % G;
+            const long b = item / H / G;
+            const float *kb = keys + (b * G + g) * (long)c * kk;
+            const float *vg = v + b * vs_b + g * vs_g;
+            const int sy = window_start(y, k, H);
+            for (int x = 0; x < W; x++) {
+                const long p = (long)y * W + x;
+                pixel(q + ((b * G + g) * HW + p) * c, kb, bias + ((long)g * HW + p) * kk, vg, vs_p,
+                      out + b * os_b + g * os_g + p * os_p, c, kk, k, W, sy, window_start(x, k, W), C, w);
+            }
+        }
+    }
+    return 0;
+}
