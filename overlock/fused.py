@@ -130,6 +130,10 @@ def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
         c, k = weight.shape[0], weight.shape[-1]
         fused = DepthwiseConv(c, c, k, padding=k // 2, groups=c, bias=True)
         like = conv.lk_origin.weight
+    elif _same_size_depthwise(conv):  # through depthwise_conv (and its fast kernels) like the other ones
+        weight, bias, like = conv.weight, conv.bias, conv.weight
+        c, k = weight.shape[0], weight.shape[-1]
+        fused = DepthwiseConv(c, c, k, padding=k // 2, groups=c, bias=True)
     else:
         weight, bias = conv.weight, conv.bias
         fused = copy.deepcopy(conv)  # same stride, padding, groups; weight and bias replaced below
@@ -138,6 +142,13 @@ def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     fused.weight = _param(weight * scale.view(-1, 1, 1, 1), like)
     fused.bias = _param(bias, like)
     return fused.to(like.device, like.dtype)
+
+
+def _same_size_depthwise(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.kernel_size[0] % 2 == 1
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+            and conv.padding == (conv.kernel_size[0] // 2,) * 2)
 
 
 def _bn_then_pointwise(bn: nn.BatchNorm2d, conv: PointwiseConv) -> PointwiseConv:

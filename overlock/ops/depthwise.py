@@ -299,9 +299,9 @@ def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
 def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> bool:
     """The hand-written kernel runs this conv (its autograd, if any, is :class:`_DepthwiseConv`'s)."""
     taps = weight.shape[-2] * weight.shape[-1]
-    return (dilation == 1 and tuple(padding) == (weight.shape[-2] // 2, weight.shape[-1] // 2)
-            and (taps >= MIN_TAPS ** 2 or x.shape[0] * x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS)
-            and _native_isa(x))
+    # _native_isa first: it rules out tracing, where the pixel count would be a guard on a symbolic batch size
+    return (dilation == 1 and _native_isa(x) and tuple(padding) == (weight.shape[-2] // 2, weight.shape[-1] // 2)
+            and (taps >= MIN_TAPS ** 2 or x.shape[0] * x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
 
 
 def _native_isa(x: torch.Tensor) -> bool:
