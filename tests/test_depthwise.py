@@ -196,3 +196,15 @@ def test_dilated_forward_on_sub_maps_past_the_isa_reach(monkeypatch, isa, dilati
     assert bool(splits) == on_sub_maps
     ref = F.conv2d(x.double(), w.double(), b.double(), padding=dilation, dilation=dilation, groups=8)
     assert rel_err(out.double(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (13, 1), (3, 5)])
+def test_compiles_without_graph_breaks(kernel, dilation):
+    """torch.compile traces the kernel choice as constants (asking the CPU's ISA inside a trace breaks it)."""
+    torch._dynamo.reset()
+    w = torch.randn(16, 1, kernel, kernel, requires_grad=True)
+    fn = torch.compile(lambda x: depthwise_conv(x, w, dilation=dilation), fullgraph=True, backend="eager")
+    x = torch.randn(2, 16, 20, 20).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = fn(x)
+    ref = F.conv2d(x.double(), w.double(), padding=dilation * (kernel // 2), dilation=dilation, groups=16)
+    assert rel_err(out.double(), ref) < 1e-6

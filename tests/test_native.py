@@ -164,3 +164,14 @@ def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
             got = block(cl(expected[f"contmix_input_{i}"]))
             assert rel_err(got, expected[f"contmix_output_{i}"]) < 1e-5
     assert calls
+
+
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 40), (13, 20)])
+def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
+    """The kernel choice depends on the map, not the batch (3x3 runs natively on small maps only)."""
+    torch.manual_seed(0)
+    x = cl(torch.randn(3, 16, size, size))
+    w, b = torch.randn(16, 1, kernel, kernel), torch.randn(16)
+    with torch.no_grad():
+        assert torch.equal(depthwise_conv(x, w, b)[1:2], depthwise_conv(x[1:2], w, b))
+    assert all(forced) and bool(forced) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)

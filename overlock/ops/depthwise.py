@@ -286,10 +286,11 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # forward. Real AVX2 EPYC, 2 threads: 1.8-2.4x faster at 13x13-17x17, 1.2-1.6x at 3x3 (benchmarks/README.md).
 # AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
 NATIVE_ISAS = {"AVX2"}
-# Kernels under MIN_TAPS x MIN_TAPS run there only on up to this many output pixels (batch x height x width):
-# 3x3 on 1x384x14x14 1.6x faster, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
+# Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
+# batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
+# faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
 # Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches).
-NATIVE_SMALL_KERNEL_PIXELS = 4096
+NATIVE_SMALL_KERNEL_PIXELS = 1024
 
 
 def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -301,14 +302,16 @@ def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -
     taps = weight.shape[-2] * weight.shape[-1]
     # _native_isa first: it rules out tracing, where the pixel count would be a guard on a symbolic batch size
     return (dilation == 1 and _native_isa(x) and tuple(padding) == (weight.shape[-2] // 2, weight.shape[-1] // 2)
-            and (taps >= MIN_TAPS ** 2 or x.shape[0] * x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
+            and (taps >= MIN_TAPS ** 2 or x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
 
 
 def _native_isa(x: torch.Tensor) -> bool:
-    return (_cpu_isa() in NATIVE_ISAS and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    """Real CPU tensors (not traced, compiled, fake or functional) on a CPU where the kernels are used. The
+    tracing tests come first: under torch.compile, asking the CPU's ISA would break the graph."""
+    return (not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last) and not _cpu_autocast()
-            and not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and native.available())
+            and _cpu_isa() in NATIVE_ISAS and native.available())
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):

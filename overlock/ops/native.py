@@ -134,6 +134,11 @@ class disabled:
         _disabled -= 1
 
 
+def _real(*tensors: Optional[torch.Tensor]) -> bool:
+    """Tensors with memory behind them: not the fake or functional ones of a trace (torch.compile, export)."""
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.cast(t.data_ptr(), _FLOAT_P)
 
@@ -146,7 +151,7 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     multiple of 8, an even kernel side, or tensors that are not float32 CPU. The result is channels_last.
     """
     lib = _library() if _disabled == 0 else None
-    if lib is None or x.dim() != 4 or weight.dim() != 4:
+    if lib is None or not _real(x, weight, bias) or x.dim() != 4 or weight.dim() != 4:
         return None
     N, C, H, W = x.shape
     kh, kw = weight.shape[-2:]
@@ -171,7 +176,7 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     gradient, or ``None`` where the kernel does not apply (as there)."""
     lib = _library() if _disabled == 0 else None
     kh, kw = kernel
-    if (lib is None or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8 or kh % 2 == 0 or kw % 2 == 0
+    if (lib is None or not _real(x, grad_out) or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8 or kh % 2 == 0 or kw % 2 == 0
             or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32 or x.device.type != "cpu"
             or grad_out.device.type != "cpu"):
         return None
@@ -194,7 +199,7 @@ def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
     window, or more than 1024 taps.
     """
     lib = _library() if _disabled == 0 else None
-    if lib is None:
+    if lib is None or not _real(query, keys, bias, value, out):
         return False
     B, G, H, W, C = value.shape
     k = kernel_size
