@@ -18,6 +18,10 @@ dilated depthwise conv is 2-4x slower than that of an undilated one, and its for
 wide reaches (3x3 dilation 7, 9x9 dilation 2). A conv with dilation ``d`` is an undilated conv on the ``d*d``
 sub-maps ``x[:, :, r::d, s::d]`` (:func:`grid_split`), so the backward (and the forward of wide reaches) runs
 there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to dilated convs.
+
+On the CPUs listed in :data:`NATIVE_ISAS` (AVX2), the forward, the input gradient (the forward conv of ``dY``
+with the kernel turned 180 degrees) and, for kernels of ``MIN_TAPS`` or more, the weight gradient run in
+hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from . import native
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge"]
 
-MIN_TAPS = 5  # kernels narrower than this keep the native weight gradient
+MIN_TAPS = 5  # kernels narrower than this keep PyTorch's weight gradient
 
 
 def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int],
@@ -81,12 +85,13 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
     """``dW``: by the hand-written kernel where it runs this conv, else as one depthwise conv for kernels of
     ``MIN_TAPS`` or more; ``None`` for small kernels elsewhere (PyTorch's backward is fast there)."""
     kernel = tuple(weight.shape[-2:])
-    grad_w = None
-    if max(kernel) >= MIN_TAPS and _use_native(x, weight, padding, dilation):
-        grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel)
-    if grad_w is None and max(kernel) >= MIN_TAPS:
+    if max(kernel) < MIN_TAPS:
+        return None
+    grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel) if _use_native(x, weight, padding, dilation) \
+        else None
+    if grad_w is None:
         grad_w = depthwise_weight_grad(x, grad_out, kernel, padding, dilation)
-    return None if grad_w is None else grad_w.to(weight.dtype)
+    return grad_w.to(weight.dtype)
 
 
 def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> Optional[torch.Tensor]:
