@@ -98,7 +98,8 @@ def _library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        _reason = f"off (building {', '.join(src.name for src in SOURCES)} with {cc} failed: {detail.strip()[:300]})"
+        names = ", ".join(src.name for src in SOURCES)
+        _reason = f"off (building {names} with {cc} failed: {detail.strip()[:300]})"
         log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
@@ -176,8 +177,8 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     gradient, or ``None`` where the kernel does not apply (as there)."""
     lib = _library() if _disabled == 0 else None
     kh, kw = kernel
-    if (lib is None or not _real(x, grad_out) or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8 or kh % 2 == 0 or kw % 2 == 0
-            or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32 or x.device.type != "cpu"
+    if (lib is None or not _real(x, grad_out) or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8
+            or kh % 2 == 0 or kw % 2 == 0 or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32 or x.device.type != "cpu"
             or grad_out.device.type != "cpu"):
         return None
     N, C, H, W = x.shape
