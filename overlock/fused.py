@@ -29,8 +29,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv
+from .ops import native
 
-__all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "DepthwiseConv", "InplaceAct",
+__all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "FusedSE", "DepthwiseConv", "InplaceAct",
            "FastGRN", "CHUNK_BYTES"]
 
 CHUNK_BYTES = 8 << 20  # largest intermediate map per batch chunk in FusedRepConvBlock
@@ -102,11 +103,15 @@ class InplaceAct(nn.Module):
 def grn_scale(gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """GRN's per-sample channel scale ``gamma * nx + 1`` (``GRN(x) == x * scale + beta``).
 
-    Without autograd the spatial norm is a plain sum of squares (much faster on CPU than ``vector_norm``).
+    Without autograd the spatial norm is a plain sum of squares (much faster on CPU than ``vector_norm``); on a
+    channels_last CPU map the whole scale is one pass of a hand-written kernel (``ops.native.grn_scale``).
     """
     if torch.is_grad_enabled() and x.requires_grad:
         gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
     else:
+        scale = None if _tracing() or x.device.type != "cpu" else native.grn_scale(x, gamma)
+        if scale is not None:
+            return scale
         gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()
     return torch.addcmul(torch.ones_like(gamma), gamma, gx / (gx.mean(dim=1, keepdim=True) + 1e-6))
 
@@ -120,6 +125,29 @@ class FastGRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.beta, x, grn_scale(self.gamma, x))
+
+
+class FusedSE(nn.Module):
+    """``SEModule`` for inference: the pooled vector goes through two plain ``(B, C)`` matmuls.
+
+    The official SE runs its MLP as 1x1 convs on ``(B, C, 1, 1)`` maps: five ops with layout work each, which at
+    batch 1 cost many times their arithmetic (GELU on a 32-element channels_last map took 60 us).
+    """
+
+    def __init__(self, se: nn.Module):
+        super().__init__()
+        _pool, fc1, act, fc2, _gate = se.proj
+        self.approximate = act.approximate
+        self.fc1_weight, self.fc1_bias = _param(fc1.weight.flatten(1), fc1.weight), fc1.bias
+        self.fc2_weight, self.fc2_bias = _param(fc2.weight.flatten(1), fc2.weight), fc2.bias
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate, ``(B, C, 1, 1)``."""
+        s = F.gelu(F.linear(x.mean(dim=(2, 3)), self.fc1_weight, self.fc1_bias), approximate=self.approximate)
+        return torch.sigmoid(F.linear(s, self.fc2_weight, self.fc2_bias))[:, :, None, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(x)
 
 
 def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
@@ -262,7 +290,7 @@ class FusedRepConvBlock(nn.Module):
         self.dwconv = block.dwconv.fuse() if hasattr(block.dwconv, "fuse") else block.dwconv
         self.norm = norm
         self.large_kernel = _conv_with_bn(large_kernel, bn)
-        self.se = se
+        self.se = se.fuse()
         self.mlp = FusedGrnMlp(nn.Sequential(*mlp), layer_scale=None if self.res_scale else block.ls)
         self.hidden_dim = mlp[0].out_channels
         if self.res_scale and isinstance(block.ls, LayerScale):

@@ -209,3 +209,37 @@ def test_forward_intermediates_stop_early_and_norm():
         model.forward_intermediates(x, norm=True)
     features = timm.create_model("test_overlock", features_only=True, out_indices=(1, 2))
     assert features.feature_info.channels() == [32, 88]
+
+
+@pytest.mark.parametrize("memory_format", FORMATS)
+def test_fused_se_is_the_same_gate(memory_format):
+    """SE's MLP on the pooled ``(B, C)`` vector (fused) equals the official 1x1 convs on ``(B, C, 1, 1)`` maps."""
+    from overlock.layers import SEModule
+    torch.manual_seed(0)
+    se = randomize(SEModule(32))
+    with torch.no_grad():
+        for p in se.parameters():
+            p.normal_()
+    fused = se.fuse()
+    assert isinstance(fused, F_.FusedSE)
+    x = torch.randn(3, 32, 5, 7).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        assert fused.scale(x).shape == (3, 32, 1, 1)
+        assert rel_err(fused.scale(x), se.scale(x)) < 1e-6
+        assert rel_err(fused(x), se(x)) < 1e-6
+
+
+def test_pointwise_conv_on_a_channel_slice_is_one_gemm(monkeypatch):
+    """A channel slice of a channels_last map (ContMix's query half) takes the GEMM path, with conv's values."""
+    from overlock.layers import PointwiseConv
+    torch.manual_seed(0)
+    conv = PointwiseConv(16, 8)
+    x = torch.randn(2, 24, 5, 6).contiguous(memory_format=torch.channels_last)[:, :16]
+    assert not x.is_contiguous(memory_format=torch.channels_last)
+    gemm = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: gemm.append(1) or real(*a))
+    with torch.no_grad():
+        out = conv(x)
+        ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+    assert gemm and rel_err(out, ref) < 1e-6 and out.is_contiguous(memory_format=torch.channels_last)

@@ -128,7 +128,7 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    assert line.startswith("off (building depthwise_avx2.c, neighborhood_avx2.c with false failed"), line
+    assert line.startswith("off (building depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built
 
@@ -175,3 +175,45 @@ def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
     with torch.no_grad():
         assert torch.equal(depthwise_conv(x, w, b)[1:2], depthwise_conv(x[1:2], w, b))
     assert all(forced) and bool(forced) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)
+
+
+def test_kernel_copy_is_kept_per_parameter_and_renewed_when_it_changes():
+    """A fused model's depthwise weights are laid out for the kernel once; loading or editing them is seen."""
+    torch.manual_seed(0)
+    x = cl(torch.randn(2, 16, 9, 9))
+    w = torch.nn.Parameter(torch.randn(16, 1, 5, 5))
+    with torch.no_grad():
+        assert native._taps(w) is native._taps(w)  # kept between calls
+        first = native.depthwise_conv2d_same(x, w)
+        w.mul_(2)  # in place: the version counter moves
+        second = native.depthwise_conv2d_same(x, w)
+        w.copy_(torch.randn(16, 1, 5, 5))
+        third = native.depthwise_conv2d_same(x, w)
+    assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-5)
+    assert rel_err(third, F.conv2d(x.double(), w.detach().double(), padding=2, groups=16)) < 1e-6
+    w.requires_grad_(True)
+    assert native._taps(w) is not native._taps(w)  # autograd on: never cached (a training step edits the weight)
+
+
+@pytest.mark.parametrize("shape", [(1, 768, 14, 14), (3, 24, 5, 7), (2, 40, 1, 1), (2, 64, 33, 17)])
+def test_grn_scale_matches_float64(shape):
+    """GRN's per-sample scale ``1 + gamma * nx`` in one pass (fused models): PyTorch's formula in float64."""
+    from overlock.layers import GRN
+    torch.manual_seed(0)
+    x = cl(torch.randn(shape) * 3)
+    grn = GRN(shape[1])
+    with torch.no_grad():
+        grn.gamma.normal_()
+        got = native.grn_scale(x, grn.gamma)
+        ref = grn.gamma.double() * grn.double().response(x.double()) + 1
+    assert got.shape == (shape[0], shape[1], 1, 1) and rel_err(got, ref) < 1e-6
+
+
+def test_grn_scale_declines_what_it_does_not_cover():
+    gamma = torch.randn(1, 16, 1, 1)
+    assert native.grn_scale(torch.randn(2, 16, 5, 5), gamma) is None                  # NCHW
+    assert native.grn_scale(cl(torch.randn(2, 12, 5, 5)), torch.randn(1, 12, 1, 1)) is None  # 12 channels
+    x = cl(torch.randn(2, 16, 5, 5)).requires_grad_()
+    assert native.grn_scale(x, gamma) is None                                          # autograd
+    with torch.no_grad():
+        assert native.grn_scale(x, gamma) is not None

@@ -20,16 +20,18 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "na2d_softmax_av", "status",
-           "disabled"]
+__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "na2d_softmax_av", "grn_scale",
+           "status", "disabled"]
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
+                                                                       "grn_avx2.c")]
 _FLOAT_P = ctypes.POINTER(ctypes.c_float)
 _reason = "not loaded yet"
 _disabled = 0  # > 0 inside `disabled()`
@@ -106,6 +108,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_avx2.argtypes = [_FLOAT_P] * 4 + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int] * 6
+    lib.overlock_grn_scale_avx2.restype = ctypes.c_int
+    lib.overlock_grn_scale_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_avx2.argtypes = [_FLOAT_P] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
     _reason = f"on ({target})"
@@ -144,6 +148,29 @@ def _ptr(t: Optional[torch.Tensor]):
     return None if t is None else ctypes.cast(t.data_ptr(), _FLOAT_P)
 
 
+_tap_cache: dict = {}  # id(parameter) -> (weak reference, (version, data pointer), tap-major copy)
+
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel as ``(kh*kw, C)``: a vector of channels per tap, the layout the C loop reads.
+
+    A parameter used without autograd (a fused inference model) keeps its copy between calls, checked against its
+    version counter and storage (``load_state_dict`` or an in-place edit makes a new copy; writes through ``.data``
+    bypass the counter, as they do for autograd): at batch 1 the copy cost as much as a 3x3 conv on a 14x14 map.
+    """
+    C = weight.shape[0]
+    if not isinstance(weight, torch.nn.Parameter) or (torch.is_grad_enabled() and weight.requires_grad):
+        return weight.detach().reshape(C, -1).t().contiguous()
+    key, stamp = id(weight), (weight._version, weight.data_ptr())
+    hit = _tap_cache.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable in and out of inference mode
+        taps = weight.detach().reshape(C, -1).t().contiguous()
+    _tap_cache[key] = (weakref.ref(weight, lambda _, key=key: _tap_cache.pop(key, None)), stamp, taps)
+    return taps
+
+
 def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
                           ) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` on float32 channels_last CPU maps.
@@ -161,8 +188,8 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != C))):
         return None
     x = x.contiguous(memory_format=torch.channels_last)
-    w = weight.detach().reshape(C, kh * kw).t().contiguous()  # (kh*kw, C): a vector of channels per tap
-    b = None if bias is None else bias.detach().contiguous()
+    w = _taps(weight)
+    b = None if bias is None else bias.contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if N * H * W:
         rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw)
@@ -178,8 +205,8 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     lib = _library() if _disabled == 0 else None
     kh, kw = kernel
     if (lib is None or not _real(x, grad_out) or x.dim() != 4 or x.shape != grad_out.shape or x.shape[1] % 8
-            or kh % 2 == 0 or kw % 2 == 0 or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32 or x.device.type != "cpu"
-            or grad_out.device.type != "cpu"):
+            or kh % 2 == 0 or kw % 2 == 0 or kw > 64 or x.dtype != torch.float32 or grad_out.dtype != torch.float32
+            or x.device.type != "cpu" or grad_out.device.type != "cpu"):
         return None
     N, C, H, W = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
@@ -214,3 +241,22 @@ def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
         _ptr(q), _ptr(kk), _ptr(b), _ptr(value), _ptr(out), B, G, H, W, q.shape[-1], C, k,
         value.stride(0), value.stride(1), value.stride(3), out.stride(0), out.stride(1), out.stride(3))
     return rc == 0
+
+
+def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
+    """GRN's per-sample channel scale ``1 + gamma * nx`` as ``(B, C, 1, 1)``, in one pass over a float32
+    channels_last CPU map (no autograd); ``None`` where the kernel does not apply (then compute it in PyTorch)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _real(x, gamma) or x.dim() != 4:
+        return None
+    B, C, H, W = x.shape
+    if (C % 8 or gamma.numel() != C or x.dtype != torch.float32 or gamma.dtype != torch.float32
+            or x.device.type != "cpu" or gamma.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad))):
+        return None
+    g = gamma.contiguous()
+    out = x.new_empty(B, C, 1, 1)
+    if B and lib.overlock_grn_scale_avx2(_ptr(x), _ptr(g), _ptr(out), B, H * W, C) != 0:
+        return None
+    return out

@@ -45,12 +45,51 @@ static inline int window_start(int i, int k, int len) {
     return s;
 }
 
+/* acc[dx mod 4][h] (the columns past the last multiple of 4: acc[0]) += w[tap] * v[window pixel, c0 + 8h ..] over the k x k window at (sy, sx); CV halves of 8. */
+INLINE void window_sum(const float *vg, long vpix, const float *w, int k, int W, int sy, int sx, int c0,
+                       __m256 acc[4][2], const int CV) {
+    int a = 0;
+    for (int dy = 0; dy < k; dy++) {
+        const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
+        int dx = 0;
+        for (; dx + 4 <= k; dx += 4, a += 4)
+            for (int t = 0; t < 4; t++) {
+                const __m256 wa = _mm256_set1_ps(w[a + t]);
+                for (int h = 0; h < CV; h++)
+                    acc[t][h] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)(dx + t) * vpix + 8 * h), acc[t][h]);
+            }
+        for (; dx < k; dx++, a++) {
+            const __m256 wa = _mm256_set1_ps(w[a]);
+            for (int h = 0; h < CV; h++)
+                acc[0][h] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix + 8 * h), acc[0][h]);
+        }
+    }
+}
+
 /* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
 INLINE void pixel(const float *qp, const float *keys, const float *bp, const float *vg, long vpix, float *o,
                   int c, int kk, int k, int W, int sy, int sx, int C, float *w) {
-    const int nv = (kk + 7) / 8;
+    const int nv = (kk + 7) / 8, full = kk / 8;
     __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int a = 0; a < nv; a++) {
+    int a = 0;
+    for (; a + 4 <= full; a += 4) {  /* four logit vectors at a time: one broadcast of q[j] serves four FMAs */
+        const float *kp = keys + a * 8;
+        __m256 s0 = _mm256_loadu_ps(bp + a * 8), s1 = _mm256_loadu_ps(bp + a * 8 + 8);
+        __m256 s2 = _mm256_loadu_ps(bp + a * 8 + 16), s3 = _mm256_loadu_ps(bp + a * 8 + 24);
+        for (int j = 0; j < c; j++, kp += kk) {
+            const __m256 qj = _mm256_set1_ps(qp[j]);
+            s0 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp), s0);
+            s1 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp + 8), s1);
+            s2 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp + 16), s2);
+            s3 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp + 24), s3);
+        }
+        _mm256_storeu_ps(w + a * 8, s0);
+        _mm256_storeu_ps(w + a * 8 + 8, s1);
+        _mm256_storeu_ps(w + a * 8 + 16, s2);
+        _mm256_storeu_ps(w + a * 8 + 24, s3);
+        mx = _mm256_max_ps(_mm256_max_ps(mx, _mm256_max_ps(s0, s1)), _mm256_max_ps(s2, s3));
+    }
+    for (; a < nv; a++) {
         const int a0 = a * 8;
         __m256 acc;
         if (a0 + 8 <= kk) {
@@ -87,21 +126,19 @@ INLINE void pixel(const float *qp, const float *keys, const float *bp, const flo
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
     const float inv = 1.0f / _mm_cvtss_f32(s4);
+    const __m256 sc = _mm256_set1_ps(inv);
     for (int c0 = 0; c0 < C; c0 += 16) {
-        const int two = c0 + 16 <= C;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int a = 0;
-        for (int dy = 0; dy < k; dy++) {
-            const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
-            for (int dx = 0; dx < k; dx++, a++) {
-                const __m256 wa = _mm256_set1_ps(w[a]);
-                a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix), a0);
-                if (two) a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix + 8), a1);
-            }
+        /* four accumulator pairs (taps dx mod 4): independent FMA chains instead of one long one */
+        __m256 acc[4][2];
+        for (int t = 0; t < 4; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        if (c0 + 16 <= C)
+            window_sum(vg, vpix, w, k, W, sy, sx, c0, acc, 2);
+        else
+            window_sum(vg, vpix, w, k, W, sy, sx, c0, acc, 1);
+        for (int h = 0; h < (c0 + 16 <= C ? 2 : 1); h++) {
+            const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]), _mm256_add_ps(acc[2][h], acc[3][h]));
+            _mm256_storeu_ps(o + c0 + 8 * h, _mm256_mul_ps(t, sc));
         }
-        const __m256 sc = _mm256_set1_ps(inv);
-        _mm256_storeu_ps(o + c0, _mm256_mul_ps(a0, sc));
-        if (two) _mm256_storeu_ps(o + c0 + 8, _mm256_mul_ps(a1, sc));
     }
 }
 
