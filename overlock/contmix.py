@@ -29,7 +29,8 @@ from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerSc
                      SEModule, conv_bn)
 from .ops.neighborhood import BACKENDS, na2d_av, na2d_softmax_av, rpb_index
 
-__all__ = ["context_mix", "context_mix_reference", "window_biases", "ContMixCore", "ContMixBlock", "set_backend", "get_backend", "use_backend", "BACKEND_NAMES"]
+__all__ = ["context_mix", "context_mix_reference", "window_biases", "ContMixCore", "ContMixBlock", "set_backend",
+           "get_backend", "use_backend", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("tiled", "unfold", "naive")
 _backend = os.environ.get("OVERLOCK_CONTMIX_BACKEND", "tiled")

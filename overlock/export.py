@@ -1,4 +1,5 @@
-"""Export of OverLoCK classifiers (and UperNet segmenters) in their fused inference form to ONNX and ``torch.export``, verified on export.
+"""Export of OverLoCK classifiers (and UperNet segmenters) in their fused inference form to ONNX and
+``torch.export``, verified on export.
 
 The model is loaded from a checkpoint (official or project, training or deploy form), put in eval mode and
 fused with ``timm.utils.reparameterize_model`` (the deploy form), then traced with ``torch.export``; ONNX goes

@@ -196,7 +196,8 @@ class DilatedReparamBlock(nn.Module):
     def __init__(self, channels: int, kernel_size: int, deploy: bool = False):
         super().__init__()
         if kernel_size not in _DILATED_BRANCHES:
-            raise ValueError(f"DilatedReparamBlock supports kernel sizes {sorted(_DILATED_BRANCHES)}, got {kernel_size}")
+            raise ValueError(f"DilatedReparamBlock supports kernel sizes {sorted(_DILATED_BRANCHES)}, "
+                             f"got {kernel_size}")
         self.kernel_size = kernel_size
         self.kernel_sizes, self.dilates = _DILATED_BRANCHES[kernel_size]
         self.lk_origin = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,

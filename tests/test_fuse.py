@@ -163,8 +163,8 @@ def test_reparam_model_fuse_false_is_the_official_deploy_form(tiny_config, expec
     model = timm.create_model("overlock_t_reparam", fuse=False, **tiny_config)
     official = torch.load(DATA / "classification_reparam.pth", weights_only=True)["state_dict"]
     assert set(model.state_dict()) == {k for k in official if not k.startswith("aux_head")}
-    fused = timm.create_model("overlock_t_reparam", pretrained=True, **tiny_config,
-                              pretrained_cfg_overlay=dict(file=str(DATA / "classification_reparam.pth"), num_classes=10))
+    overlay = dict(file=str(DATA / "classification_reparam.pth"), num_classes=10)
+    fused = timm.create_model("overlock_t_reparam", pretrained=True, **tiny_config, pretrained_cfg_overlay=overlay)
     with torch.no_grad():
         assert rel_err(fused(expected["input_1"]), expected["logits_reparam_1"]) < 1e-5
 

@@ -45,7 +45,8 @@ static inline int window_start(int i, int k, int len) {
     return s;
 }
 
-/* acc[dx mod 4][h] (the columns past the last multiple of 4: acc[0]) += w[tap] * v[window pixel, c0 + 8h ..] over the k x k window at (sy, sx); CV halves of 8. */
+/* acc[dx mod 4][h] += w[tap] * v[window pixel, c0 + 8h ..] over the k x k window at (sy, sx), CV halves of 8
+ * channels; the columns past the last multiple of 4 go to acc[0]. */
 INLINE void window_sum(const float *vg, long vpix, const float *w, int k, int W, int sy, int sx, int c0,
                        __m256 acc[4][2], const int CV) {
     int a = 0;
