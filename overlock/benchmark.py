@@ -285,19 +285,16 @@ def measure_in_subprocess(cfg: BenchConfig, timeout: Optional[float] = None) -> 
     return dict(dataclasses.asdict(cfg), error="\n".join(tail) or f"worker exited with {proc.returncode}")
 
 
-def _cpu_isa() -> Optional[str]:
+def _cpu_isa() -> str:
     """The vector ISA PyTorch's CPU kernels use here (``AVX512``, ``AVX2``, ...): timings differ between them."""
-    import torch
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # torch < 2.1
-        return None
+    from .ops import native
+    return native.cpu_isa()
 
 
 def _native_status() -> str:
     """Whether the hand-written CPU kernels ran (and on which ISAs the model uses them), or why not."""
-    from .ops import depthwise, native
-    return f"{native.status()}; used on {', '.join(sorted(depthwise.NATIVE_ISAS))}"
+    from .ops import native
+    return f"{native.status()}; used on {', '.join(sorted(native.NATIVE_ISAS))}"
 
 
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")

@@ -115,9 +115,9 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
 
 def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
     """Both aggregations by the fused hand-written kernel (ops/native.py) into one ``(B, H, W, 2, G, cv)``
-    buffer, on the CPUs where the depthwise kernels are used; ``None`` where it does not apply."""
-    from .ops import depthwise, native
-    if depthwise._cpu_isa() not in depthwise.NATIVE_ISAS or v.device.type != "cpu" or not native.available():
+    buffer, on the CPUs where the hand-written kernels are used; ``None`` where it does not apply."""
+    from .ops import native
+    if v.device.type != "cpu" or not native.used_here():
         return None
     _, B, G, H, W, cv = v.shape
     ss = smk_size * smk_size

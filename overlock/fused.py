@@ -109,7 +109,7 @@ def grn_scale(gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         gx = torch.linalg.vector_norm(x, dim=(-1, -2), keepdim=True)
     else:
-        scale = None if _tracing() or x.device.type != "cpu" else native.grn_scale(x, gamma)
+        scale = None if _tracing() or x.device.type != "cpu" or not native.used_here() else native.grn_scale(x, gamma)
         if scale is not None:
             return scale
         gx = x.square().sum(dim=(-1, -2), keepdim=True).sqrt()

@@ -62,7 +62,7 @@ def forced(monkeypatch):
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(depthwise, "NATIVE_ISAS", {depthwise._cpu_isa()})
+    monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
     monkeypatch.setattr(native, "depthwise_conv2d_same", spy)
     return calls
 

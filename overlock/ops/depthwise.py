@@ -19,14 +19,13 @@ wide reaches (3x3 dilation 7, 9x9 dilation 2). A conv with dilation ``d`` is an 
 sub-maps ``x[:, :, r::d, s::d]`` (:func:`grid_split`), so the backward (and the forward of wide reaches) runs
 there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to dilated convs.
 
-On the CPUs listed in :data:`NATIVE_ISAS` (AVX2), the forward, the input gradient (the forward conv of ``dY``
+On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2), the forward, the input gradient (the forward conv of ``dY``
 with the kernel turned 180 degrees) and, for kernels of ``MIN_TAPS`` or more, the weight gradient run in
 hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -287,10 +286,7 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
     return WIDENED_KERNELS.get(_cpu_isa(), {}).get(k, k)
 
 
-# CPU vector ISAs on which the hand-written kernel (ops/native.py, csrc/depthwise_avx2.c) replaces oneDNN's
-# forward. Real AVX2 EPYC, 2 threads: 1.8-2.4x faster at 13x13-17x17, 1.2-1.6x at 3x3 (benchmarks/README.md).
-# AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
-NATIVE_ISAS = {"AVX2"}
+# Where the hand-written kernels replace oneDNN's: native.NATIVE_ISAS (AVX2).
 # Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
 # batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
 # faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
@@ -316,11 +312,11 @@ def _native_isa(x: torch.Tensor) -> bool:
     return (not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
             and type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last) and not _cpu_autocast()
-            and _cpu_isa() in NATIVE_ISAS and native.available())
+            and native.used_here())
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):
-    """The forward: the hand-written kernel where it is faster (:data:`NATIVE_ISAS`), else oneDNN's, with a slow
+    """The forward: the hand-written kernel where it is faster (``native.NATIVE_ISAS``), else oneDNN's, with a slow
     kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
     if _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias):
         y = native.depthwise_conv2d_same(x, weight, bias)
@@ -335,6 +331,6 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return F.conv2d(x, weight, bias, padding=padding, dilation=dilation, groups=weight.shape[0])
 
 
-@functools.lru_cache(maxsize=None)
 def _cpu_isa() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+    """The CPU's vector ISA, for the rules about oneDNN's kernels above (tests replace it)."""
+    return native.cpu_isa()

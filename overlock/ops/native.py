@@ -26,14 +26,18 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "depthwise_conv2d_same", "depthwise_weight_grad_same", "na2d_softmax_av", "grn_scale",
-           "status", "disabled"]
+__all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_weight_grad_same",
+           "na2d_softmax_av", "grn_scale", "status", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
                                                                        "grn_avx2.c")]
-_FLOAT_P = ctypes.POINTER(ctypes.c_float)
+_FLOAT_P = ctypes.c_void_p  # float buffers, passed as addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
+# CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
+# forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2-7x (benchmarks/README.md).
+# AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
+NATIVE_ISAS = {"AVX2"}
 _disabled = 0  # > 0 inside `disabled()`
 
 
@@ -81,8 +85,8 @@ def _library() -> Optional[ctypes.CDLL]:
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         _reason = f"off (written for x86-64 Linux, this is {platform.system()} {platform.machine()})"
         return None
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        _reason = f"off (the CPU lacks AVX2: {torch.backends.cpu.get_cpu_capability()})"
+    if cpu_isa() not in ("AVX2", "AVX512"):
+        _reason = f"off (the CPU lacks AVX2: {cpu_isa()})"
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     omp = _openmp_runtime()
@@ -121,6 +125,21 @@ def available() -> bool:
     return _disabled == 0 and _library() is not None
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_isa() -> str:
+    """The vector ISA PyTorch's CPU kernels use here (``AVX512``, ``AVX2``, ``DEFAULT``...)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # torch < 2.1
+        return "unknown"
+
+
+def used_here() -> bool:
+    """Whether the model uses the kernels on this machine: built and loaded, and a CPU in :data:`NATIVE_ISAS`.
+    Not for traced or compiled code (asking the ISA there breaks the graph): callers test that first."""
+    return cpu_isa() in NATIVE_ISAS and available()
+
+
 def status() -> str:
     """One line for ``overlock info``: on (with the library's path) or off, and why."""
     _library()
@@ -144,8 +163,8 @@ def _real(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else ctypes.cast(t.data_ptr(), _FLOAT_P)
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
 
 
 _tap_cache: dict = {}  # id(parameter) -> (weak reference, (version, data pointer), tap-major copy)
