@@ -58,3 +58,19 @@ def test_environment_records_isa_caps(monkeypatch):
     assert "isa_caps" not in environment()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert environment()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_rounds_report_the_median_round_and_ratio_ranges(tmp_path, capsys):
+    """``--rounds``: every configuration measured in turn each round; the ratio to a --compare model is taken
+    within each round, the record keeps its median and range and every round's throughput."""
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", "--model", "test_overlock", "--compare", "resnet10t", "--in-process", "-b", "1",
+                 "--img-size", "32", "--warmup", "1", "--repeats", "1", "--rounds", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    ours, other = data["results"]
+    assert data["rounds"] == 3 and len(ours["rounds_img_per_s"]) == len(other["rounds_img_per_s"]) == 3
+    assert ours["img_per_s"] == sorted(ours["rounds_img_per_s"])[1]  # the median round's own figures
+    lo, hi = other["speedup_of_ours_range"]
+    assert lo <= other["speedup_of_ours"] <= hi and ours["speedup_vs_resnet10t"] == other["speedup_of_ours"]
+    printed = capsys.readouterr().out
+    assert "round 3 of 3" in printed and "median over 3 rounds" in printed

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (faster start; peak memory then includes earlier runs)")
     p.add_argument("--timeout", type=positive_float, default=None, help="seconds allowed per measurement")
+    p.add_argument("--rounds", type=positive_int, default=1,
+                   help="measure every configuration this many times, alternating between them, and report the "
+                        "median round and each ratio's median and range (for machines whose speed drifts)")
     p.add_argument("--json", metavar="PATH", default=None, help="write machine, versions, command and results")
 
 
@@ -84,6 +87,71 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
+def _compare_with(results: list, cfgs: list, compare: list) -> None:
+    """Ratios within one round: each official twin (a baseline row) against the OverLoCK row before it, each
+    ``--compare`` model against the first ``--model`` row of the same mode and size. Set on both rows:
+    ``speedup_of_ours`` / ``memory_of_ours`` on the compared row, ``speedup_vs_<what>`` / ``memory_vs_<what>`` on ours.
+    """
+    ours, first = None, {}
+    for cfg, r in zip(cfgs, results):
+        key = (cfg.mode, cfg.img_size)
+        is_compare = cfg.model in compare and not cfg.baseline
+        if "error" in r:
+            ours = None if not cfg.baseline else ours
+            continue
+        if cfg.baseline:
+            ref, name = ours, "official_code" if cfg.official_code else "official"
+        elif is_compare:
+            ref, name = first.get(key), cfg.model
+        else:
+            ours = r
+            first.setdefault(key, r)
+            continue
+        if ref is None:
+            continue
+        r["speedup_of_ours"] = ref["img_per_s"] / r["img_per_s"]
+        ref[f"speedup_vs_{name}"] = r["speedup_of_ours"]
+        if r.get("peak_mb") and ref.get("peak_mb") is not None:
+            r["memory_of_ours"] = ref["peak_mb"] / r["peak_mb"]
+            ref[f"memory_vs_{name}"] = r["memory_of_ours"]
+
+
+RATIO_PREFIXES = ("speedup_of_ours", "memory_of_ours", "speedup_vs_", "memory_vs_")
+
+
+def _median_round(rounds: list) -> dict:
+    """One configuration over several rounds: the round with the median throughput, each ratio replaced by its
+    median over the rounds (with ``<ratio>_range``: lowest and highest), every round's throughput listed."""
+    import statistics
+
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    out = dict(sorted(ok, key=lambda r: r["img_per_s"])[len(ok) // 2])
+    out["rounds_img_per_s"] = [r["img_per_s"] for r in ok]
+    out["rounds_failed"] = len(rounds) - len(ok)
+    for key in {k for r in ok for k in r if k.startswith(RATIO_PREFIXES) and not k.endswith("_range")}:
+        values = [r[key] for r in ok if key in r]
+        out[key], out[f"{key}_range"] = statistics.median(values), [min(values), max(values)]
+    return out
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['label']} | error: {r['error'].splitlines()[-1]} |||||"
+    vs = ""
+    if "speedup_of_ours" in r:
+        vs = f"{r['speedup_of_ours']:.2f}x"
+        if "speedup_of_ours_range" in r:
+            lo, hi = r["speedup_of_ours_range"]
+            vs += f" ({lo:.2f}-{hi:.2f})"
+    return (f"| {r['label']} | {r['img_per_s']:.2f} | {r['latency_ms']:.1f} | {r['ms_per_img']:.1f} | "
+            f"{_fmt(r.get('peak_mb'), '.0f')} | {vs} |")
+
+
+HEADER = "| run | img/s | latency ms | ms/img | peak MB | our speed-up over this row |\n|---|---|---|---|---|---|"
+
+
 def run(args: argparse.Namespace) -> int:
     from overlock.benchmark import environment, measure, measure_in_subprocess
 
@@ -97,31 +165,29 @@ def run(args: argparse.Namespace) -> int:
     caps = f", capped by {' '.join(f'{k}={v}' for k, v in env['isa_caps'].items())}" if env.get("isa_caps") else ""
     print(f"# {env['cpu']} ({env['cpu_count']} cpus, {env['cpu_isa']}{caps}), torch {env['torch']}, timm {env['timm']}",
           flush=True)
-    results = []
-    ours = None  # the latest non-baseline result: baselines are compared with it
-    print("| run | img/s | latency ms | ms/img | peak MB | our speed-up over this row |")
-    print("|---|---|---|---|---|---|", flush=True)
-    for cfg in configs(args):
-        r = measure(cfg) if args.in_process else measure_in_subprocess(cfg, args.timeout)
-        results.append(r)
-        if "error" in r:
-            ours = None if not cfg.baseline else ours
-            print(f"| {cfg.label} | error: {r['error'].splitlines()[-1]} |||||", flush=True)
-            continue
-        if not cfg.baseline:
-            ours = r
-        elif ours is not None:
-            key = "official_code" if cfg.official_code else "official"
-            r["speedup_of_ours"] = ours["img_per_s"] / r["img_per_s"]
-            ours[f"speedup_vs_{key}"] = r["speedup_of_ours"]
-            if r.get("peak_mb") and ours.get("peak_mb") is not None:
-                ours[f"memory_vs_{key}"] = ours["peak_mb"] / r["peak_mb"]
-        vs = f"{r['speedup_of_ours']:.2f}x" if "speedup_of_ours" in r else ""
-        print(f"| {r['label']} | {r['img_per_s']:.2f} | {r['latency_ms']:.1f} | {r['ms_per_img']:.1f} | "
-              f"{_fmt(r.get('peak_mb'), '.0f')} | {vs} |", flush=True)
+    cfgs = configs(args)
+    rounds = getattr(args, "rounds", 1)
+    per_round = []
+    for i in range(rounds):
+        if rounds > 1:
+            print(f"\nround {i + 1} of {rounds}")
+        print(HEADER, flush=True)
+        results = []
+        for cfg in cfgs:  # a compared row comes after the row it is compared with: ratios as rows come
+            r = measure(cfg) if args.in_process else measure_in_subprocess(cfg, args.timeout)
+            results.append(r)
+            _compare_with(results, cfgs[:len(results)], list(args.compare))
+            print(_row(r), flush=True)
+        per_round.append(results)
+    results = [_median_round([rnd[j] for rnd in per_round]) for j in range(len(cfgs))]
+    if rounds > 1:
+        print(f"\nmedian over {rounds} rounds (ratios: median, lowest-highest)")
+        print(HEADER)
+        for r in results:
+            print(_row(r))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(command="overlock benchmark " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["benchmark"]
-                           else " ".join(sys.argv), environment=env, results=results), f, indent=2)
+                           else " ".join(sys.argv), environment=env, rounds=rounds, results=results), f, indent=2)
         print(f"wrote {args.json}")
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if any("error" in r for rnd in per_round for r in rnd) else 0
