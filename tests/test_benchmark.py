@@ -70,6 +70,7 @@ def test_rounds_report_the_median_round_and_ratio_ranges(tmp_path, capsys):
     ours, other = data["results"]
     assert data["rounds"] == 3 and len(ours["rounds_img_per_s"]) == len(other["rounds_img_per_s"]) == 3
     assert ours["img_per_s"] == sorted(ours["rounds_img_per_s"])[1]  # the median round's own figures
+    assert len(ours["rounds_latency_min_ms"]) == 3
     lo, hi = other["speedup_of_ours_range"]
     assert lo <= other["speedup_of_ours"] <= hi and ours["speedup_vs_resnet10t"] == other["speedup_of_ours"]
     printed = capsys.readouterr().out

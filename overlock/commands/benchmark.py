@@ -121,7 +121,8 @@ RATIO_PREFIXES = ("speedup_of_ours", "memory_of_ours", "speedup_vs_", "memory_vs
 
 def _median_round(rounds: list) -> dict:
     """One configuration over several rounds: the round with the median throughput, each ratio replaced by its
-    median over the rounds (with ``<ratio>_range``: lowest and highest), every round's throughput listed."""
+    median over the rounds (with ``<ratio>_range``: lowest and highest), every round's throughput and best
+    latency listed."""
     import statistics
 
     ok = [r for r in rounds if "error" not in r]
@@ -129,6 +130,7 @@ def _median_round(rounds: list) -> dict:
         return rounds[-1]
     out = dict(sorted(ok, key=lambda r: r["img_per_s"])[len(ok) // 2])
     out["rounds_img_per_s"] = [r["img_per_s"] for r in ok]
+    out["rounds_latency_min_ms"] = [r["latency_min_ms"] for r in ok if "latency_min_ms" in r]
     out["rounds_failed"] = len(rounds) - len(ok)
     for key in {k for r in ok for k in r if k.startswith(RATIO_PREFIXES) and not k.endswith("_range")}:
         values = [r[key] for r in ok if key in r]
