@@ -6,19 +6,21 @@ set -e
 OVERLOCK=${OVERLOCK:-.venv/bin/overlock}
 OUT=${OUT:-benchmarks}
 OFFICIAL=${OFFICIAL_CODE:+--official-code $OFFICIAL_CODE}
+# ROUNDS=N alternates the configurations of rows 1-2b N times (machines whose speed drifts): median and range
+ROUNDS=${ROUNDS:-1}
 PY=${PY:-.venv/bin/python}
 # files are named for the CPU's vector ISA (timings differ between AVX2 and AVX-512 machines); the files
 # without a suffix are the AVX2 records made before this naming
 ISA=${ISA:-_$($PY -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())")}
 # 1. overlock_t inference, batch 16, 224 px: deploy form + channels_last vs the official method and convnext_tiny
 $OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode infer -b 16 --img-size 224 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_infer_t_b16_224$ISA.json
+    --warmup 1 --repeats 3 --rounds $ROUNDS --json $OUT/cpu_infer_t_b16_224$ISA.json
 # 2. overlock_t training step (aux loss, AdamW), batch 8, 224 px vs the official method
 $OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode train -b 8 --img-size 224 \
-    --warmup 1 --repeats 3 --json $OUT/cpu_train_t_b8_224$ISA.json
+    --warmup 1 --repeats 3 --rounds $ROUNDS --json $OUT/cpu_train_t_b8_224$ISA.json
 # 2b. overlock_t batch-1 latency, 224 px (issue #12: at most 1.5x convnext_tiny's)
 $OVERLOCK benchmark --model overlock_t --compare convnext_tiny --official $OFFICIAL --mode infer -b 1 --img-size 224 \
-    --warmup 2 --repeats 10 --json $OUT/cpu_infer_t_b1_224$ISA.json
+    --warmup 2 --repeats 10 --rounds $ROUNDS --json $OUT/cpu_infer_t_b1_224$ISA.json
 # 3. overlock_xt on one large image (peak memory) and scaling 224..1024
 $OVERLOCK benchmark --model overlock_xt --official $OFFICIAL --mode infer -b 1 --img-size 1024 \
     --warmup 1 --repeats 3 --json $OUT/cpu_infer_xt_b1_1024$ISA.json
