@@ -242,14 +242,20 @@ class ContMixCore(nn.Module):
         on inference keeps the window biases per map size (:meth:`_cached_biases`)."""
         self.cache_biases = True
 
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_bias_cache", None)
+        return super().train(mode)
+
     def _cached_biases(self, height: int, width: int):
         """:func:`window_biases` for this map size, kept between calls when no gradient is recorded.
 
         They depend only on parameters (a gather of the position-bias tables), so a fused model computes them once
-        per map size (2-3% of a batch-1 forward on CPU otherwise). The key holds the parameters' version counters,
-        so loading or editing weights in place recomputes them; under autograd they are always recomputed.
+        per map size (2-3% of a batch-1 forward on CPU otherwise). Only in eval mode, and dropped by every
+        ``train()``/``eval()`` call: an optimizer step in between (PyTorch's fused AdamW writes parameters without
+        moving their version counters) is never missed. The key holds the version counters too, so loading or
+        editing weights in place recomputes them; under autograd they are always recomputed.
         """
-        if not self.cache_biases:
+        if not self.cache_biases or self.training:
             return None
         params = (self.rpb1, self.rpb2, self.weight_proj.bias)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):

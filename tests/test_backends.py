@@ -218,3 +218,28 @@ def test_window_biases_cached_in_inference_follow_the_weights():
     out.square().sum().backward()
     assert block.rpb2.grad is not None and block.rpb2.grad.abs().sum() > 0
     torch.testing.assert_close(out.detach(), recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_window_biases_cache_never_outlives_a_training_step():
+    """A fused model fine-tuned with fused AdamW (which writes parameters without moving their version counters)
+    and validated after each step sees its new position biases."""
+    from overlock.contmix import ContMixBlock
+    torch.manual_seed(0)
+    block = ContMixBlock(dim=32, kernel_size=7, smk_size=3, num_heads=2)
+    block.reparm()
+    x = torch.randn(2, 32, 9, 9)
+    block.eval()
+    with torch.no_grad():
+        block(x)
+    assert len(block._bias_cache) == 1
+    block.train()
+    assert "_bias_cache" not in block.__dict__
+    block(x).square().sum().backward()
+    fused = {"fused": True} if hasattr(torch, "_fused_adamw_") else {}
+    torch.optim.AdamW(block.parameters(), lr=0.1, **fused).step()
+    block.eval()
+    with torch.no_grad():
+        validated = block(x)
+        block.cache_biases = False
+        exact = block(x)
+    torch.testing.assert_close(validated, exact, rtol=0, atol=0)

@@ -177,22 +177,21 @@ def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
     assert all(forced) and bool(forced) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)
 
 
-def test_kernel_copy_is_kept_per_parameter_and_renewed_when_it_changes():
-    """A fused model's depthwise weights are laid out for the kernel once; loading or editing them is seen."""
+def test_weights_updated_by_a_fused_optimizer_are_seen():
+    """Fused AdamW writes parameters without moving their version counter: the kernel must read the weight as it
+    is now (a validation pass after each training step, as in the trainers)."""
     torch.manual_seed(0)
     x = cl(torch.randn(2, 16, 9, 9))
     w = torch.nn.Parameter(torch.randn(16, 1, 5, 5))
+    opt = torch.optim.AdamW([w], lr=0.5, **({"fused": True} if hasattr(torch, "_fused_adamw_") else {}))
     with torch.no_grad():
-        assert native._taps(w) is native._taps(w)  # kept between calls
-        first = native.depthwise_conv2d_same(x, w)
-        w.mul_(2)  # in place: the version counter moves
-        second = native.depthwise_conv2d_same(x, w)
-        w.copy_(torch.randn(16, 1, 5, 5))
-        third = native.depthwise_conv2d_same(x, w)
-    assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-5)
-    assert rel_err(third, F.conv2d(x.double(), w.detach().double(), padding=2, groups=16)) < 1e-6
-    w.requires_grad_(True)
-    assert native._taps(w) is not native._taps(w)  # autograd on: never cached (a training step edits the weight)
+        before = native.depthwise_conv2d_same(x, w)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    with torch.no_grad():
+        after = native.depthwise_conv2d_same(x, w)
+    assert rel_err(after, F.conv2d(x.double(), w.detach().double(), padding=2, groups=16)) < 1e-6
+    assert not torch.allclose(before, after)
 
 
 @pytest.mark.parametrize("shape", [(1, 768, 14, 14), (3, 24, 5, 7), (2, 40, 1, 1), (2, 64, 33, 17)])

@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -167,27 +166,13 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-_tap_cache: dict = {}  # id(parameter) -> (weak reference, (version, data pointer), tap-major copy)
-
-
 def _taps(weight: torch.Tensor) -> torch.Tensor:
     """The kernel as ``(kh*kw, C)``: a vector of channels per tap, the layout the C loop reads.
 
-    A parameter used without autograd (a fused inference model) keeps its copy between calls, checked against its
-    version counter and storage (``load_state_dict`` or an in-place edit makes a new copy; writes through ``.data``
-    bypass the counter, as they do for autograd): at batch 1 the copy cost as much as a 3x3 conv on a 14x14 map.
+    Made on every call, never cached: optimizers such as PyTorch's fused AdamW write parameters in place without
+    moving their version counter, so a copy kept between calls could go stale unnoticed.
     """
-    C = weight.shape[0]
-    if not isinstance(weight, torch.nn.Parameter) or (torch.is_grad_enabled() and weight.requires_grad):
-        return weight.detach().reshape(C, -1).t().contiguous()
-    key, stamp = id(weight), (weight._version, weight.data_ptr())
-    hit = _tap_cache.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == stamp:
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable in and out of inference mode
-        taps = weight.detach().reshape(C, -1).t().contiguous()
-    _tap_cache[key] = (weakref.ref(weight, lambda _, key=key: _tap_cache.pop(key, None)), stamp, taps)
-    return taps
+    return weight.detach().reshape(weight.shape[0], -1).t().contiguous()
 
 
 def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
