@@ -131,7 +131,7 @@ class FusedSE(nn.Module):
     """``SEModule`` for inference: the pooled vector goes through two plain ``(B, C)`` matmuls.
 
     The official SE runs its MLP as 1x1 convs on ``(B, C, 1, 1)`` maps: five ops with layout work each, which at
-    batch 1 cost many times their arithmetic (GELU on a 32-element channels_last map took 60 us).
+    batch 1 cost many times their arithmetic (the gate of a 256-channel 14x14 map: 95-140 us here, 128-223 us).
     """
 
     def __init__(self, se: nn.Module):
