@@ -285,16 +285,16 @@ def measure_in_subprocess(cfg: BenchConfig, timeout: Optional[float] = None) -> 
     return dict(dataclasses.asdict(cfg), error="\n".join(tail) or f"worker exited with {proc.returncode}")
 
 
+def _native_kernels() -> str:
+    """Whether the hand-written CPU kernels ran (and on which ISAs the model uses them), or why not."""
+    from .ops import native
+    return native.describe()
+
+
 def _cpu_isa() -> str:
     """The vector ISA PyTorch's CPU kernels use here (``AVX512``, ``AVX2``, ...): timings differ between them."""
     from .ops import native
     return native.cpu_isa()
-
-
-def _native_status() -> str:
-    """Whether the hand-written CPU kernels ran (and on which ISAs the model uses them), or why not."""
-    from .ops import native
-    return f"{native.status()}; used on {', '.join(sorted(native.NATIVE_ISAS))}"
 
 
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -317,7 +317,7 @@ def environment() -> Dict:
         cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), platform=platform.platform(),
         python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
         overlock=overlock.__version__, mkldnn=torch.backends.mkldnn.is_available(),
-        cpu_isa=_cpu_isa(), native_kernels=_native_status(),
+        cpu_isa=_cpu_isa(), native_kernels=_native_kernels(),
     )
     # ISA caps hold the kernels to an older instruction set than the CPU has (e.g. AVX2 code paths measured on an
     # AVX-512 machine): record them, since cpu_isa then names the emulated ISA

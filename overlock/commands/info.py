@@ -36,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     print("\nGFLOPs are multiply-accumulates (as in the paper). 'paper method': convolutions and matrix products "
           "without the neighbourhood aggregation, which the paper's counter does not see.")
     from overlock.ops import native
-    print(f"Hand-written CPU kernels (depthwise convs, ContMix aggregation; used on AVX2): {native.status()}")
+    print(f"Hand-written CPU kernels (depthwise convs, ContMix aggregation, GRN scale): {native.describe()}")
     return 0

@@ -26,15 +26,16 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_weight_grad_same",
-           "na2d_softmax_av", "grn_scale", "status", "disabled"]
+           "na2d_softmax_av", "grn_scale", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
                                                                        "grn_avx2.c")]
-_FLOAT_P = ctypes.c_void_p  # float buffers, passed as addresses (data_ptr()): no ctypes object per call
+_ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
-# forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2-7x (benchmarks/README.md).
+# forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2.1-3x, GRN's scale 2.5-4x
+# (benchmarks/README.md).
 # AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
 NATIVE_ISAS = {"AVX2"}
 _disabled = 0  # > 0 inside `disabled()`
@@ -108,13 +109,13 @@ def _library() -> Optional[ctypes.CDLL]:
         log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
-    lib.overlock_depthwise_avx2.argtypes = [_FLOAT_P] * 4 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
-    lib.overlock_depthwise_wgrad_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 6
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
-    lib.overlock_grn_scale_avx2.argtypes = [_FLOAT_P] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
-    lib.overlock_na2d_softmax_av_avx2.argtypes = [_FLOAT_P] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
+    lib.overlock_na2d_softmax_av_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
     _reason = f"on ({target})"
     return lib
 
@@ -140,9 +141,14 @@ def used_here() -> bool:
 
 
 def status() -> str:
-    """One line for ``overlock info``: on (with the library's path) or off, and why."""
+    """Built and loaded (with the library's path) or off, and why."""
     _library()
     return _reason
+
+
+def describe() -> str:
+    """One line for ``overlock info`` and benchmark records: :func:`status` and the CPUs the model uses them on."""
+    return f"{status()}; used on {', '.join(sorted(NATIVE_ISAS))}"
 
 
 class disabled:

@@ -2,8 +2,8 @@
  *
  * Why: in the fused inference model GRN (ConvNeXt-V2's global response normalization) is folded into the next
  * 1x1 as a per-sample scale, scale[b, c] = 1 + gamma[c] * gx[b, c] / (mean_c gx[b, :] + 1e-6) with gx the
- * spatial L2 norm of channel c. PyTorch computes it in about ten small ops and a squared copy of the map; at
- * batch 1 on a 14x14 map those cost 30 times the arithmetic. This is one read of the map and one call.
+ * spatial L2 norm of channel c. PyTorch computes it in about ten small ops and a squared copy of the map (69-70 us
+ * on 1x768x14x14 against 26-28 us here, 2 threads). This is one read of the map and one call.
  *
  * Layout: x is (B, HW, C) in memory (channels_last), gamma (C), scale (B, C). Sums of squares are taken in float
  * over 16 rows at a time and those partial sums added in double (a map has thousands of rows), so the result is
