@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv
+from .ops import gelu as gelu_ops
 from .ops import native
 
 __all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "FusedSE", "DepthwiseConv", "InplaceAct",
@@ -92,8 +93,7 @@ class InplaceAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inplace = not (torch.is_grad_enabled() and x.requires_grad)
         if self.kind == "gelu":
-            return torch.ops.aten.gelu_(x, approximate=self.approximate) if inplace \
-                else F.gelu(x, approximate=self.approximate)
+            return gelu_ops.gelu_(x, self.approximate) if inplace else gelu_ops.gelu(x, self.approximate)
         return F.silu(x, inplace=inplace)
 
     def extra_repr(self) -> str:
@@ -240,8 +240,8 @@ def pointwise_scaled(weight: torch.Tensor, bias, x: torch.Tensor, scale=None, ge
         wb = weight.t().unsqueeze(0) * scale.reshape(B, C, 1)  # (B, Cin, Cout)
         out = torch.bmm(xs, wb) if bias is None else torch.baddbmm(bias.view(1, 1, -1), xs, wb)
     if gelu is not None:
-        out = torch.ops.aten.gelu_(out, approximate=gelu) if not (torch.is_grad_enabled() and out.requires_grad) \
-            else F.gelu(out, approximate=gelu)
+        out = gelu_ops.gelu_(out, gelu) if not (torch.is_grad_enabled() and out.requires_grad) \
+            else gelu_ops.gelu(out, gelu)
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import grn as grn_ops
+from .ops.gelu import GELU
+from .ops import grn_mlp as grn_mlp_ops
 from .ops import recompute
 from .ops.depthwise import depthwise_conv2d
 
@@ -289,7 +291,7 @@ class GrnMlp(nn.Sequential):
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
-        super().__init__(PointwiseConv(dim, hidden_dim), nn.GELU(), ResDWConv(hidden_dim, 3), GRN(hidden_dim),
+        super().__init__(PointwiseConv(dim, hidden_dim), GELU(), ResDWConv(hidden_dim, 3), GRN(hidden_dim),
                          PointwiseConv(hidden_dim, out_dim or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,6 +312,8 @@ def grn_mlp(layers, x: torch.Tensor) -> torch.Tensor:
     h = fc1(x)
     if not recompute.enabled():
         return fc2(grn(dw(act(h))))
+    if grn_mlp_ops.applies(act, dw, grn, fc2, h):  # the stock layers: hand-written backward, fewer fresh maps
+        return grn_mlp_ops.grn_mlp_tail(act, dw, grn, fc2, h)
 
     def mid(t):
         return grn(dw(act(t)))
@@ -325,9 +329,9 @@ def stem(in_chans: int, dim: int) -> ConvNorm:
     """Four 3x3 convs with BN (GELU between), stride 4 overall."""
     half = dim // 2
     return ConvNorm(
-        nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.GELU(),
-        nn.Conv2d(half, dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(dim), nn.GELU(),
+        nn.Conv2d(in_chans, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), GELU(),
+        nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), GELU(),
+        nn.Conv2d(half, dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(dim), GELU(),
         nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
     )
 

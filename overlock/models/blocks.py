@@ -6,6 +6,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ..contmix import ContMixCore, layer_scale
+from ..ops.gelu import GELU
 from ..layers import (GRN, ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
                       SEModule, grn_mlp)
 
@@ -71,7 +72,7 @@ class DynamicConvBlock(ContMixCore):
         self.dwconv1 = ResDWConv(out_dim, 3)
         self.norm1 = norm_layer(out_dim)
         self.fusion = ConvNorm(
-            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), nn.GELU(),
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim), nn.BatchNorm2d(out_dim), GELU(),
             PointwiseConv(out_dim, dim), GRN(dim))
         self.dyconv_proj = ConvNorm(PointwiseConv(dim, dim, bias=False), nn.BatchNorm2d(dim))
         self.dwconv2 = ResDWConv(out_dim, 3)

@@ -26,11 +26,11 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_weight_grad_same",
-           "na2d_softmax_av", "grn_scale", "status", "describe", "disabled"]
+           "na2d_softmax_av", "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
-                                                                       "grn_avx2.c")]
+                                                                       "grn_avx2.c", "gelu_avx2.c")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
@@ -116,6 +116,10 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
+    lib.overlock_gelu_avx2.restype = ctypes.c_int
+    lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
+    lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
+    lib.overlock_gelu_backward_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long]
     _reason = f"on ({target})"
     return lib
 
@@ -268,5 +272,40 @@ def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
     g = gamma.contiguous()
     out = x.new_empty(B, C, 1, 1)
     if B and lib.overlock_grn_scale_avx2(_ptr(x), _ptr(g), _ptr(out), B, H * W, C) != 0:
+        return None
+    return out
+
+
+def _dense_alike(*tensors: torch.Tensor) -> bool:
+    """Float32 CPU tensors of one shape whose elements fill their memory in the same order (any one dense memory
+    format, as ``empty_like`` makes it), so an elementwise kernel can treat them as flat buffers."""
+    first = tensors[0]
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
+               and t.shape == first.shape and t.stride() == first.stride() for t in tensors) \
+        and (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))
+
+
+def gelu(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Exact (erf) GELU of a dense float32 CPU tensor into ``out`` (default: a new tensor; ``out`` may be ``x``),
+    no autograd; ``None`` where the kernel does not apply. Within 2e-7 of PyTorch's (``csrc/gelu_avx2.c``)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or x.dim() == 0:
+        return None
+    out = torch.empty_like(x) if out is None else out
+    if not _dense_alike(x, out) or lib.overlock_gelu_avx2(_ptr(x), _ptr(out), x.numel()) != 0:
+        return None
+    return out
+
+
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional[torch.Tensor] = None
+                  ) -> Optional[torch.Tensor]:
+    """``grad * GELU'(x)`` (exact GELU) into ``out`` (default: a new tensor; may be ``grad`` or ``x``); ``None``
+    where the kernel does not apply (as :func:`gelu`)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or x.dim() == 0:
+        return None
+    out = torch.empty_like(x) if out is None else out
+    if not _dense_alike(grad, x, out) or lib.overlock_gelu_backward_avx2(_ptr(grad), _ptr(x), _ptr(out),
+                                                                          x.numel()) != 0:
         return None
     return out

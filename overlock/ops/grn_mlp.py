@@ -1,0 +1,110 @@
+"""GRN-MLP tail for training: ``fc2(GRN(dwconv(GELU(h))))`` with a hand-written backward that reuses buffers.
+
+:func:`overlock.ops.recompute.mlp_tail` keeps only ``h`` and lets autograd differentiate the rebuilt middle ops.
+That backward allocates seven maps as large as ``h`` (GELU, conv and GRN outputs, ``fc2``'s input gradient, two
+for GRN's input gradient, the conv's input gradient, GELU's input gradient); on the 4x-wide hidden maps of the
+first stages (8x256x56x56 at batch 8: 25.7 MB each) every fresh buffer is a fresh mmap whose pages fault in
+one by one, which on the project's VMs costs more than the arithmetic. Here the backward allocates four and
+writes the rest in place:
+
+- the GRN input gradient ``g * s + y * t`` overwrites ``fc2``'s input gradient ``g``;
+- ``fc2``'s weight gradient needs GRN's output ``y * s + beta``: it is rebuilt in the conv output ``y`` once
+  GRN's backward no longer needs ``y``;
+- GELU's input gradient overwrites the conv's input gradient.
+
+GRN's per-(sample, channel) statistics are kept from the forward pass (``B x C`` numbers), so backward does not
+reduce over the map again. The forward and every rebuilt value run the very ops of the plain graph (same
+kernels, same order), so outputs are bit-identical and gradients agree to float rounding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import gelu as gelu_ops
+from . import grn as grn_ops
+
+__all__ = ["applies", "grn_mlp_tail"]
+
+
+def applies(act: nn.Module, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h: torch.Tensor) -> bool:
+    """The layers are the stock GRN-MLP ones (exact GELU, residual 3x3 depthwise conv, GRN, 1x1 conv) and ``h`` is
+    a float32/float64 map outside autocast (mixed precision keeps the generic recomputation)."""
+    from ..layers import GRN, PointwiseConv, ResDWConv  # layers imports this module
+    return (isinstance(act, nn.GELU) and type(dw) is ResDWConv and type(grn) is GRN and type(fc2) is PointwiseConv
+            and h.dim() == 4 and h.dtype in (torch.float32, torch.float64) and grn_ops.fast_path(h)
+            and not torch.is_autocast_enabled(h.device.type))
+
+
+def grn_mlp_tail(act: nn.GELU, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``fc2(grn(dw(act(h))))`` keeping ``h`` and GRN's ``B x C`` statistics for backward (see module docstring)."""
+    return _GrnMlpTail.apply(act, dw, grn, fc2, h, dw.weight, dw.bias, grn.gamma, grn.beta, fc2.weight, fc2.bias)
+
+
+def _grn_stats(y: torch.Tensor, gamma: torch.Tensor):
+    """GRN's ``gx`` (per-channel L2 norms), ``m``, ``nx`` and scale ``s``, as :mod:`overlock.ops.grn` computes them."""
+    gx = grn_ops.spatial_dot(y, y).sqrt_()
+    return (gx, *grn_ops._scale(gx, gamma))
+
+
+class _GrnMlpTail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, act, dw, grn, fc2, h, dw_weight, dw_bias, gamma, beta, fc2_weight, fc2_bias):
+        ctx.act, ctx.dw, ctx.fc2 = act, dw, fc2
+        B, C = h.shape[:2]
+        y = dw(act(h))
+        stats = _grn_stats(y, gamma)
+        r = torch.addcmul(beta, y, stats[3].view(B, C, 1, 1), out=y)  # GRN's output, in place of the conv's
+        ctx.save_for_backward(h, gamma, beta, fc2_weight, *stats)
+        ctx.has_fc2_bias = fc2_bias is not None
+        return fc2(r)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        h, gamma, beta, fc2_weight, gx, m, nx, s = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dw = ctx.dw
+        B, C, H, W = h.shape
+        cout = fc2_weight.shape[0]
+        # fc2's input gradient, as a map laid out like fc2's output gradient (channels innermost)
+        g2 = grad.permute(0, 2, 3, 1).reshape(-1, cout)
+        gr = g2.mm(fc2_weight.reshape(cout, C)).view(B, H, W, C).permute(0, 3, 1, 2)
+
+        # rebuild the conv input and output, with the conv's graph for its own backward
+        need_a, need_dw = need[4], need[5] or need[6]
+        with torch.enable_grad():
+            a = gelu_ops.gelu(h.detach(), ctx.act.approximate).detach().requires_grad_(need_a)
+            y = dw(a)
+        y_ = y.detach()
+
+        # GRN backward (the formulas of overlock.ops.grn), input gradient written over gr
+        ds = grn_ops.spatial_dot(gr, y_)
+        grad_gamma = (ds * nx).sum(0).view_as(gamma) if need[7] else None
+        grad_beta = gr.sum((0, 2, 3)).view_as(beta) if need[8] else None
+        dnx = ds * gamma.view(1, -1)
+        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
+        t = (dgx / gx).masked_fill_(gx == 0, 0)
+        grad_y = gr.mul_(s.view(B, C, 1, 1)).addcmul_(y_, t.view(B, C, 1, 1))
+
+        # fc2's parameter gradients need GRN's output: rebuilt in y's buffer (GRN's backward is done with y)
+        grad_w2 = grad_b2 = None
+        if need[9]:
+            r = torch.addcmul(beta, y_, s.view(B, C, 1, 1), out=y_)
+            grad_w2 = g2.t().mm(r.permute(0, 2, 3, 1).reshape(-1, C)).view_as(fc2_weight)
+        if ctx.has_fc2_bias and need[10]:
+            grad_b2 = g2.sum(0)
+        del y_
+
+        # the conv's backward (its own autograd: same kernels as the plain graph), then GELU's in place
+        inputs = [t for t, n in ((a, need_a), (dw.weight, need[5]), (dw.bias, need[6])) if n]
+        got = iter(torch.autograd.grad(y, inputs, grad_y) if inputs else ())
+        grad_a = next(got) if need_a else None
+        grad_dw_w = next(got) if need[5] else None
+        grad_dw_b = next(got) if need[6] else None
+        del y, a
+        grad_h = None
+        if need_a:
+            grad_h = gelu_ops.gelu_backward(grad_a, h, ctx.act.approximate, out=grad_a)
+        return (None, None, None, None, grad_h, grad_dw_w, grad_dw_b, grad_gamma, grad_beta, grad_w2, grad_b2)
