@@ -306,7 +306,8 @@ def grn_mlp(layers, x: torch.Tensor) -> torch.Tensor:
     """Run the five GRN-MLP layers ``(fc1, act, dwconv, grn, fc2)`` on ``x``.
 
     With autograd on, only ``fc1``'s output is kept for the middle three (memory-bound) layers, which
-    backward runs again (:func:`overlock.ops.recompute.mlp_tail`); same values and gradients.
+    backward runs again: for the stock layers with a hand-written backward (:mod:`overlock.ops.grn_mlp`), for
+    any others by autograd (:func:`overlock.ops.recompute.mlp_tail`); same values and gradients.
     """
     fc1, act, dw, grn, fc2 = layers
     h = fc1(x)

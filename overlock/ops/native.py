@@ -34,8 +34,8 @@ SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
-# forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2.1-3x, GRN's scale 2.5-4x
-# (benchmarks/README.md).
+# forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2.1-3x, GRN's scale 2.5-4x,
+# GELU 1.1-1.4x forward and 1.6x gradient (benchmarks/README.md).
 # AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
 NATIVE_ISAS = {"AVX2"}
 _disabled = 0  # > 0 inside `disabled()`
