@@ -107,15 +107,19 @@ def grid_split(x: torch.Tensor, d: int) -> torch.Tensor:
     Pixel ``(a*d + r, b*d + s)`` of ``x`` becomes pixel ``(a, b)`` of sub-map ``(r, s)`` (sample index
     ``(B, r, s)``, row-major); sub-map pixels past the border of ``x`` are zero. A conv with dilation ``d`` on
     ``x`` is a conv with dilation 1 on the sub-maps (its taps step from one sub-map pixel to the next), and the
-    zeros are the padding it would have read. One copy of ``x`` (plus zeroing the border rows when ``d`` does
-    not divide the map).
+    zeros are the padding it would have read. One copy of ``x`` (plus zeroing the sub-map pixels past the border
+    when ``d`` does not divide the map).
     """
     B, C, H, W = x.shape
     h, w = -(-H // d), -(-W // d)
     hf, wf, rh, rw = H // d, W // d, H % d, W % d
     xv = x.permute(0, 2, 3, 1)  # NHWC view
-    out = x.new_zeros(B, d, d, h, w, C) if rh or rw else x.new_empty(B, d, d, h, w, C)
+    out = x.new_empty(B, d, d, h, w, C)
     o = out.permute(0, 3, 1, 4, 2, 5)  # (B, h, d, w, d, C): o[:, a, r, b, s] is x pixel (a*d + r, b*d + s)
+    if rh:  # the sub-map pixels past the bottom and right borders, zeroed (only those: the rest is copied over)
+        o[:, hf, rh:].zero_()
+    if rw:
+        o[:, :, :, wf, rw:].zero_()
     o[:, :hf, :, :wf].copy_(xv[:, :hf * d, :wf * d].unflatten(1, (hf, d)).unflatten(3, (wf, d)))
     if rh:
         o[:, hf, :rh, :wf].copy_(xv[:, hf * d:, :wf * d].unflatten(2, (wf, d)))
