@@ -31,6 +31,7 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
                                                                        "grn_avx2.c", "gelu_avx2.c")]
+HEADERS = [Path(__file__).with_name("csrc") / "exp_neg_avx2.h"]  # included by the sources (part of the cache key)
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
@@ -96,7 +97,7 @@ def _library() -> Optional[ctypes.CDLL]:
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
         digest = hashlib.sha256(version.encode() + str(omp).encode())
-        for src in SOURCES:
+        for src in SOURCES + HEADERS:
             digest.update(src.read_bytes())
         target = _cache_dir() / f"kernels_avx2-{digest.hexdigest()[:16]}.so"
         if not target.exists():

@@ -21,27 +21,7 @@
 #define INV_SQRT_2PI 0.3989422804014327f
 #define MIN_PARALLEL 32768 /* elements below which one thread does the whole buffer */
 
-/* exp(v) for v <= 0 (Cephes' expf: range reduction by ln 2 in two parts, degree-6 polynomial, ~1 ulp);
- * arguments below -87.3 give 0 (the float result would be subnormal or zero). */
-__attribute__((target("avx2,fma")))
-static inline __m256 exp_nonpositive(__m256 v) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    const __m256 under = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
-    v = _mm256_max_ps(v, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-}
+#include "exp_neg_avx2.h" /* exp_neg: e^x for x <= 0 */
 
 /* q = erfc(|x| / sqrt(2)) / 2 (so Phi(x) = x >= 0 ? 1 - q : q) and e = exp(-x^2 / 2). */
 __attribute__((target("avx2,fma")))
@@ -54,7 +34,7 @@ static inline __m256 half_erfc(__m256 x, __m256 *e) {
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(AS_A3));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(AS_A2));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(AS_A1));
-    *e = exp_nonpositive(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
+    *e = exp_neg(_mm256_mul_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(-0.5f)));
     return _mm256_mul_ps(_mm256_mul_ps(poly, t), _mm256_mul_ps(*e, _mm256_set1_ps(0.5f)));
 }
 
