@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import grn as grn_ops
-from .ops.gelu import GELU
 from .ops import grn_mlp as grn_mlp_ops
 from .ops import recompute
 from .ops.depthwise import depthwise_conv2d
+from .ops.gelu import GELU
 
 __all__ = [
     "LayerNorm2d", "GRN", "SEModule", "LayerScale", "ResDWConv", "DilatedReparamBlock", "PointwiseConv",
