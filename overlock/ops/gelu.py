@@ -62,8 +62,7 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, approximate: str = "none"
     """``grad * GELU'(x)``, written into ``out`` if given (which may be ``grad``); the kernel of :func:`gelu`."""
     if native_applies(x, approximate):
         if grad.stride() != x.stride():
-            grad = grad.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-                memory_format=torch.channels_last) and not x.is_contiguous() else grad.contiguous()
+            grad = torch.empty_like(x).copy_(grad)  # x's dense layout, as the kernel reads both as flat buffers
         if out is None or out.stride() == x.stride():
             got = native.gelu_backward(grad, x, out=out)
             if got is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["grn", "spatial_dot", "fast_path"]
+__all__ = ["grn", "spatial_dot", "stats", "backward", "fast_path"]
 
 EPS = 1e-6
 CHUNK_ELEMS = 1 << 20  # samples per chunk: about 4 MB of float32 products at a time
@@ -46,34 +46,47 @@ def _scale(gx: torch.Tensor, gamma: torch.Tensor):
     return m, nx, torch.addcmul(torch.ones_like(nx), gamma.view(1, -1), nx)
 
 
+def stats(x: torch.Tensor, gamma: torch.Tensor):
+    """``(gx, m, nx, s)``: the per-(sample, channel) numbers GRN's forward computes and its backward needs."""
+    gx = spatial_dot(x, x).sqrt_()
+    return (gx, *_scale(gx, gamma))
+
+
+def backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, st, needs, in_place: bool = False):
+    """``(grad_x, grad_gamma, grad_beta)`` of GRN from the output gradient ``g`` and :func:`stats` ``st``; each
+    computed only where ``needs`` (three flags) says. ``in_place``: ``grad_x`` is written over ``g``."""
+    gx, m, nx, s = st
+    B, C = x.shape[:2]
+    ds = spatial_dot(g, x)  # d loss / d s
+    grad_gamma = (ds * nx).sum(0).view_as(gamma) if needs[1] else None
+    grad_beta = g.sum((0, 2, 3)).view_as(gamma) if needs[2] else None
+    grad_x = None
+    if needs[0]:
+        dnx = ds * gamma.view(1, -1)
+        # nx = gx / m, m = mean_c(gx) + eps
+        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
+        # gx = ||x||: d gx / d x = x / gx (0 where gx == 0, as vector_norm's backward)
+        t = (dgx / gx).masked_fill_(gx == 0, 0)
+        grad_x = g.mul_(s.view(B, C, 1, 1)) if in_place else torch.mul(g, s.view(B, C, 1, 1))
+        grad_x.addcmul_(x, t.view(B, C, 1, 1))
+    return grad_x, grad_gamma, grad_beta
+
+
 class _Grn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta):
         B, C = x.shape[:2]
-        gx = spatial_dot(x, x).sqrt_()
-        m, nx, s = _scale(gx, gamma)
-        ctx.save_for_backward(x, gamma, gx, m, nx, s)
-        return torch.addcmul(beta, x, s.view(B, C, 1, 1))
+        st = stats(x, gamma)
+        ctx.save_for_backward(x, gamma, *st)
+        return torch.addcmul(beta, x, st[3].view(B, C, 1, 1))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, gamma, gx, m, nx, s = ctx.saved_tensors
-        B, C = x.shape[:2]
+        x, gamma, *st = ctx.saved_tensors
         g = g.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) \
             else g.contiguous()
-        ds = spatial_dot(g, x)  # d loss / d s
-        grad_gamma = (ds * nx).sum(0).view_as(gamma) if ctx.needs_input_grad[1] else None
-        grad_beta = g.sum((0, 2, 3)).view_as(gamma) if ctx.needs_input_grad[2] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            dnx = ds * gamma.view(1, -1)
-            # nx = gx / m, m = mean_c(gx) + eps
-            dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
-            # gx = ||x||: d gx / d x = x / gx (0 where gx == 0, as vector_norm's backward)
-            t = (dgx / gx).masked_fill_(gx == 0, 0)
-            grad_x = torch.mul(g, s.view(B, C, 1, 1)).addcmul_(x, t.view(B, C, 1, 1))
-        return grad_x, grad_gamma, grad_beta
+        return backward(g, x, gamma, st, ctx.needs_input_grad)
 
 
 def fast_path(x: torch.Tensor) -> bool:

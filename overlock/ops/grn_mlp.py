@@ -29,10 +29,10 @@ __all__ = ["applies", "grn_mlp_tail"]
 
 
 def applies(act: nn.Module, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h: torch.Tensor) -> bool:
-    """The layers are the stock GRN-MLP ones (exact GELU, residual 3x3 depthwise conv, GRN, 1x1 conv) and ``h`` is
-    a float32/float64 map outside autocast (mixed precision keeps the generic recomputation)."""
+    """The layers are the stock GRN-MLP ones (overlock's ``GELU``, residual 3x3 depthwise conv, GRN, 1x1 conv) and
+    ``h`` is a float32/float64 map outside autocast (mixed precision keeps the generic recomputation)."""
     from ..layers import GRN, PointwiseConv, ResDWConv  # layers imports this module
-    return (isinstance(act, nn.GELU) and type(dw) is ResDWConv and type(grn) is GRN and type(fc2) is PointwiseConv
+    return (type(act) is gelu_ops.GELU and type(dw) is ResDWConv and type(grn) is GRN and type(fc2) is PointwiseConv
             and h.dim() == 4 and h.dtype in (torch.float32, torch.float64) and grn_ops.fast_path(h)
             and not torch.is_autocast_enabled(h.device.type))
 
@@ -42,19 +42,13 @@ def grn_mlp_tail(act: nn.GELU, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h:
     return _GrnMlpTail.apply(act, dw, grn, fc2, h, dw.weight, dw.bias, grn.gamma, grn.beta, fc2.weight, fc2.bias)
 
 
-def _grn_stats(y: torch.Tensor, gamma: torch.Tensor):
-    """GRN's ``gx`` (per-channel L2 norms), ``m``, ``nx`` and scale ``s``, as :mod:`overlock.ops.grn` computes them."""
-    gx = grn_ops.spatial_dot(y, y).sqrt_()
-    return (gx, *grn_ops._scale(gx, gamma))
-
-
 class _GrnMlpTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, dw, grn, fc2, h, dw_weight, dw_bias, gamma, beta, fc2_weight, fc2_bias):
         ctx.act, ctx.dw, ctx.fc2 = act, dw, fc2
         B, C = h.shape[:2]
         y = dw(act(h))
-        stats = _grn_stats(y, gamma)
+        stats = grn_ops.stats(y, gamma)
         r = torch.addcmul(beta, y, stats[3].view(B, C, 1, 1), out=y)  # GRN's output, in place of the conv's
         ctx.save_for_backward(h, gamma, beta, fc2_weight, *stats)
         ctx.has_fc2_bias = fc2_bias is not None
@@ -63,7 +57,8 @@ class _GrnMlpTail(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        h, gamma, beta, fc2_weight, gx, m, nx, s = ctx.saved_tensors
+        h, gamma, beta, fc2_weight, *stats = ctx.saved_tensors
+        s = stats[3]
         need = ctx.needs_input_grad
         dw = ctx.dw
         B, C, H, W = h.shape
@@ -79,14 +74,9 @@ class _GrnMlpTail(torch.autograd.Function):
             y = dw(a)
         y_ = y.detach()
 
-        # GRN backward (the formulas of overlock.ops.grn), input gradient written over gr
-        ds = grn_ops.spatial_dot(gr, y_)
-        grad_gamma = (ds * nx).sum(0).view_as(gamma) if need[7] else None
-        grad_beta = gr.sum((0, 2, 3)).view_as(beta) if need[8] else None
-        dnx = ds * gamma.view(1, -1)
-        dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
-        t = (dgx / gx).masked_fill_(gx == 0, 0)
-        grad_y = gr.mul_(s.view(B, C, 1, 1)).addcmul_(y_, t.view(B, C, 1, 1))
+        # GRN's backward, its input gradient written over gr
+        grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y_, gamma, stats, (True, need[7], need[8]),
+                                                         in_place=True)
 
         # fc2's parameter gradients need GRN's output: rebuilt in y's buffer (GRN's backward is done with y)
         grad_w2 = grad_b2 = None
