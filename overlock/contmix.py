@@ -131,7 +131,10 @@ def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
 
 
 def _per_sample_ok(*tensors: torch.Tensor) -> bool:
-    """The per-sample inference path (:func:`na2d_softmax_av`): no autograd, one dtype, not traced or compiled."""
+    """The per-sample inference path (:func:`na2d_softmax_av`): CPU (a cache trick; a GPU wants the whole batch
+    per launch), no autograd, one dtype, not traced or compiled."""
+    if tensors[0].device.type != "cpu":
+        return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():

@@ -201,7 +201,14 @@ def default_tile(height: int, width: int, kernel_size: int) -> int:
     return max(kernel_size - 1, 8)
 
 
-DENSE_CHUNK_BYTES = 2 << 20  # dense weight buffer per chunk without autograd: reused while it is in cache
+DENSE_CHUNK_BYTES = 2 << 20  # dense weight buffer per chunk on CPU: reused while it is in cache
+DEVICE_CHUNK_BYTES = 1 << 30  # on GPUs: in effect the whole batch (few large launches beat cache reuse there)
+
+
+def _pairs_per_chunk(a: torch.Tensor, pairs: int, pixels: int, region: int) -> int:
+    """(sample, head) pairs whose dense ``(pixels, region)`` matrices share one buffer."""
+    limit = DENSE_CHUNK_BYTES if a.device.type == "cpu" else DEVICE_CHUNK_BYTES
+    return max(1, min(pairs, limit // (pixels * region * a.element_size())))
 
 
 def _single_tile_chunked(a: torch.Tensor, v: torch.Tensor, local: torch.Tensor, region: int) -> torch.Tensor:
@@ -212,7 +219,7 @@ def _single_tile_chunked(a: torch.Tensor, v: torch.Tensor, local: torch.Tensor, 
     """
     B, G, P, kk = a.shape
     a, v = a.reshape(B * G, P, kk), v.reshape(B * G, P, v.shape[-1])
-    n = max(1, min(B * G, DENSE_CHUNK_BYTES // (P * region * a.element_size())))
+    n = _pairs_per_chunk(a, B * G, P, region)
     dense = a.new_empty(n, P, region)
     out = v.new_empty(B * G, P, v.shape[-1])
     idx = local.expand(n, -1, -1)
@@ -245,7 +252,7 @@ class _SingleTileAV(torch.autograd.Function):
         C = v.shape[-1]
         a, v = a.reshape(B * G, P, kk), v.reshape(B * G, P, C)
         go = grad_out.reshape(B * G, P, C)
-        n = max(1, min(B * G, DENSE_CHUNK_BYTES // (P * ctx.region * a.element_size())))
+        n = _pairs_per_chunk(a, B * G, P, ctx.region)
         buf = a.new_empty(n, P, ctx.region)
         idx = local.expand(n, -1, -1)
         grad_a = a.new_empty(B * G, P, kk) if ctx.needs_input_grad[0] else None
