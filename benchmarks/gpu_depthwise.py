@@ -1,0 +1,132 @@
+"""Issue #12, GPU: the large-kernel depthwise convs took 75% of an overlock_t training step on an H200 (bf16
+autocast, channels_last: cuDNN's ``conv2d_grouped_direct_kernel``). Which layout and cuDNN setting runs them fast?
+
+Per depthwise shape of overlock_t (forward + both gradients, batch ``--batch``): channels_last or NCHW,
+``cudnn.benchmark`` off or on. Whole training steps with the library's rule (``ops.depthwise.NCHW_MIN_KERNEL``,
+``NCHW_DILATED``: which convs run on an NCHW copy) set to several thresholds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import overlock  # noqa: F401
+from overlock import layers
+
+
+def events_ms(fn, warmup=2, repeats=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def shapes_of_model(name):
+    seen = collections.Counter()
+    original = layers.depthwise_conv2d
+
+    def record(x, weight, bias=None, padding=(0, 0), dilation=1):
+        seen[(x.shape[1], x.shape[2], x.shape[3], weight.shape[-2], weight.shape[-1], tuple(padding), dilation)] += 1
+        return original(x, weight, bias, padding, dilation)
+    layers.depthwise_conv2d = record
+    try:
+        model = timm.create_model(name, use_ds=True).train()
+        model(torch.randn(1, 3, 224, 224), return_aux=True)
+    finally:
+        layers.depthwise_conv2d = original
+    return seen
+
+
+def per_shape(report, shapes, batch):
+    rows = []
+    totals = collections.Counter()
+    for (c, h, w, kh, kw, pad, dil), n in sorted(shapes.items()):
+        x = torch.randn(batch, c, h, w, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        wt = torch.randn(c, 1, kh, kw, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = torch.randn(batch, c, h, w, device="cuda", dtype=torch.bfloat16)
+        row = dict(shape=f"{c}x{h}x{w} k{kh}x{kw} d{dil}", calls=n)
+        for layout in ("channels_last", "nchw"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            xl = x.detach().contiguous(memory_format=fmt).requires_grad_()
+            gl = g.contiguous(memory_format=fmt)
+            for bench in (False, True):
+                torch.backends.cudnn.benchmark = bench
+
+                def run():
+                    y = F.conv2d(xl, wt, None, padding=pad, dilation=dil, groups=c)
+                    torch.autograd.grad(y, (xl, wt), gl)
+                key = f"{layout}{'_bench' if bench else ''}"
+                row[key] = events_ms(run)
+                totals[key] += row[key] * n
+        torch.backends.cudnn.benchmark = False
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report["depthwise_rows"] = rows
+    report["depthwise_totals_ms_per_step"] = dict(totals)
+
+
+def whole_step(report, name, batch):
+    torch.manual_seed(0)
+    model = timm.create_model(name, use_ds=True).cuda().train().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, aux = model(x, return_aux=True)
+            loss = F.cross_entropy(logits, target) + 0.4 * F.cross_entropy(aux, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    from overlock.ops import depthwise
+    saved = depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED
+    # NCHW for no conv / kernels >= 9 and dilated ones (the library's choice) / kernels >= 9 / kernels >= 13
+    for label, min_kernel, dilated in (("channels_last", 10 ** 6, False), ("nchw_k9_dilated", 9, True),
+                                       ("nchw_k9", 9, False), ("nchw_k13_dilated", 13, True)):
+        depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED = min_kernel, dilated
+        torch.cuda.reset_peak_memory_stats()
+        key = f"step_{label}"
+        report[key + "_ms"] = events_ms(step, 3, 7)
+        report[key + "_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        print(key, report[key + "_ms"], flush=True)
+    depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED = saved
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--model", default="overlock_t")
+    p.add_argument("--json")
+    p.add_argument("--steps-only", action="store_true", help="only the whole-step comparison")
+    args = p.parse_args()
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  cudnn=torch.backends.cudnn.version(), batch=args.batch, model=args.model)
+    if not args.steps_only:
+        per_shape(report, shapes_of_model(args.model), args.batch)
+        print(json.dumps(report["depthwise_totals_ms_per_step"]), flush=True)
+    whole_step(report, args.model, args.batch)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    for k, v in report.items():
+        if k != "depthwise_rows":
+            print(f"{k:40s} {v}")
+
+
+if __name__ == "__main__":
+    main()
