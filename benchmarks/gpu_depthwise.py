@@ -1,9 +1,9 @@
 """Issue #12, GPU: the large-kernel depthwise convs took 75% of an overlock_t training step on an H200 (bf16
 autocast, channels_last: cuDNN's ``conv2d_grouped_direct_kernel``). Which layout and cuDNN setting runs them fast?
 
-Per depthwise shape of overlock_t (forward + both gradients, batch ``--batch``): channels_last or NCHW,
-``cudnn.benchmark`` off or on. Whole training steps with the library's rule (``ops.depthwise.NCHW_MIN_KERNEL``,
-``NCHW_DILATED``: which convs run on an NCHW copy) set to several thresholds.
+Per depthwise shape of overlock_t (forward + both gradients, batch ``--batch``, fresh NCHW-strided weights):
+channels_last or NCHW, ``cudnn.benchmark`` off or on. Whole training steps with large and dilated depthwise convs
+routed through an NCHW copy of the map, with the model's weights as they are and restrided NCHW.
 """
 from __future__ import annotations
 
@@ -93,18 +93,35 @@ def whole_step(report, name, batch):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    from overlock.ops import depthwise
-    saved = depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED
-    # NCHW for no conv / kernels >= 9 and dilated ones (the library's choice) / kernels >= 9 / kernels >= 13
-    for label, min_kernel, dilated in (("channels_last", 10 ** 6, False), ("nchw_k9_dilated", 9, True),
-                                       ("nchw_k9", 9, False), ("nchw_k13_dilated", 13, True)):
-        depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED = min_kernel, dilated
+    original = layers.depthwise_conv2d
+    # channels_last for all / an NCHW copy of the map for kernels >= 9 and dilated ones, with the model's weights
+    # (their (C, 1, k, k) strides are channels_last: cuDNN then still runs channels_last) / the same with the
+    # weights restrided NCHW
+    for label, route in (("channels_last", None), ("nchw_k9_dilated", "model_weights"),
+                         ("nchw_k9_dilated_nchw_weights", "nchw_weights")):
+        layers.depthwise_conv2d = original if route is None else _nchw_route(original, route == "nchw_weights")
         torch.cuda.reset_peak_memory_stats()
         key = f"step_{label}"
         report[key + "_ms"] = events_ms(step, 3, 7)
         report[key + "_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         print(key, report[key + "_ms"], flush=True)
-    depthwise.NCHW_MIN_KERNEL, depthwise.NCHW_DILATED = saved
+    layers.depthwise_conv2d = original
+
+
+def _nchw_route(original, restride_weight: bool, min_kernel: int = 9):
+    """Large and dilated depthwise convs on an NCHW copy of the map (after autocast's cast), output channels_last."""
+    def conv(x, weight, bias=None, padding=(0, 0), dilation=1):
+        if max(weight.shape[-2:]) < min_kernel and dilation == 1:
+            return original(x, weight, bias, padding, dilation)
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if restride_weight:  # .contiguous() keeps a (C, 1, k, k) tensor's channels_last strides
+            weight = weight.reshape(weight.shape[0], -1).view(weight.shape)
+        y = F.conv2d(x.contiguous(), weight, bias, padding=padding, dilation=dilation, groups=weight.shape[0])
+        return y.contiguous(memory_format=torch.channels_last)
+    return conv
 
 
 def main():

@@ -1,12 +1,9 @@
 """The depthwise conv with the fast CPU weight gradient equals ``F.conv2d`` in value and in every gradient."""
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from overlock.layers import DilatedReparamBlock, depthwise_conv
-from overlock.ops import depthwise
 from overlock.ops.depthwise import depthwise_conv2d, depthwise_weight_grad
 
 
@@ -217,30 +214,3 @@ def test_compiles_without_graph_breaks(kernel, dilation):
     out = fn(x)
     ref = F.conv2d(x.double(), w.double(), padding=dilation * (kernel // 2), dilation=dilation, groups=16)
     assert rel_err(out.double(), ref) < 1e-6
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_nchw_copy_path_gives_conv2d_values_and_gradients(autocast):
-    """The GPU's NCHW route for large and dilated kernels (``_conv_nchw``), run here on the CPU: same values and
-    gradients as ``F.conv2d`` on the channels_last map, the output channels_last, under autocast its dtype."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 6, 11, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(6, 1, 5, 5, requires_grad=True)
-    b = torch.randn(6, requires_grad=True)
-    g = torch.randn(2, 6, 11, 12)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with mock.patch.object(depthwise, "_autocast_dtype", lambda d: torch.bfloat16 if autocast else None):
-            y = depthwise._conv_nchw(x, w, b, (4, 4), 2)
-        ref = F.conv2d(x, w, b, padding=(4, 4), dilation=2, groups=6)
-    assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == ref.dtype
-    torch.testing.assert_close(y, ref, rtol=0, atol=0 if not autocast else 1e-2)
-    grads = torch.autograd.grad(y, (x, w, b), g.to(y.dtype))
-    grads_ref = torch.autograd.grad(ref, (x, w, b), g.to(ref.dtype))
-    for a, r in zip(grads, grads_ref):  # bf16: other summation orders, so compare norms
-        assert a.dtype == r.dtype and rel_err(a.double(), r.double()) < (1e-2 if autocast else 1e-6)
-
-
-def test_nchw_route_only_for_half_precision_cuda_maps():
-    x = torch.randn(2, 4, 20, 20).contiguous(memory_format=torch.channels_last)
-    assert not depthwise._nchw_on_gpu(x, torch.randn(4, 1, 17, 17), 1)  # CPU: never
-    assert not depthwise._nchw_on_gpu(x.bfloat16(), torch.randn(4, 1, 3, 3), 4)

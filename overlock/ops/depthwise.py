@@ -319,48 +319,9 @@ def _native_isa(x: torch.Tensor) -> bool:
             and native.used_here())
 
 
-# On CUDA, cuDNN (9.19, H200, bf16, channels_last) runs large and dilated depthwise kernels in a slow direct kernel:
-# forward and both gradients of a 17x17 conv on 128x64x56x56 take 47 ms channels_last against 19 ms NCHW, 3x3 at
-# dilation 4 2.7 against 1.2 ms; small undilated kernels are faster channels_last (3x3: 0.28 against 1.15 ms).
-# Such convs run on an NCHW copy of the map (benchmarks/gpu_depthwise.py; the GPU section of benchmarks/README.md).
-NCHW_MIN_KERNEL = 9
-NCHW_DILATED = True
-
-
-def _nchw_on_gpu(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> bool:
-    """Measured for half precision (bf16 autocast); float32 keeps cuDNN's choice."""
-    return (x.device.type == "cuda" and x.dim() == 4 and x.shape[1] > 1
-            and (max(weight.shape[-2:]) >= NCHW_MIN_KERNEL or (NCHW_DILATED and dilation > 1))
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and (x.dtype in (torch.bfloat16, torch.float16) or _autocast_dtype("cuda") is not None))
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype of ``device_type`` where autocast is on, else ``None`` (torch 2.1 to current)."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return None
-    except (TypeError, AttributeError):  # torch < 2.4: CUDA-only spellings
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" and torch.is_autocast_enabled() else None
-
-
-def _conv_nchw(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):
-    """``F.conv2d`` on an NCHW copy of a channels_last map, the output channels_last again. Under autocast the
-    copy is made after the cast the conv would make anyway (same values, half the bytes moved)."""
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    y = F.conv2d(x.contiguous(), weight, bias, padding=padding, dilation=dilation, groups=weight.shape[0])
-    return y.contiguous(memory_format=torch.channels_last)
-
-
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):
     """The forward: the hand-written kernel where it is faster (``native.NATIVE_ISAS``), else oneDNN's, with a slow
-    kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`); on CUDA, large and dilated kernels in NCHW."""
-    if _nchw_on_gpu(x, weight, dilation):
-        return _conv_nchw(x, weight, bias, padding, dilation)
+    kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
     if _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias):
         y = native.depthwise_conv2d_same(x, weight, bias)
         if y is not None:
