@@ -3,13 +3,15 @@ autocast, channels_last: cuDNN's ``conv2d_grouped_direct_kernel``). Which layout
 
 Per depthwise shape of overlock_t (forward + both gradients, batch ``--batch``, fresh NCHW-strided weights):
 channels_last or NCHW, ``cudnn.benchmark`` off or on. Whole training steps with large and dilated depthwise convs
-routed through an NCHW copy of the map, with the model's weights as they are and restrided NCHW.
+routed through an NCHW copy of the map, with the model's weights as they are and restrided NCHW; all or only the
+large and dilated depthwise convs in the Triton kernels (``overlock.ops.depthwise_triton``), with their error.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import os
 import statistics
 
 import timm
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 import overlock  # noqa: F401
 from overlock import layers
+from overlock.ops import depthwise_triton
 
 
 def events_ms(fn, warmup=2, repeats=5):
@@ -51,6 +54,21 @@ def shapes_of_model(name):
     return seen
 
 
+def triton_error(c, h, w, k, pad, dil):
+    """Largest relative error of the Triton output and gradients against cuDNN in float32 (TF32 off), batch 2."""
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(2, c, h, w, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+    wt = torch.randn(c, 1, k, k, device="cuda", requires_grad=True)
+    b = torch.randn(c, device="cuda", requires_grad=True)
+    g = torch.randn(2, c, h, w, device="cuda")
+    y = depthwise_triton.depthwise_conv2d(x, wt, b, pad, dil)
+    r = F.conv2d(x, wt, b, padding=pad, dilation=dil, groups=c)
+    ours = (y,) + torch.autograd.grad(y, (x, wt, b), g)
+    ref = (r,) + torch.autograd.grad(r, (x, wt, b), g)
+    torch.backends.cudnn.allow_tf32 = True
+    return max(((a - e).norm() / e.norm()).item() for a, e in zip(ours, ref))
+
+
 def per_shape(report, shapes, batch):
     rows = []
     totals = collections.Counter()
@@ -73,6 +91,15 @@ def per_shape(report, shapes, batch):
                 row[key] = events_ms(run)
                 totals[key] += row[key] * n
         torch.backends.cudnn.benchmark = False
+        xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        gl = g.contiguous(memory_format=torch.channels_last)
+
+        def run_triton():
+            y = depthwise_triton.depthwise_conv2d(xl, wt, None, pad, dil)
+            torch.autograd.grad(y, (xl, wt), gl)
+        row["triton"] = events_ms(run_triton)
+        totals["triton"] += row["triton"] * n
+        row["triton_rel_err"] = triton_error(c, h, w, kh, pad, dil)
         rows.append(row)
         print(json.dumps(row), flush=True)
     report["depthwise_rows"] = rows
@@ -98,14 +125,30 @@ def whole_step(report, name, batch):
     # (their (C, 1, k, k) strides are channels_last: cuDNN then still runs channels_last) / the same with the
     # weights restrided NCHW
     for label, route in (("channels_last", None), ("nchw_k9_dilated", "model_weights"),
-                         ("nchw_k9_dilated_nchw_weights", "nchw_weights")):
-        layers.depthwise_conv2d = original if route is None else _nchw_route(original, route == "nchw_weights")
+                         ("nchw_k9_dilated_nchw_weights", "nchw_weights"), ("triton", "triton"),
+                         ("triton_k9_dilated", "triton_k9")):
+        os.environ["OVERLOCK_GPU_DEPTHWISE"] = "triton" if route == "triton" else ""
+        if route == "triton_k9":
+            layers.depthwise_conv2d = _triton_route(original)
+        else:
+            layers.depthwise_conv2d = original if route in (None, "triton") else _nchw_route(original,
+                                                                                             route == "nchw_weights")
         torch.cuda.reset_peak_memory_stats()
         key = f"step_{label}"
         report[key + "_ms"] = events_ms(step, 3, 7)
         report[key + "_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         print(key, report[key + "_ms"], flush=True)
     layers.depthwise_conv2d = original
+    os.environ["OVERLOCK_GPU_DEPTHWISE"] = ""
+
+
+def _triton_route(original, min_kernel: int = 9):
+    """Large and dilated depthwise convs in the Triton kernels, the small ones in cuDNN."""
+    def conv(x, weight, bias=None, padding=(0, 0), dilation=1):
+        if max(weight.shape[-2:]) < min_kernel and dilation == 1:
+            return original(x, weight, bias, padding, dilation)
+        return depthwise_triton.depthwise_conv2d(x, weight, bias, padding, dilation)
+    return conv
 
 
 def _nchw_route(original, restride_weight: bool, min_kernel: int = 9):

@@ -22,6 +22,10 @@ there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to
 On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2), the forward, the input gradient (the forward conv of ``dY``
 with the kernel turned 180 degrees) and, for kernels of ``MIN_TAPS`` or more, the weight gradient run in
 hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else.
+
+On GPUs, ``OVERLOCK_GPU_DEPTHWISE=triton`` runs every same-size depthwise conv in Triton kernels
+(:mod:`overlock.ops.depthwise_triton`; opt-in until measured: cuDNN's channels_last bf16 kernels are slow for
+large and dilated kernels).
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import native
+from . import depthwise_triton, native
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge"]
 
@@ -236,6 +240,10 @@ def _same_padding(weight: torch.Tensor, dilation: int) -> Tuple[int, int]:
     return dilation * (weight.shape[-2] // 2), dilation * (weight.shape[-1] // 2)
 
 
+def _same_size(weight: torch.Tensor, padding, dilation: int) -> bool:
+    return tuple(padding) == _same_padding(weight, dilation) and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
+
+
 def _use_grid(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Dilated convs on channels_last float32 CPU maps (the layout the sub-maps are cut in; NCHW keeps native)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -246,6 +254,8 @@ def _use_grid(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      padding: Tuple[int, int] = (0, 0), dilation: int = 1) -> torch.Tensor:
     """Stride-1 depthwise ``F.conv2d`` (``groups = channels``), same values and gradients, faster CPU training."""
+    if depthwise_triton.enabled(x) and _same_size(weight, padding, dilation) and x.dim() == 4:
+        return depthwise_triton.depthwise_conv2d(x, weight, bias, padding, dilation)
     if dilation > 1 and tuple(padding) == _same_padding(weight, dilation) and _use_grid(x, weight):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
