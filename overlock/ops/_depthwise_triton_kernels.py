@@ -35,6 +35,7 @@ def dw_forward(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, KH, KW, PH, PW, DIL, TILES_W
     out = y_ptr + n.to(tl.int64) * H * W * C + ((oh * W + ow) * C)[:, None] + c[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask[:, None] & cmask[None, :])
 
+
 @triton.jit
 def dw_weight_grad(x_ptr, g_ptr, part_ptr, N, H, W, C, KW, PH, PW, DIL, PIXELS_PER_SPLIT,
                    BP: tl.constexpr, BC: tl.constexpr):

@@ -241,7 +241,9 @@ def _same_padding(weight: torch.Tensor, dilation: int) -> Tuple[int, int]:
 
 
 def _same_size(weight: torch.Tensor, padding, dilation: int) -> bool:
-    return tuple(padding) == _same_padding(weight, dilation) and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
+    """Odd kernel, padding that keeps the map size: the convs the Triton kernels take."""
+    odd = weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
+    return odd and tuple(padding) == _same_padding(weight, dilation)
 
 
 def _use_grid(x: torch.Tensor, weight: torch.Tensor) -> bool:
