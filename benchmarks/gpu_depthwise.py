@@ -12,7 +12,6 @@ import argparse
 import collections
 import json
 import os
-import statistics
 
 import timm
 import torch
@@ -22,20 +21,7 @@ import overlock  # noqa: F401
 from overlock import layers
 from overlock.ops import depthwise_triton
 
-
-def events_ms(fn, warmup=2, repeats=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+from gpu_profile import events_ms  # noqa: E402  (benchmarks/, the script's folder)
 
 
 def shapes_of_model(name):
@@ -88,7 +74,7 @@ def per_shape(report, shapes, batch):
                     y = F.conv2d(xl, wt, None, padding=pad, dilation=dil, groups=c)
                     torch.autograd.grad(y, (xl, wt), gl)
                 key = f"{layout}{'_bench' if bench else ''}"
-                row[key] = events_ms(run)
+                row[key] = events_ms(run, 2, 5)
                 totals[key] += row[key] * n
         torch.backends.cudnn.benchmark = False
         xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -97,7 +83,7 @@ def per_shape(report, shapes, batch):
         def run_triton():
             y = depthwise_triton.depthwise_conv2d(xl, wt, None, pad, dil)
             torch.autograd.grad(y, (xl, wt), gl)
-        row["triton"] = events_ms(run_triton)
+        row["triton"] = events_ms(run_triton, 2, 5)
         totals["triton"] += row["triton"] * n
         row["triton_rel_err"] = triton_error(c, h, w, kh, pad, dil)
         rows.append(row)

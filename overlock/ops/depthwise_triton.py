@@ -34,11 +34,9 @@ def enabled(x: torch.Tensor) -> bool:
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype of ``device_type`` where autocast is on, else ``None`` (torch 2.1 to current)."""
-    try:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError):  # torch < 2.4: CUDA-only spellings
-        return torch.get_autocast_gpu_dtype() if device_type == "cuda" and torch.is_autocast_enabled() else None
+    """The autocast dtype of ``device_type`` where autocast is on, else ``None``."""
+    from .recompute import autocast_state
+    return next((dtype for device, on, dtype in autocast_state() if device == device_type and on), None)
 
 
 def _cdiv(a: int, b: int) -> int:
