@@ -166,11 +166,15 @@ def main():
         per_shape(report, shapes_of_model(args.model), args.batch)
         print(json.dumps(report["depthwise_totals_ms_per_step"]), flush=True)
     whole_step(report, args.model, args.batch)
+    from overlock.ops import _depthwise_triton_kernels as kernels  # the tile sizes the autotuner chose
+    report["triton_configs"] = {name: {str(k): str(v) for k, v in fn.cache.items()}
+                                for name, fn in (("forward", kernels.dw_forward),
+                                                 ("weight_grad", kernels.dw_weight_grad))}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     for k, v in report.items():
-        if k != "depthwise_rows":
+        if k not in ("depthwise_rows", "triton_configs"):
             print(f"{k:40s} {v}")
 
 

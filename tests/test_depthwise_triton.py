@@ -35,6 +35,18 @@ SCRIPT = textwrap.dedent("""
         for a, e in zip((y,) + got, (r,) + want):
             err = ((a.double() - e).norm() / e.norm()).item()
             assert err < 1e-6, (N, C, H, W, k, d, err)
+    # every tile configuration the GPU autotuner may pick, on a map smaller than some tiles
+    from overlock.ops import _depthwise_triton_kernels as K
+    x = torch.randn(2, 24, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(24, 1, 3, 3, requires_grad=True)
+    g = torch.randn(2, 24, 6, 7)
+    want = (F.conv2d(x, w, padding=2, dilation=2, groups=24),)
+    want += torch.autograd.grad(want[0], (x, w), g)
+    for fwd, wgrad in zip(K.ALL_FORWARD_CONFIGS, K.ALL_WEIGHT_GRAD_CONFIGS + K.ALL_WEIGHT_GRAD_CONFIGS[:1]):
+        K.dw_forward.configs, K.dw_weight_grad.configs = [fwd], [wgrad]
+        y = depthwise_triton.depthwise_conv2d(x, w, None, (2, 2), 2)
+        for a, e in zip((y,) + torch.autograd.grad(y, (x, w), g), want):
+            assert ((a - e).norm() / e.norm()).item() < 1e-6, (fwd, wgrad)
     print("ok")
 """)
 

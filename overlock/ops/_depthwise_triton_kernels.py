@@ -1,17 +1,51 @@
 """Triton kernels of :mod:`overlock.ops.depthwise_triton` (a module of their own: importing Triton costs time,
-so it is imported only when the kernels are asked for)."""
+so it is imported only when the kernels are asked for).
+
+Tile sizes are autotuned per shape on the GPU (short timings: a first training step tunes all of OverLoCK's
+shapes in seconds); Triton's CPU interpreter (the tests) cannot time kernels, so there the first option runs.
+"""
+import os
+
 import triton
 import triton.language as tl
 
 
+def _options(configs):
+    return configs[:1] if os.environ.get("TRITON_INTERPRET") == "1" else configs
+
+
+def _bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+ALL_FORWARD_CONFIGS = [
+    triton.Config(dict(BH=8, BW=8, BC=32), num_warps=4),
+    triton.Config(dict(BH=8, BW=16, BC=32), num_warps=4),
+    triton.Config(dict(BH=16, BW=16, BC=32), num_warps=8),
+    triton.Config(dict(BH=4, BW=16, BC=64), num_warps=4),
+    triton.Config(dict(BH=8, BW=8, BC=64), num_warps=4),
+    triton.Config(dict(BH=16, BW=8, BC=16), num_warps=4),
+]
+ALL_WEIGHT_GRAD_CONFIGS = [
+    triton.Config(dict(BP=64, BC=32), num_warps=4),
+    triton.Config(dict(BP=128, BC=32), num_warps=4),
+    triton.Config(dict(BP=64, BC=64), num_warps=4),
+    triton.Config(dict(BP=32, BC=32), num_warps=2),
+    triton.Config(dict(BP=128, BC=64), num_warps=8),
+]
+MAX_BP = 128  # pixel splits are multiples of every BP above
+
+
+@triton.autotune(configs=_options(ALL_FORWARD_CONFIGS), key=["H", "W", "C", "KH", "KW", "DIL"], do_bench=_bench)
 @triton.jit
-def dw_forward(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, KH, KW, PH, PW, DIL, TILES_W,
+def dw_forward(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, KH, KW, PH, PW, DIL,
                HAS_BIAS: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
     """y[n, h, w, c] = b[c] + sum_{ky, kx} x[n, h + ky*DIL - PH, w + kx*DIL - PW, c] * w[ky, kx, c]."""
     pid = tl.program_id(0)
     n = tl.program_id(2)
-    th = pid // TILES_W
-    tw = pid % TILES_W
+    tiles_w = tl.cdiv(W, BW)
+    th = pid // tiles_w
+    tw = pid % tiles_w
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = c < C
     p = tl.arange(0, BH * BW)
@@ -36,8 +70,9 @@ def dw_forward(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, KH, KW, PH, PW, DIL, TILES_W
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask[:, None] & cmask[None, :])
 
 
+@triton.autotune(configs=_options(ALL_WEIGHT_GRAD_CONFIGS), key=["N", "H", "W", "C", "KH", "KW", "DIL"], do_bench=_bench)
 @triton.jit
-def dw_weight_grad(x_ptr, g_ptr, part_ptr, N, H, W, C, KW, PH, PW, DIL, PIXELS_PER_SPLIT,
+def dw_weight_grad(x_ptr, g_ptr, part_ptr, N, H, W, C, KH, KW, PH, PW, DIL, PIXELS_PER_SPLIT,
                    BP: tl.constexpr, BC: tl.constexpr):
     """part[s, tap, c] = sum over split s's pixels (n, h, w) of x[n, h + ky*DIL - PH, w + kx*DIL - PW, c] * g."""
     tap = tl.program_id(0)

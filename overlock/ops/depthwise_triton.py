@@ -54,31 +54,32 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
              padding: Tuple[int, int], dilation: int) -> torch.Tensor:
+    from ._depthwise_triton_kernels import dw_forward
     N, C, H, W = x.shape
     xs = _nhwc(x)
     y = torch.empty_like(xs)
-    bh, bw, bc = 8, 8, 32 if C >= 32 else 16
-    tiles_w = _cdiv(W, bw)
-    grid = (_cdiv(H, bh) * tiles_w, _cdiv(C, bc), N)
-    from ._depthwise_triton_kernels import dw_forward
+
+    def grid(meta):
+        return _cdiv(H, meta["BH"]) * _cdiv(W, meta["BW"]), _cdiv(C, meta["BC"]), N
     dw_forward[grid](xs, taps, bias if bias is not None else taps, y, H, W, C, kh, kw, padding[0], padding[1],
-                      dilation, tiles_w, HAS_BIAS=bias is not None, BH=bh, BW=bw, BC=bc)
+                     dilation, HAS_BIAS=bias is not None)
     return y.permute(0, 3, 1, 2)  # channels_last (N, C, H, W)
 
 
 def _weight_grad(x: torch.Tensor, g: torch.Tensor, kh: int, kw: int, padding: Tuple[int, int],
                  dilation: int) -> torch.Tensor:
+    from ._depthwise_triton_kernels import MAX_BP, dw_weight_grad
     N, C, H, W = x.shape
     xs, gs = _nhwc(x), _nhwc(g)
-    bp, bc = 64, 32 if C >= 32 else 16
     total = N * H * W
-    splits = max(1, min(64, total // 4096))
-    per = _cdiv(_cdiv(total, splits), bp) * bp
+    splits = max(1, min(64, total // 4096))  # enough programs to fill a GPU; few partial sums to add
+    per = _cdiv(_cdiv(total, splits), MAX_BP) * MAX_BP
     splits = _cdiv(total, per)
     part = torch.empty(splits, kh * kw, C, device=x.device, dtype=torch.float32)
-    grid = (kh * kw, _cdiv(C, bc), splits)
-    from ._depthwise_triton_kernels import dw_weight_grad
-    dw_weight_grad[grid](xs, gs, part, N, H, W, C, kw, padding[0], padding[1], dilation, per, BP=bp, BC=bc)
+
+    def grid(meta):
+        return kh * kw, _cdiv(C, meta["BC"]), splits
+    dw_weight_grad[grid](xs, gs, part, N, H, W, C, kh, kw, padding[0], padding[1], dilation, per)
     return part.sum(0).t().reshape(C, 1, kh, kw)
 
 
