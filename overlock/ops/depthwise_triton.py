@@ -12,15 +12,19 @@ through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional, Tuple
 
 import torch
 
+from .native import _taps  # the kernel as (kh*kw, C): a vector of channels per tap
+
 __all__ = ["available", "enabled", "depthwise_conv2d"]
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Triton is installed (it ships with CUDA builds of torch)."""
     return importlib.util.find_spec("triton") is not None
@@ -46,10 +50,6 @@ def _cdiv(a: int, b: int) -> int:
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
     """``(N, H, W, C)`` contiguous view of a channels_last map (a copy if it is not channels_last)."""
     return t.permute(0, 2, 3, 1).contiguous()
-
-
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1).t().contiguous()  # (kh*kw, C)
 
 
 def _forward(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
@@ -105,7 +105,7 @@ class _DepthwiseTriton(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x, grad, kh, kw, padding, dilation).to(weight.dtype)
         if has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3)).to(grad.dtype)
+            grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
 
 
