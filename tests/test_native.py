@@ -217,3 +217,51 @@ def test_grn_scale_declines_what_it_does_not_cover():
     assert native.grn_scale(x, gamma) is None                                          # autograd
     with torch.no_grad():
         assert native.grn_scale(x, gamma) is not None
+
+
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 40), (13, 7), (17, 5), (7, 1)])
+def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, kernel, size):
+    """A fused model's depthwise conv without autograd: the kernel with the kept tap layout, the very bits of the
+    generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN."""
+    from overlock.fused import DepthwiseConv
+    direct = []
+    real = native.depthwise_conv2d_taps
+    monkeypatch.setattr(native, "depthwise_conv2d_taps", lambda *a: direct.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = DepthwiseConv(16, 16, kernel, padding=kernel // 2, groups=16).eval()
+    x = cl(torch.randn(2, 16, size, size))
+    with torch.no_grad():
+        got = conv(x)
+        want = depthwise_conv(x, conv.weight, conv.bias)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(direct) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2, groups=16)
+    assert rel_err(got, ref) < 1e-6
+
+
+def test_fused_depthwise_conv_follows_its_weight(forced):
+    """The kept tap layout is rebuilt after an in-place edit or a load, and after a fused optimizer step (which
+    does not move version counters) once ``eval()`` runs; with autograd on, the generic route runs."""
+    from overlock.fused import DepthwiseConv
+    torch.manual_seed(0)
+    conv = DepthwiseConv(16, 16, 5, padding=2, groups=16).eval()
+    x = cl(torch.randn(1, 16, 9, 9))
+
+    def check():
+        with torch.no_grad():
+            out = conv(x)
+        assert rel_err(out, F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=2, groups=16)) < 1e-6
+    check()
+    with torch.no_grad():
+        conv.weight.mul_(-2)
+    check()
+    conv.load_state_dict({"weight": torch.randn(16, 1, 5, 5), "bias": torch.randn(16)})
+    check()
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.5, **({"fused": True} if hasattr(torch, "_fused_adamw_") else {}))
+    conv.train()
+    out = conv(x)
+    assert out.grad_fn is not None
+    out.square().sum().backward()
+    opt.step()
+    conv.eval()
+    check()

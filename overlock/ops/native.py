@@ -25,8 +25,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_weight_grad_same",
-           "na2d_softmax_av", "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
+__all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
+           "depthwise_weight_grad_same", "na2d_softmax_av", "grn_scale", "gelu", "gelu_backward", "status", "describe",
+           "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
@@ -210,6 +211,23 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
         rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw)
         if rc != 0:
             return None
+    return y
+
+
+def depthwise_conv2d_taps(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int
+                          ) -> Optional[torch.Tensor]:
+    """:func:`depthwise_conv2d_same` with the kernel already in the ``(kh*kw, C)`` layout (:func:`_taps`) and few
+    checks: the batch-1 inference path of fused models, where the Python around a 14x14 conv cost more than the
+    conv itself. ``x`` must be a float32 channels_last CPU map with ``C % 8 == 0`` (the caller checks); ``None``
+    if the kernels are off."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None:
+        return None
+    N, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    if N * H * W and lib.overlock_depthwise_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(), N, H, W,
+                                                 C, kh, kw) != 0:
+        return None
     return y
 
 
