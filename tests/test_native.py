@@ -57,8 +57,8 @@ def forced(monkeypatch):
     calls = []
     real = native.depthwise_conv2d_same
 
-    def spy(x, w, b=None):
-        out = real(x, w, b)
+    def spy(x, w, b=None, dilation=1):
+        out = real(x, w, b, dilation)
         calls.append(out is not None)
         return out
 
@@ -67,10 +67,11 @@ def forced(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kernel,dilation,size", [(13, 1, 14), (3, 1, 9), (3, 5, 20), (9, 2, 16)])
+@pytest.mark.parametrize("kernel,dilation,size", [(13, 1, 14), (3, 1, 9), (3, 5, 20), (9, 2, 16), (3, 7, 40),
+                                                   (5, 3, 11)])
 def test_training_gradients_match_float64(forced, kernel, dilation, size):
     """Forward and input gradient by the kernel (the gradient is the conv with the kernel turned 180 degrees),
-    dilated convs on their sub-maps included."""
+    dilated convs included (directly on the map, any map size, weight gradient by the kernel too)."""
     torch.manual_seed(0)
     x = cl(torch.randn(2, 16, size, size)).requires_grad_()
     w = torch.randn(16, 1, kernel, kernel, requires_grad=True)
@@ -79,6 +80,7 @@ def test_training_gradients_match_float64(forced, kernel, dilation, size):
     out = depthwise_conv(x, w, b, dilation=dilation)
     grads = torch.autograd.grad(out, (x, w, b), g)
     assert len(forced) >= 2 and all(forced), "forward and input gradient did not both run in the kernel"
+    assert type(out.grad_fn).__name__ == "_DepthwiseConvBackward"
     x2, w2, b2 = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref = F.conv2d(x2, w2, b2, padding=dilation * (kernel // 2), dilation=dilation, groups=16)
     assert rel_err(out, ref) < 1e-6

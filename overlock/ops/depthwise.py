@@ -21,7 +21,9 @@ there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to
 
 On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2), the forward, the input gradient (the forward conv of ``dY``
 with the kernel turned 180 degrees) and, for kernels of ``MIN_TAPS`` or more, the weight gradient run in
-hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else.
+hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else. Dilated
+convs run there too, directly on the map (weight gradient included, any kernel size): no sub-map copies, and an
+overlock_t training step (b8, 224, AVX2 EPYC) 4.85 -> 4.36 s; the sub-map route stays for the other CPUs.
 
 On GPUs, ``OVERLOCK_GPU_DEPTHWISE=triton`` runs every same-size depthwise conv in Triton kernels
 (:mod:`overlock.ops.depthwise_triton`; opt-in until measured: cuDNN's channels_last bf16 kernels are slow for
@@ -88,10 +90,10 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
     """``dW``: by the hand-written kernel where it runs this conv, else as one depthwise conv for kernels of
     ``MIN_TAPS`` or more; ``None`` for small kernels elsewhere (PyTorch's backward is fast there)."""
     kernel = tuple(weight.shape[-2:])
-    if max(kernel) < MIN_TAPS:
+    native_here = _use_native(x, weight, padding, dilation)
+    if max(kernel) < MIN_TAPS and not (native_here and dilation > 1):
         return None
-    grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel) if _use_native(x, weight, padding, dilation) \
-        else None
+    grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel, dilation) if native_here else None
     if grad_w is None:
         grad_w = depthwise_weight_grad(x, grad_out, kernel, padding, dilation)
     return grad_w.to(weight.dtype)
@@ -99,10 +101,11 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, 
 
 def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> Optional[torch.Tensor]:
     """``dX`` of a stride-1 same-size depthwise conv by the hand-written forward: the conv of ``dY`` with the
-    kernel turned 180 degrees. ``None`` where that kernel is not used (then PyTorch's backward runs)."""
-    if dilation != 1 or not _use_native(grad_out, weight, padding, 1):
+    kernel turned 180 degrees (same dilation). ``None`` where that kernel is not used (then PyTorch's backward
+    runs)."""
+    if not _use_native(grad_out, weight, padding, dilation):
         return None
-    return native.depthwise_conv2d_same(grad_out, weight.flip(-2, -1))
+    return native.depthwise_conv2d_same(grad_out, weight.flip(-2, -1), None, dilation)
 
 
 def grid_split(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -258,6 +261,10 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """Stride-1 depthwise ``F.conv2d`` (``groups = channels``), same values and gradients, faster CPU training."""
     if depthwise_triton.enabled(x) and _same_size(weight, padding, dilation) and x.dim() == 4:
         return depthwise_triton.depthwise_conv2d(x, weight, bias, padding, dilation)
+    if dilation > 1 and _use_native(x, weight, padding, dilation):  # the hand-written kernels take dilation
+        if _records_grad(x, weight, bias):
+            return _DepthwiseConv.apply(x, weight, bias, tuple(padding), dilation)
+        return _forward(x, weight, bias, padding, dilation)
     if dilation > 1 and tuple(padding) == _same_padding(weight, dilation) and _use_grid(x, weight):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
@@ -306,7 +313,8 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
 # batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
 # faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
-# Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches).
+# Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches). Dilated kernels run there at
+# any size, weight gradient included (PyTorch's dilated ones are 2-10x slower; benchmarks/README.md).
 NATIVE_SMALL_KERNEL_PIXELS = 1024
 
 
@@ -318,8 +326,8 @@ def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -
     """The hand-written kernel runs this conv (its autograd, if any, is :class:`_DepthwiseConv`'s)."""
     taps = weight.shape[-2] * weight.shape[-1]
     # _native_isa first: it rules out tracing, where the pixel count would be a guard on a symbolic batch size
-    return (dilation == 1 and _native_isa(x) and tuple(padding) == (weight.shape[-2] // 2, weight.shape[-1] // 2)
-            and (taps >= MIN_TAPS ** 2 or x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
+    return (_native_isa(x) and tuple(padding) == _same_padding(weight, dilation)
+            and (taps >= MIN_TAPS ** 2 or dilation > 1 or x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
 
 
 def _native_isa(x: torch.Tensor) -> bool:
@@ -335,7 +343,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """The forward: the hand-written kernel where it is faster (``native.NATIVE_ISAS``), else oneDNN's, with a slow
     kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
     if _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias):
-        y = native.depthwise_conv2d_same(x, weight, bias)
+        y = native.depthwise_conv2d_same(x, weight, bias, dilation)
         if y is not None:
             return y
     k = weight.shape[-1]

@@ -111,9 +111,9 @@ def _library() -> Optional[ctypes.CDLL]:
         log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
-    lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
-    lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
@@ -187,9 +187,10 @@ def _taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(weight.shape[0], -1).t().contiguous()
 
 
-def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
-                          ) -> Optional[torch.Tensor]:
-    """``F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C)`` on float32 channels_last CPU maps.
+def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                          dilation: int = 1) -> Optional[torch.Tensor]:
+    """``F.conv2d(x, weight, bias, padding=(d * (kh // 2), d * (kw // 2)), dilation=d, groups=C)`` on float32
+    channels_last CPU maps.
 
     Returns ``None`` where the kernel does not apply (then call PyTorch): native kernels off, channels not a
     multiple of 8, an even kernel side, or tensors that are not float32 CPU. The result is channels_last.
@@ -208,7 +209,7 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     b = None if bias is None else bias.contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if N * H * W:
-        rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw)
+        rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw, dilation)
         if rc != 0:
             return None
     return y
@@ -226,12 +227,12 @@ def depthwise_conv2d_taps(x: torch.Tensor, taps: torch.Tensor, bias: Optional[to
     N, C, H, W = x.shape
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if N * H * W and lib.overlock_depthwise_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(), N, H, W,
-                                                 C, kh, kw) != 0:
+                                                 C, kh, kw, 1) != 0:
         return None
     return y
 
 
-def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int]
+def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int], dilation: int = 1
                                ) -> Optional[torch.Tensor]:
     """The weight gradient ``(C, 1, kh, kw)`` of :func:`depthwise_conv2d_same` from its input and output
     gradient, or ``None`` where the kernel does not apply (as there)."""
@@ -245,7 +246,8 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     x = x.contiguous(memory_format=torch.channels_last)
     g = grad_out.contiguous(memory_format=torch.channels_last)
     dw = x.new_zeros(kh, kw, C)
-    if N * H * W and lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw) != 0:
+    if N * H * W and lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw,
+                                                       dilation) != 0:
         return None
     return dw.permute(2, 0, 1).unsqueeze(1)  # (C, 1, kh, kw), channels_last like a depthwise conv's weight
 

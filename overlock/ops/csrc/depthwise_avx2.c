@@ -5,7 +5,9 @@
  * fast (figures: benchmarks/README.md). It is loaded through ctypes by overlock/ops/native.py, which compiles it
  * on first use and links it to the OpenMP runtime PyTorch already loaded (one thread pool, torch's thread count).
  *
- * Layout: x and y are (N, H, W, C) in memory, w is (kh, kw, C), bias is (C) or NULL. Zero padding kh/2, kw/2.
+ * Layout: x and y are (N, H, W, C) in memory, w is (kh, kw, C), bias is (C) or NULL. Dilation d (taps d pixels
+ * apart), zero padding d * (kh/2), d * (kw/2): the dilated branches of the re-parameterizable blocks run here on
+ * the map itself instead of as undilated convs on d*d copied sub-maps.
  * Each work item is one output row of one block of 16 (or 8) channels (a row's blocks are neighbours in the
  * work order, so the threads stream through memory); a tile of up to 6 output pixels of it
  * is accumulated in registers over every tap that can land on the map, so each weight vector load serves 6
@@ -20,20 +22,20 @@
 /* NT pixels from x0 of output row yy, channels c0 .. c0 + 8 * CV; tap row ky reads input row y0 + ky of `img`;
  * CHECK: some tap columns of this tile fall outside [0, W) and are skipped one by one. */
 INLINE void tile(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C, int W,
-                 int kw, int pw, int ky0, int ky1, int kx0, int kx1, int x0, int c0, const int NT, const int CV,
-                 const int CHECK) {
+                 int kw, int pw, int d, int ky0, int ky1, int kx0, int kx1, int x0, int c0, const int NT,
+                 const int CV, const int CHECK) {
     __m256 acc[MAX_TILE][2];
     for (int v = 0; v < CV; v++) {
         const __m256 b = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
         for (int i = 0; i < NT; i++) acc[i][v] = b;
     }
     for (int ky = ky0; ky < ky1; ky++) {
-        const float *row = img + (y0 + ky) * rstride + c0;
+        const float *row = img + (long)(y0 + ky * d) * rstride + c0;
         const float *wrow = w + (long)ky * kw * C + c0;
         for (int kx = kx0; kx < kx1; kx++) {
             __m256 wv[2];
             for (int v = 0; v < CV; v++) wv[v] = _mm256_loadu_ps(wrow + (long)kx * C + 8 * v);
-            const int col = x0 + kx - pw;
+            const int col = x0 + kx * d - pw;
             for (int i = 0; i < NT; i++) {
                 if (CHECK && (unsigned)(col + i) >= (unsigned)W) continue;
                 for (int v = 0; v < CV; v++)
@@ -46,20 +48,23 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
         for (int v = 0; v < CV; v++) _mm256_storeu_ps(out + (long)i * C + c0 + 8 * v, acc[i][v]);
 }
 
-#define TILE(NT, CHECK) tile(img, y0, rstride, w, bias, out + (long)x0 * C, C, W, kw, pw, ky0, ky1, kx0, kx1, x0, \
-                             c0, NT, CV, CHECK)
+#define TILE(NT, CHECK) tile(img, y0, rstride, w, bias, out + (long)x0 * C, C, W, kw, pw, d, ky0, ky1, kx0, kx1, \
+                             x0, c0, NT, CV, CHECK)
 #define TILES(CHECK) switch (nt) {                                                        \
     case 6: TILE(6, CHECK); break; case 5: TILE(5, CHECK); break; case 4: TILE(4, CHECK); break; \
     case 3: TILE(3, CHECK); break; case 2: TILE(2, CHECK); break; default: TILE(1, CHECK); }
 
+/* The first tap index t >= 0 with t * d >= n (n may be negative). */
+static inline int first_tap(int n, int d) { return n <= 0 ? 0 : (n + d - 1) / d; }
+
 INLINE void row_block(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C,
-                      int W, int kw, int pw, int ky0, int ky1, int c0, const int CV) {
+                      int W, int kw, int pw, int d, int ky0, int ky1, int c0, const int CV) {
     for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
         const int nt = W - x0 < MAX_TILE ? W - x0 : MAX_TILE;
-        /* the taps that land inside the map for at least one pixel of the tile */
-        const int lo = pw - x0 - nt + 1, hi = W + pw - x0;
-        const int kx0 = lo > 0 ? lo : 0, kx1 = hi < kw ? hi : kw;
-        if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1 - pw) >= W) {
+        /* the taps that land inside the map for at least one pixel of the tile: x0 + kx*d - pw in
+           [1 - nt, W - 1] */
+        const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d), kx1 = hi < kw ? hi : kw;
+        if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1) * d - pw >= W) {
             TILES(1)
         } else {
             TILES(0)
@@ -70,20 +75,20 @@ INLINE void row_block(const float *img, int y0, long rstride, const float *w, co
 /* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
-                            int C, int kh, int kw) {
-    if (C % 8 || !(kh & 1) || !(kw & 1)) return -1;
-    const int ph = kh / 2, pw = kw / 2;
+                            int C, int kh, int kw, int d) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || d < 1) return -1;
+    const int ph = d * (kh / 2), pw = d * (kw / 2);
     const int block = C % 16 ? 8 : 16, nblocks = C / block;
     const long rstride = (long)W * C;
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)N * H * nblocks; item++) {  /* channel blocks innermost: contiguous memory */
         const int cb = item % nblocks, yy = (item / nblocks) % H;
         const long n = item / nblocks / H;
-        const int ky0 = ph - yy > 0 ? ph - yy : 0, ky1 = H - yy + ph < kh ? H - yy + ph : kh;
+        const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
         const float *img = x + n * H * rstride;
         float *out = y + (n * H + yy) * rstride;
-        if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, ky0, ky1, cb * block, 2);
-        else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, ky0, ky1, cb * block, 1);
+        if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2);
+        else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1);
     }
     return 0;
 }
@@ -91,13 +96,15 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
 /* Weight gradient: dw[ky, kx, c] = sum over n, y, x of x[n, y + ky - ph, x + kx - pw, c] * g[n, y, x, c].
  * Adds one input row's products for taps kx0 .. kx0 + NT - 1 of row ky into acc (in memory, NT * CV vectors):
  * the pixels [lo, hi) read inside the map for every tap of the tile run unchecked, the rest tap by tap. */
-INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W, int pw, int kx0, int c0,
+INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W, int pw, int d, int kx0, int c0,
                       const int NT, const int CV) {
     __m256 a[MAX_TILE][2];
     for (int t = 0; t < NT; t++)
         for (int v = 0; v < CV; v++) a[t][v] = _mm256_loadu_ps(acc + (t * 2 + v) * 8);
-    const int any_lo = pw - kx0 - NT + 1 > 0 ? pw - kx0 - NT + 1 : 0, any_hi = W + pw - kx0 < W ? W + pw - kx0 : W;
-    int lo = pw - kx0 > 0 ? pw - kx0 : 0, hi = W + pw - kx0 - NT + 1 < W ? W + pw - kx0 - NT + 1 : W;
+    /* output pixels xx that read inside the map for some tap of the tile [any_lo, any_hi), for all of them [lo, hi) */
+    const int first = kx0 * d, last = (kx0 + NT - 1) * d;
+    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
+    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
     if (lo > hi) lo = hi = any_hi;
     for (int pass = 0; pass < 3; pass++) {
         const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
@@ -105,11 +112,12 @@ INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W
         for (int xx = from; xx < to; xx++) {
             __m256 gv[2];
             for (int v = 0; v < CV; v++) gv[v] = _mm256_loadu_ps(gr + (long)xx * C + c0 + 8 * v);
-            const int col = xx + kx0 - pw;
+            const int col = xx + first - pw;
             for (int t = 0; t < NT; t++) {
-                if (pass != 1 && (unsigned)(col + t) >= (unsigned)W) continue;
+                if (pass != 1 && (unsigned)(col + t * d) >= (unsigned)W) continue;
                 for (int v = 0; v < CV; v++)
-                    a[t][v] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + (long)(col + t) * C + c0 + 8 * v), gv[v], a[t][v]);
+                    a[t][v] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + (long)(col + t * d) * C + c0 + 8 * v), gv[v],
+                                              a[t][v]);
             }
         }
     }
@@ -117,15 +125,15 @@ INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W
         for (int v = 0; v < CV; v++) _mm256_storeu_ps(acc + (t * 2 + v) * 8, a[t][v]);
 }
 
-#define WROW(NT) wgrad_row(xr, gr, acc + kx0 * 16, C, W, pw, kx0, c0, NT, CV)
+#define WROW(NT) wgrad_row(xr, gr, acc + kx0 * 16, C, W, pw, d, kx0, c0, NT, CV)
 
-INLINE void wgrad_item(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh, int kw,
+INLINE void wgrad_item(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh, int kw, int d,
                        int ky, int c0, float *acc, const int CV) {
-    const int ph = kh / 2, pw = kw / 2;
+    const int ph = d * (kh / 2), pw = d * (kw / 2);
     memset(acc, 0, sizeof(float) * kw * 16);
     for (long n = 0; n < N; n++)
         for (int y = 0; y < H; y++) {
-            const int yin = y + ky - ph;
+            const int yin = y + ky * d - ph;
             if (yin < 0 || yin >= H) continue;
             const float *xr = x + (n * H + yin) * (long)W * C, *gr = g + (n * H + y) * (long)W * C;
             for (int kx0 = 0; kx0 < kw; kx0 += MAX_TILE) {  /* the row stays in L1 across the tap tiles */
@@ -142,8 +150,8 @@ INLINE void wgrad_item(const float *x, const float *g, float *dw, int N, int H, 
 /* dw (kh, kw, C) of the conv above, from its input x and output gradient g (both N, H, W, C). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh,
-                                  int kw) {
-    if (C % 8 || !(kh & 1) || !(kw & 1) || kw > 64) return -1;
+                                  int kw, int d) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || kw > 64 || d < 1) return -1;
     const int block = C % 16 ? 8 : 16, nblocks = C / block;
     #pragma omp parallel
     {
@@ -151,8 +159,8 @@ int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int
         #pragma omp for schedule(static)
         for (int item = 0; item < nblocks * kh; item++) {  /* taps rows innermost: neighbours share the slab */
             const int ky = item % kh, cb = item / kh;
-            if (block == 16) wgrad_item(x, g, dw, N, H, W, C, kh, kw, ky, cb * block, acc, 2);
-            else wgrad_item(x, g, dw, N, H, W, C, kh, kw, ky, cb * block, acc, 1);
+            if (block == 16) wgrad_item(x, g, dw, N, H, W, C, kh, kw, d, ky, cb * block, acc, 2);
+            else wgrad_item(x, g, dw, N, H, W, C, kh, kw, d, ky, cb * block, acc, 1);
         }
     }
     return 0;
