@@ -314,7 +314,7 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
 # faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
 # Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches). Dilated kernels run there at
-# any size, weight gradient included (PyTorch's dilated ones are 2-10x slower; benchmarks/README.md).
+# any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x slower; benchmarks/README.md).
 NATIVE_SMALL_KERNEL_PIXELS = 1024
 
 

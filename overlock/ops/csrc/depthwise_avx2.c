@@ -19,7 +19,7 @@
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 #define MAX_TILE 6
 
-/* NT pixels from x0 of output row yy, channels c0 .. c0 + 8 * CV; tap row ky reads input row y0 + ky of `img`;
+/* NT pixels from x0 of output row yy, channels c0 .. c0 + 8 * CV; tap row ky reads input row y0 + ky * d of `img`;
  * CHECK: some tap columns of this tile fall outside [0, W) and are skipped one by one. */
 INLINE void tile(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C, int W,
                  int kw, int pw, int d, int ky0, int ky1, int kx0, int kx1, int x0, int c0, const int NT,
@@ -93,7 +93,7 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
     return 0;
 }
 
-/* Weight gradient: dw[ky, kx, c] = sum over n, y, x of x[n, y + ky - ph, x + kx - pw, c] * g[n, y, x, c].
+/* Weight gradient: dw[ky, kx, c] = sum over n, y, x of x[n, y + ky*d - ph, x + kx*d - pw, c] * g[n, y, x, c].
  * Adds one input row's products for taps kx0 .. kx0 + NT - 1 of row ky into acc (in memory, NT * CV vectors):
  * the pixels [lo, hi) read inside the map for every tap of the tile run unchecked, the rest tap by tap. */
 INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W, int pw, int d, int kx0, int c0,
