@@ -94,16 +94,9 @@ class DepthwiseConv(nn.Conv2d):
 
     def _direct(self, x: torch.Tensor) -> bool:
         w, b = self.weight, self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
-            return False
-        k = self.kernel_size
-        return (type(x) is torch.Tensor and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
-                and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and x.shape[1] % 8 == 0
-                and w.shape[0] == x.shape[1] and self.padding == (k[0] // 2, k[1] // 2) and k[0] % 2 == k[1] % 2 == 1
-                and (k[0] * k[1] >= depthwise_ops.MIN_TAPS ** 2
-                     or x.shape[2] * x.shape[3] <= depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS)
-                and x.is_contiguous(memory_format=torch.channels_last) and not _tracing()
-                and not torch.is_autocast_enabled("cpu") and native.used_here())
+        return (x.dim() == 4 and x.shape[1] % 8 == 0 and w.shape[0] == x.shape[1] and w.dtype == torch.float32
+                and (b is None or b.dtype == torch.float32) and not _tracing()
+                and depthwise_ops.runs_native(x, w, b, self.padding))
 
     def _taps(self) -> torch.Tensor:
         w = self.weight

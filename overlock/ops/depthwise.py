@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from . import depthwise_triton, native
 
-__all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge"]
+__all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge", "runs_native"]
 
 MIN_TAPS = 5  # kernels narrower than this keep PyTorch's weight gradient
 
@@ -330,6 +330,13 @@ def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -
             and (taps >= MIN_TAPS ** 2 or dilation > 1 or x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
 
 
+def runs_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int = 1
+                ) -> bool:
+    """The hand-written forward runs this conv, without autograd (the rule :func:`_forward` follows; the fused
+    model's depthwise convs call the kernel directly where it holds)."""
+    return _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias)
+
+
 def _native_isa(x: torch.Tensor) -> bool:
     """Real CPU tensors (not traced, compiled, fake or functional) on a CPU where the kernels are used. The
     tracing tests come first: under torch.compile, asking the CPU's ISA would break the graph."""
@@ -342,7 +349,7 @@ def _native_isa(x: torch.Tensor) -> bool:
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int):
     """The forward: the hand-written kernel where it is faster (``native.NATIVE_ISAS``), else oneDNN's, with a slow
     kernel size zero-padded to a fast one (:data:`WIDENED_KERNELS`)."""
-    if _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias):
+    if runs_native(x, weight, bias, padding, dilation):
         y = native.depthwise_conv2d_same(x, weight, bias, dilation)
         if y is not None:
             return y
