@@ -88,6 +88,24 @@ def test_training_gradients_match_float64(forced, kernel, dilation, size):
         assert rel_err(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("shape,kernel,dilation", [
+    ((8, 32, 14, 14), 13, 1),   # small map: one work item per tap row
+    ((2, 64, 56, 56), 17, 1),   # large map: partial sums per image and row chunk, 16-channel blocks
+    ((1, 24, 50, 45), 5, 3),    # large map, one image cut into row chunks, 8-channel blocks, dilated
+    ((3, 16, 33, 31), 7, 1),    # large map, chunk rows not a multiple of anything
+])
+def test_weight_gradient_matches_float64(shape, kernel, dilation):
+    """Both forms of the weight-gradient kernel (``WGRAD_ROWS_PIXELS`` in csrc/depthwise_avx2.c picks one)."""
+    torch.manual_seed(0)
+    x, g = cl(torch.randn(shape)), cl(torch.randn(shape))
+    got = native.depthwise_weight_grad_same(x, g, (kernel, kernel), dilation)
+    w = torch.zeros(shape[1], 1, kernel, kernel, dtype=torch.float64)
+    want = torch.ops.aten.convolution_backward(
+        g.double(), x.double(), w, None, [1, 1], [dilation * (kernel // 2)] * 2, [dilation, dilation], False, [0, 0],
+        shape[1], [False, True, False])[1]
+    assert got.shape == want.shape and rel_err(got, want) < 1e-6
+
+
 def test_reparam_block_trains_as_with_pytorch_kernels(forced):
     torch.manual_seed(0)
     block = DilatedReparamBlock(16, 13).train()
