@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
                      SEModule, conv_bn)
+from .ops import softmax_av
 from .ops.neighborhood import BACKENDS, na2d_av, na2d_softmax_av, rpb_index
 
 __all__ = ["context_mix", "context_mix_reference", "window_biases", "ContMixCore", "ContMixBlock", "set_backend",
@@ -102,6 +103,9 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
         if x2 is not None:
             out = torch.cat([x1.permute(0, 2, 3, 1, 4), x2.permute(0, 2, 3, 1, 4)], dim=3)
             return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+    if backend == "tiled" and softmax_av.applies(q, keys, value, smk_size, kernel_size, G):  # CPU training
+        return softmax_av.softmax_av(q, keys[..., :ss], keys[..., ss:], biases[0], biases[1], value, smk_size,
+                                     kernel_size, G).permute(0, 3, 1, 2)
     # the biases are added in place: a matmul keeps no output for its backward
     a1 = torch.matmul(q, keys[..., :ss]).add_(biases[0])
     a2 = torch.matmul(q, keys[..., ss:]).add_(biases[1])

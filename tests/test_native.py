@@ -285,3 +285,40 @@ def test_fused_depthwise_conv_follows_its_weight(forced):
     opt.step()
     conv.eval()
     check()
+
+
+@pytest.mark.parametrize("B,G,H,W,c,cv,smk,k", [(2, 3, 14, 15, 16, 16, 5, 13), (1, 2, 9, 11, 8, 8, 3, 7),
+                                                (2, 4, 7, 7, 4, 24, 5, 7)])
+def test_context_mix_trains_in_the_fused_kernels(forced, B, G, H, W, c, cv, smk, k):
+    """Under autograd on CPU, ContMix's softmax and aggregation run in the hand-written kernels (forward and
+    backward); values and every gradient as the official order of operations in float64."""
+    from overlock.contmix import context_mix, context_mix_reference
+    torch.manual_seed(0)
+    proj = torch.nn.Conv2d(49, smk * smk + k * k, 1)
+    inputs = [cl(torch.randn(B, G * c, H, W)), torch.randn(B, G * c, 7, 7), cl(torch.randn(B, 2 * G * cv, H, W)),
+              torch.randn(G, 2 * smk - 1, 2 * smk - 1) * 0.3, torch.randn(G, 2 * k - 1, 2 * k - 1) * 0.3]
+    grad = cl(torch.randn(B, 2 * G * cv, H, W))
+    results = []
+    for fn, dtype in ((context_mix, torch.float32), (context_mix_reference, torch.float64)):
+        p = torch.nn.Conv2d(49, smk * smk + k * k, 1).to(dtype)
+        p.load_state_dict(proj.state_dict())
+        ts = [t.to(dtype).requires_grad_() for t in inputs]
+        out = fn(ts[0], ts[1], ts[2], p, ts[3], ts[4], smk, k, G)
+        results.append((out, torch.autograd.grad(out, [*ts, p.weight, p.bias], grad.to(dtype))))
+    (out, grads), (ref, ref_grads) = results
+    assert type(out.grad_fn).__name__ == "PermuteBackward0"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_SoftmaxAVBackward"
+    assert rel_err(out, ref) < 1e-6
+    for name, got, want in zip(["query", "key", "value", "rpb1", "rpb2", "proj.weight", "proj.bias"], grads,
+                               ref_grads):
+        assert rel_err(got, want) < 1e-6, name
+
+
+def test_fused_aggregation_backward_declines_what_it_does_not_cover():
+    q, keys, bias = torch.randn(1, 1, 49, 8), torch.randn(1, 1, 8, 25), torch.randn(1, 49, 25)
+    v = torch.randn(1, 1, 7, 7, 40)  # 40 channels per head: more than the kernel holds
+    assert native.na2d_softmax_av_backward(q, keys, bias, v, v.clone(), torch.empty_like(v), 5) is None
+    v8 = v[..., :8].contiguous()
+    assert native.na2d_softmax_av_backward(q, keys, bias, v8, v8.clone(), torch.empty_like(v8), 9) is None  # map < k
+    got = native.na2d_softmax_av_backward(q, keys, bias, v8, v8.clone(), torch.empty_like(v8), 5)
+    assert got is not None and [t.shape for t in got] == [q.shape, keys.shape, bias.shape]

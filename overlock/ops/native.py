@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
-           "depthwise_weight_grad_same", "na2d_softmax_av", "grn_scale", "gelu", "gelu_backward", "status", "describe",
+           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "gelu", "gelu_backward", "status", "describe",
            "disabled"]
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
+    lib.overlock_na2d_softmax_av_backward_avx2.restype = ctypes.c_int
+    lib.overlock_na2d_softmax_av_backward_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7 + [ctypes.c_long] * 9
     lib.overlock_gelu_avx2.restype = ctypes.c_int
     lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
@@ -276,6 +278,34 @@ def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
         _ptr(q), _ptr(kk), _ptr(b), _ptr(value), _ptr(out), B, G, H, W, q.shape[-1], C, k,
         value.stride(0), value.stride(1), value.stride(3), out.stride(0), out.stride(1), out.stride(3))
     return rc == 0
+
+
+def na2d_softmax_av_backward(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, value: torch.Tensor,
+                             grad_out: torch.Tensor, grad_value: torch.Tensor, kernel_size: int):
+    """Gradients of :func:`na2d_softmax_av`: returns ``(grad_query, grad_keys, grad_bias)`` and writes the values'
+    gradient into ``grad_value`` (shaped like ``value``, any strides with contiguous channels, as ``grad_out``);
+    ``None`` where the kernel does not apply (as there, or more than 32 channels per head). ``query``, ``keys`` and
+    ``bias`` must be contiguous."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _real(query, keys, bias, value, grad_out, grad_value):
+        return None
+    B, G, H, W, C = value.shape
+    k = kernel_size
+    tensors = (query, keys, bias, value, grad_out, grad_value)
+    maps = (value, grad_out, grad_value)
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or C % 8 or C > 32
+            or k * k > 1024 or H < k or W < k or any(t.shape != value.shape for t in maps)
+            or any(t.stride(-1) != 1 or t.stride(2) != W * t.stride(3) for t in maps)
+            or not all(t.is_contiguous() for t in (query, keys, bias))):
+        return None
+    grad_logits = query.new_empty(B, G, H * W, k * k)
+    rc = lib.overlock_na2d_softmax_av_backward_avx2(
+        _ptr(query), _ptr(keys), _ptr(bias), _ptr(value), _ptr(grad_out), _ptr(grad_logits), _ptr(grad_value),
+        B, G, H, W, query.shape[-1], C, k, *(t.stride(i) for t in maps for i in (0, 1, 3)))
+    if rc != 0:
+        return None
+    # logits = query @ keys + bias: the rest is two batched products and a sum (BLAS)
+    return grad_logits @ keys.transpose(-1, -2), query.transpose(-1, -2) @ grad_logits, grad_logits.sum(0)
 
 
 def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:

@@ -9,9 +9,14 @@
  *
  * Layout (float32): q (B, G, H*W, c) contiguous; keys (B, G, c, k*k) contiguous; bias (G, H*W, k*k)
  * contiguous; v and out addressed by element strides (sample, head, pixel; channels contiguous, C of them).
+ *
+ * Training uses the same forward and the hand-written backward at the end of this file (the gradients of q, keys,
+ * bias and v), which rebuilds each pixel's softmax weights instead of keeping them: in PyTorch the logits, the
+ * softmax and a dense (H*W x H*W) weight matrix per head each went through memory in both passes.
  */
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 #define TARGET __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
@@ -48,9 +53,9 @@ INLINE void window_sum(const float *vg, long vpix, const float *w, int k, int W,
     }
 }
 
-/* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
-INLINE void pixel(const float *qp, const float *keys, const float *bp, const float *vg, long vpix, float *o,
-                  int c, int kk, int k, int W, int sy, int sx, int C, float *w) {
+/* One pixel's window: w[0 .. kk) = exp(logit - max logit), padding lanes up to a multiple of 8 = 0; returns their
+ * sum (the softmax weights are w / sum). */
+INLINE float window_exp(const float *qp, const float *keys, const float *bp, int c, int kk, float *w) {
     const int nv = (kk + 7) / 8, full = kk / 8;
     __m256 mx = _mm256_set1_ps(-INFINITY);
     int a = 0;
@@ -107,7 +112,13 @@ INLINE void pixel(const float *qp, const float *keys, const float *bp, const flo
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
-    const float inv = 1.0f / _mm_cvtss_f32(s4);
+    return _mm_cvtss_f32(s4);
+}
+
+/* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
+INLINE void pixel(const float *qp, const float *keys, const float *bp, const float *vg, long vpix, float *o,
+                  int c, int kk, int k, int W, int sy, int sx, int C, float *w) {
+    const float inv = 1.0f / window_exp(qp, keys, bp, c, kk, w);
     const __m256 sc = _mm256_set1_ps(inv);
     for (int c0 = 0; c0 < C; c0 += 16) {
         /* four accumulator pairs (taps dx mod 4): independent FMA chains instead of one long one */
@@ -146,6 +157,119 @@ TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, cons
                 pixel(q + ((b * G + g) * HW + p) * c, kb, bias + ((long)g * HW + p) * kk, vg, vs_p,
                       out + b * os_b + g * os_g + p * os_p, c, kk, k, W, sy, window_start(x, k, W), C, w);
             }
+        }
+    }
+    return 0;
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+/* go . v over NV vectors of 8 channels, as 8 partial sums */
+INLINE __m256 tap_dot(const float *vn, const __m256 *gv, const int NV) {
+    __m256 s = _mm256_mul_ps(gv[0], _mm256_loadu_ps(vn));
+    for (int h = 1; h < NV; h++) s = _mm256_fmadd_ps(gv[h], _mm256_loadu_ps(vn + 8 * h), s);
+    return s;
+}
+
+/* Gradients of the forward above for one (sample, head), every pixel: with p the softmax weights of a pixel's
+ * window (rebuilt) and go its output gradient, dp[t] = go . v[t], the logit gradient dl[t] = p[t] * (dp[t] -
+ * sum_s p[s] dp[s]) (written to dlogit: the query, keys and bias gradients are products and sums of it, left to
+ * BLAS), and dv[t] += p[t] go. dv is this item's own (zeroed here): the items run in parallel without atomics.
+ * NV (channels / 8) is a constant so that the go vectors and the eight partial dot products stay in registers. */
+INLINE void backward_item(const float *q, const float *keys, const float *bias, const float *vg, long vpix,
+                          const float *gg, long gpix, float *dl, float *dvg, long dpix, int H, int W, int c, int k,
+                          float *w, const int NV) {
+    const int kk = k * k, nvec = kk / 8 * 8;
+    for (long p = 0; p < (long)H * W; p++)
+        for (int h = 0; h < NV; h++) _mm256_storeu_ps(dvg + p * dpix + 8 * h, _mm256_setzero_ps());
+    for (int y = 0; y < H; y++) {
+        const int sy = window_start(y, k, H);
+        for (int x = 0; x < W; x++) {
+            const long p = (long)y * W + x;
+            const int sx = window_start(x, k, W);
+            float *dlp = dl + p * kk;
+            const float inv = 1.0f / window_exp(q + p * c, keys, bias + p * kk, c, kk, w);
+            __m256 gv[4];
+            for (int h = 0; h < NV; h++) gv[h] = _mm256_loadu_ps(gg + p * gpix + 8 * h);
+            /* dp[a] = go . v[window pixel a] into dlp, eight taps at a time (their dot products reduced together) */
+            long off[8];
+            int a = 0, dy = 0, dx = 0;  /* tap a is window pixel (dy, dx) */
+            for (; a + 8 <= nvec; a += 8) {
+                for (int t = 0; t < 8; t++) {
+                    off[t] = ((long)(sy + dy) * W + sx + dx) * vpix;
+                    if (++dx == k) dx = 0, dy++;
+                }
+                const __m256 h01 = _mm256_hadd_ps(tap_dot(vg + off[0], gv, NV), tap_dot(vg + off[1], gv, NV));
+                const __m256 h23 = _mm256_hadd_ps(tap_dot(vg + off[2], gv, NV), tap_dot(vg + off[3], gv, NV));
+                const __m256 h45 = _mm256_hadd_ps(tap_dot(vg + off[4], gv, NV), tap_dot(vg + off[5], gv, NV));
+                const __m256 h67 = _mm256_hadd_ps(tap_dot(vg + off[6], gv, NV), tap_dot(vg + off[7], gv, NV));
+                const __m256 u0 = _mm256_hadd_ps(h01, h23), u1 = _mm256_hadd_ps(h45, h67);
+                _mm256_storeu_ps(dlp + a, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                                        _mm256_permute2f128_ps(u0, u1, 0x31)));
+            }
+            for (; a < kk; a++) {
+                dlp[a] = hsum(tap_dot(vg + ((long)(sy + dy) * W + sx + dx) * vpix, gv, NV));
+                if (++dx == k) dx = 0, dy++;
+            }
+            /* p = w / sum (the padding lanes of w are 0), dot = p . dp, then dl = p * (dp - dot) */
+            const __m256 sc = _mm256_set1_ps(inv);
+            __m256 dotv = _mm256_setzero_ps();
+            for (a = 0; a < nvec; a += 8) {
+                const __m256 pa = _mm256_mul_ps(_mm256_loadu_ps(w + a), sc);
+                _mm256_storeu_ps(w + a, pa);
+                dotv = _mm256_fmadd_ps(pa, _mm256_loadu_ps(dlp + a), dotv);
+            }
+            float dot = hsum(dotv);
+            for (; a < kk; a++) {
+                w[a] *= inv;
+                dot = fmaf(w[a], dlp[a], dot);
+            }
+            const __m256 dotb = _mm256_set1_ps(dot);
+            for (a = 0; a < nvec; a += 8)
+                _mm256_storeu_ps(dlp + a, _mm256_mul_ps(_mm256_loadu_ps(w + a),
+                                                        _mm256_sub_ps(_mm256_loadu_ps(dlp + a), dotb)));
+            for (; a < kk; a++) dlp[a] = w[a] * (dlp[a] - dot);
+            /* dv[window pixel a] += p[a] * go */
+            for (int wy = 0, t = 0; wy < k; wy++) {
+                float *drow = dvg + ((long)(sy + wy) * W + sx) * dpix;
+                for (int wx = 0; wx < k; wx++, t++) {
+                    const __m256 pv = _mm256_set1_ps(w[t]);
+                    float *dn = drow + (long)wx * dpix;
+                    for (int h = 0; h < NV; h++)
+                        _mm256_storeu_ps(dn + 8 * h, _mm256_fmadd_ps(pv, gv[h], _mm256_loadu_ps(dn + 8 * h)));
+                }
+            }
+        }
+    }
+}
+
+/* Backward of overlock_na2d_softmax_av_avx2 from the output gradient go (strided like v): the logit gradient
+ * dlogit (B, G, H*W, k*k) contiguous and dv (strided). Returns -1 where the forward does, or for more than 32
+ * channels. One work item per (sample, head). */
+TARGET int overlock_na2d_softmax_av_backward_avx2(const float *q, const float *keys, const float *bias,
+                                                  const float *v, const float *go, float *dlogit, float *dv, int B,
+                                                  int G, int H, int W, int c, int C, int k, long vs_b, long vs_g,
+                                                  long vs_p, long gs_b, long gs_g, long gs_p, long ds_b, long ds_g,
+                                                  long ds_p) {
+    const int kk = k * k;
+    if (C % 8 || C > 32 || kk > MAX_TAPS || H < k || W < k) return -1;
+    const long HW = (long)H * W;
+    #pragma omp parallel
+    {
+        float w[MAX_TAPS + 8] __attribute__((aligned(32)));
+        #pragma omp for schedule(static)
+        for (long item = 0; item < (long)B * G; item++) {
+            const int g = item % G;
+            const long b = item / G;
+#define ITEM(NV) backward_item(q + item * HW * c, keys + item * (long)c * kk, bias + (long)g * HW * kk,          \
+                              v + b * vs_b + g * vs_g, vs_p, go + b * gs_b + g * gs_g, gs_p, dlogit + item * HW * kk, \
+                              dv + b * ds_b + g * ds_g, ds_p, H, W, c, k, w, NV)
+            switch (C / 8) { case 1: ITEM(1); break; case 2: ITEM(2); break; case 3: ITEM(3); break; default: ITEM(4); }
+#undef ITEM
         }
     }
     return 0;
