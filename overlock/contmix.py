@@ -8,7 +8,9 @@ the first half of the channels with the small kernel, the second half with the l
 
 ``weight_proj`` is linear, so it is applied to the keys rather than to the affinities
 (``P (q . k) == q . (P k)``): one small matmul per pixel instead of two, same parameters and gradients.
-The backend (``set_backend``) selects only the neighbourhood-aggregation kernel.
+The backend (``set_backend``) selects only the neighbourhood-aggregation kernel; on the CPUs with the hand-written
+kernels the ``tiled`` backend runs the softmax and aggregation fused, at inference and in training
+(:mod:`overlock.ops.softmax_av`).
 
 ``ContMixCore`` holds the dynamic-convolution layer shared by ``ContMixBlock`` and the Focus-Net's
 ``DynamicConvBlock`` (``models/blocks.py``): the ContMix mixer with its gate, large-kernel positional branch
