@@ -26,6 +26,7 @@ def cl(t):
     ((3, 24, 9, 11), (5, 3)),      # 8-channel blocks, non-square kernel and map
     ((1, 8, 4, 3), (17, 17)),      # kernel far larger than the map: only the centre taps land
     ((2, 16, 7, 13), (3, 3)),      # width not a multiple of the 6-pixel tile
+    ((2, 24, 5, 9), (3, 3)),       # few taps (every channel block per tile), 8-channel blocks
     ((1, 48, 1, 1), (7, 7)),
 ])
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -89,13 +90,14 @@ def test_training_gradients_match_float64(forced, kernel, dilation, size):
 
 
 @pytest.mark.parametrize("shape,kernel,dilation", [
-    ((8, 32, 14, 14), 13, 1),   # small map: one work item per tap row
-    ((2, 64, 56, 56), 17, 1),   # large map: partial sums per image and row chunk, 16-channel blocks
-    ((1, 24, 50, 45), 5, 3),    # large map, one image cut into row chunks, 8-channel blocks, dilated
-    ((3, 16, 33, 31), 7, 1),    # large map, chunk rows not a multiple of anything
+    ((8, 32, 14, 14), 13, 1),   # kernel almost the map: partial sums per image
+    ((2, 64, 56, 56), 17, 1),   # 16-channel blocks, images cut into row chunks for the threads
+    ((1, 24, 50, 45), 5, 3),    # one image cut into row chunks, 8-channel blocks, dilated
+    ((3, 16, 33, 31), 7, 1),    # chunk rows not a multiple of anything
+    ((2, 48, 9, 11), 3, 1),     # 3x3 (the native weight gradient of the small kernels too)
 ])
 def test_weight_gradient_matches_float64(shape, kernel, dilation):
-    """Both forms of the weight-gradient kernel (``WGRAD_ROWS_PIXELS`` in csrc/depthwise_avx2.c picks one)."""
+    """The weight-gradient kernel: partial sums per (channel block, image, row chunk), added in a fixed order."""
     torch.manual_seed(0)
     x, g = cl(torch.randn(shape)), cl(torch.randn(shape))
     got = native.depthwise_weight_grad_same(x, g, (kernel, kernel), dilation)

@@ -20,8 +20,8 @@ sub-maps ``x[:, :, r::d, s::d]`` (:func:`grid_split`), so the backward (and the 
 there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to dilated convs.
 
 On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2), the forward, the input gradient (the forward conv of ``dY``
-with the kernel turned 180 degrees) and, for kernels of ``MIN_TAPS`` or more, the weight gradient run in
-hand-written kernels (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else. Dilated
+with the kernel turned 180 degrees) and the weight gradient run in hand-written kernels (:mod:`overlock.ops.native`)
+wherever they apply; PyTorch's kernels everywhere else. Dilated
 convs run there too, directly on the map (weight gradient included, any kernel size): no sub-map copies, and an
 overlock_t training step (b8, 224, AVX2 EPYC) 4.85 -> 4.36 s; the sub-map route stays for the other CPUs.
 
@@ -42,7 +42,7 @@ from . import depthwise_triton, native
 
 __all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge", "runs_native"]
 
-MIN_TAPS = 5  # kernels narrower than this keep PyTorch's weight gradient
+MIN_TAPS = 5  # kernels narrower than this keep PyTorch's weight gradient where the hand-written ones do not run
 
 
 def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int],
@@ -87,11 +87,11 @@ class _DepthwiseConv(torch.autograd.Function):
 
 def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation: int
                  ) -> Optional[torch.Tensor]:
-    """``dW``: by the hand-written kernel where it runs this conv, else as one depthwise conv for kernels of
-    ``MIN_TAPS`` or more; ``None`` for small kernels elsewhere (PyTorch's backward is fast there)."""
+    """``dW``: by the hand-written kernel where it runs this conv (any kernel size), else as one depthwise conv for
+    kernels of ``MIN_TAPS`` or more; ``None`` for small kernels elsewhere (PyTorch's backward is fast there)."""
     kernel = tuple(weight.shape[-2:])
     native_here = _use_native(x, weight, padding, dilation)
-    if max(kernel) < MIN_TAPS and not (native_here and dilation > 1):
+    if max(kernel) < MIN_TAPS and not native_here:
         return None
     grad_w = native.depthwise_weight_grad_same(x, grad_out, kernel, dilation) if native_here else None
     if grad_w is None:
@@ -313,8 +313,9 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
 # batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
 # faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
-# Their weight gradient stays PyTorch's (0.3-1x on the sub-maps of dilated branches). Dilated kernels run there at
-# any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x slower; benchmarks/README.md).
+# Their weight gradient runs there too (3x3 convs of an overlock_t training step, b8: 42 against 59 ms in PyTorch's).
+# Dilated kernels run there at any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x slower;
+# benchmarks/README.md).
 NATIVE_SMALL_KERNEL_PIXELS = 1024
 
 

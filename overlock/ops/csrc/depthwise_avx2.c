@@ -73,6 +73,30 @@ INLINE void row_block(const float *img, int y0, long rstride, const float *w, co
     }
 }
 
+/* Every channel block of one output row, tile by tile: for kernels of few taps, where the conv is bound by memory
+ * rather than arithmetic, each tile's pixels are read with all their channels (contiguous memory) instead of one
+ * 64-byte block per pixel per pass along the row (3x3 on 16x128x28x28: 2.9 -> 1.0 ms). Same tiles, same sums. */
+INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *w, const float *bias, float *out,
+                           int C, int W, int kw, int pw, int d, int ky0, int ky1, int block) {
+    for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
+        const int nt = W - x0 < MAX_TILE ? W - x0 : MAX_TILE;
+        const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d), kx1 = hi < kw ? hi : kw;
+        const int check = x0 - pw < 0 || x0 + nt - 1 + (kw - 1) * d - pw >= W;
+        for (int c0 = 0; c0 < C; c0 += block) {
+            if (block == 16) {
+                const int CV = 2;
+                if (check) { TILES(1) } else { TILES(0) }
+            } else {
+                const int CV = 1;
+                if (check) { TILES(1) } else { TILES(0) }
+            }
+        }
+    }
+}
+
+/* Kernels of at most this many taps take row_all_blocks. */
+#define ROW_ALL_BLOCKS_TAPS 9
+
 /* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
@@ -81,6 +105,17 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
     const int ph = d * (kh / 2), pw = d * (kw / 2);
     const int block = C % 16 ? 8 : 16, nblocks = C / block;
     const long rstride = (long)W * C;
+    if (kh * kw <= ROW_ALL_BLOCKS_TAPS) {
+        #pragma omp parallel for schedule(static)
+        for (long item = 0; item < (long)N * H; item++) {
+            const int yy = item % H;
+            const long n = item / H;
+            const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
+            row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw,
+                           d, ky0, ky1, block);
+        }
+        return 0;
+    }
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)N * H * nblocks; item++) {  /* channel blocks innermost: contiguous memory */
         const int cb = item % nblocks, yy = (item / nblocks) % H;
@@ -133,27 +168,10 @@ INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W
         case 3: WROW(3, CV); break; case 2: WROW(2, CV); break; default: WROW(1, CV);                           \
         } }
 
-/* Tap row ky of one channel block, summed over every image and row: small maps, whose channel block's slab of x
- * and g stays in the L2 cache while the neighbouring items (the other tap rows) read it again. */
-INLINE void wgrad_item(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh, int kw, int d,
-                       int ky, int c0, float *acc, const int CV) {
-    const int ph = d * (kh / 2), pw = d * (kw / 2);
-    float *arow = acc;
-    memset(acc, 0, sizeof(float) * kw * 16);
-    for (long n = 0; n < N; n++)
-        for (int y = 0; y < H; y++) {
-            const int yin = y + ky * d - ph;
-            if (yin < 0 || yin >= H) continue;
-            const float *xr = x + (n * H + yin) * (long)W * C, *gr = g + (n * H + y) * (long)W * C;
-            WROWS(CV)
-        }
-    for (int kx = 0; kx < kw; kx++)
-        for (int v = 0; v < CV; v++) memcpy(dw + ((long)ky * kw + kx) * C + c0 + 8 * v, acc + kx * 16 + v * 8, 32);
-}
-
-/* Every tap of one channel block over rows [y0, y1) of image n, into acc (kh * kw * 16 floats): large maps, where
- * reading the slab once per tap row (wgrad_item) streams it from memory kh times; here each g row is read once and
- * the kh input rows it meets stay in the cache for the next output row. */
+/* Every tap of one channel block over rows [y0, y1) of image n, into acc (kh * kw * 16 floats): each g row is read
+ * once, with the kh input rows it meets, which stay in the cache for the next output row. (One work item per tap
+ * row instead, each reading the block's whole slab of x and g, streamed the slab from memory kh times: 17x17 on
+ * 8x64x56x56 took 29 ms against 16 here; on 14x14 maps the two are even.) */
 INLINE void wgrad_rows(const float *x, const float *g, float *acc, long n, int y0, int y1, int H, int W, int C,
                        int kh, int kw, int d, int c0, const int CV) {
     const int ph = d * (kh / 2), pw = d * (kw / 2);
@@ -170,30 +188,14 @@ INLINE void wgrad_rows(const float *x, const float *g, float *acc, long n, int y
     }
 }
 
-/* Maps of more pixels than this (N * H * W) take wgrad_rows: 17x17 on 8x64x56x56 29 -> 16 ms, 7x7 6.2 -> 3.1,
- * 15x15 on 8x128x28x28 7.6 -> 6.7; on 8x256x14x14 (13x13) wgrad_item stays faster, 2.5 against 2.7 ms. */
-#define WGRAD_ROWS_PIXELS 2048
-
-/* dw (kh, kw, C) of the conv above, from its input x and output gradient g (both N, H, W, C). Returns -2 if the
- * partial sums of the large-map form cannot be allocated. */
+/* dw (kh, kw, C) of the conv above, from its input x and output gradient g (both N, H, W, C): partial sums per
+ * (channel block, image, row chunk), added in a fixed order (the same bits for any thread count). Returns -2 if
+ * their buffer cannot be allocated. */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh,
                                   int kw, int d) {
     if (C % 8 || !(kh & 1) || !(kw & 1) || kw > 64 || d < 1) return -1;
     const int block = C % 16 ? 8 : 16, nblocks = C / block;
-    if ((long)N * H * W <= WGRAD_ROWS_PIXELS) {
-        #pragma omp parallel
-        {
-            float acc[64 * 16] __attribute__((aligned(32)));
-            #pragma omp for schedule(static)
-            for (int item = 0; item < nblocks * kh; item++) {  /* tap rows innermost: neighbours share the slab */
-                const int ky = item % kh, cb = item / kh;
-                if (block == 16) wgrad_item(x, g, dw, N, H, W, C, kh, kw, d, ky, cb * block, acc, 2);
-                else wgrad_item(x, g, dw, N, H, W, C, kh, kw, d, ky, cb * block, acc, 1);
-            }
-        }
-        return 0;
-    }
     /* one partial sum per (image, row chunk, channel block); chunks keep at least 32 items for the threads */
     const long taps16 = (long)kh * kw * 16;
     int chunks = 1;
