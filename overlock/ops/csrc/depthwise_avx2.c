@@ -11,7 +11,8 @@
  * Each work item is one output row of one block of 16 (or 8) channels (a row's blocks are neighbours in the
  * work order, so the threads stream through memory); a tile of up to 6 output pixels of it
  * is accumulated in registers over every tap that can land on the map, so each weight vector load serves 6
- * multiply-adds and each output is stored once. Taps that fall on the padding are skipped, never read.
+ * multiply-adds and each output is stored once. Taps that fall on the padding are skipped, never read. Kernels of
+ * at most 9 taps (memory-bound) take one output row per item instead, every channel block of each tile in turn.
  */
 #include <immintrin.h>
 #include <stdlib.h>

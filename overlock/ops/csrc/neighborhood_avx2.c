@@ -53,6 +53,13 @@ INLINE void window_sum(const float *vg, long vpix, const float *w, int k, int W,
     }
 }
 
+/* The sum of a vector's 8 lanes. */
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
 /* One pixel's window: w[0 .. kk) = exp(logit - max logit), padding lanes up to a multiple of 8 = 0; returns their
  * sum (the softmax weights are w / sum). */
 INLINE float window_exp(const float *qp, const float *keys, const float *bp, int c, int kk, float *w) {
@@ -109,10 +116,7 @@ INLINE float window_exp(const float *qp, const float *keys, const float *bp, int
         _mm256_storeu_ps(w + a * 8, e);
         sum = _mm256_add_ps(sum, e);
     }
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
-    return _mm_cvtss_f32(s4);
+    return hsum(sum);
 }
 
 /* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
@@ -160,12 +164,6 @@ TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, cons
         }
     }
     return 0;
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
 /* go . v over NV vectors of 8 channels, as 8 partial sums */
