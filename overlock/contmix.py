@@ -239,10 +239,14 @@ class ContMixCore(nn.Module):
             query_src, key_src, value = resized[id(query_src)], resized[id(key_src)], resized[id(value)]
         if value_proj is not None:
             value = value_proj(value)
-        out = context_mix(self.weight_query(query_src) * self.scale, self.weight_key(key_src), value,
+        out = context_mix(self.query(query_src), self.weight_key(key_src), value,
                           self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads,
                           biases=self._cached_biases(*value.shape[-2:]))
         return F.adaptive_avg_pool2d(out, (H, W)) if small else out
+
+    def query(self, query_src: torch.Tensor) -> torch.Tensor:
+        """ContMix's queries, scaled by ``head_dim ** -0.5`` (the fused block has the scale in its weights)."""
+        return self.weight_query(query_src) * self.scale
 
     cache_biases = False  # set by the fuse step (``reparameterize``)
 

@@ -8,7 +8,9 @@
   large-kernel depthwise conv;
 - every GRN MLP by :class:`FusedGrnMlp`: GRN's response folded into the second 1x1 as per-sample weights;
 - every ``RepConvBlock`` by :class:`FusedRepConvBlock`: BatchNorm, SE, GRN and LayerScale folded into the
-  1x1 weights, run on batch chunks whose wide MLP maps stay small.
+  1x1 weights, run on batch chunks whose wide MLP maps stay small;
+- every Focus-Net ``DynamicConvBlock`` by :class:`overlock.fused_focus.FusedDynamicConvBlock`: one flat forward,
+  query scale and LayerScales folded.
 
 Folding is done once, here. A fused model computes the eval-mode function of the original (BatchNorm with its
 running statistics, no drop path) in any mode; it keeps ``nn.Parameter`` weights, so gradients still flow

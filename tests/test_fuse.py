@@ -7,6 +7,7 @@ from timm.utils import reparameterize_model
 
 import overlock
 from overlock import fused as F_
+from overlock.fused_focus import FusedDynamicConvBlock
 from overlock.layers import ConvNorm, GrnMlp, stem
 from overlock.models.blocks import DynamicConvBlock, RepConvBlock
 
@@ -89,16 +90,36 @@ def test_fused_grn_mlp(memory_format):
     assert ran == [1]
 
 
-@pytest.mark.parametrize("cls", ["dynamic", "contmix"])
-def test_fused_contmix_blocks(cls):
-    """The ContMix blocks keep their own forward; their projections, LePE, gate and MLP are the fused ones."""
-    if cls == "dynamic":
-        block = DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5,
-                                 res_scale=True)
-        args = lambda x: (x, x[:, :4], x[:, :4])  # noqa: E731
-    else:
-        block = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5)
-        args = lambda x: (x,)  # noqa: E731
+@pytest.mark.parametrize("memory_format", FORMATS)
+@pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
+@pytest.mark.parametrize("place", ["first", "middle", "last"])
+def test_fused_focus_block(memory_format, res_scale, ls, place):
+    """The Focus-Net block's flat inference form: the same function for every LayerScale fold and block position,
+    on maps smaller than the kernel (resized up, pooled back) and larger; gradients still reach every weight."""
+    block = randomize(DynamicConvBlock(8, 16, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2,
+                                       ls_init_value=ls, res_scale=res_scale, is_first=place == "first",
+                                       is_last=place == "last"))
+    fused = block.fuse()
+    assert isinstance(fused, FusedDynamicConvBlock)
+    ran = calls(fused, FusedDynamicConvBlock)
+    for size in (3, 9):
+        x = torch.randn(2, 8, size, size).contiguous(memory_format=memory_format)
+        ctx, prior = torch.randn(2, 4, size, size), torch.randn(2, 4, size, size)
+        with torch.no_grad():
+            ref, out = block(x, ctx, prior), fused(x, ctx, prior)
+        for r, o in zip(ref, out):
+            assert (r is None) == (o is None) == (place == "last" and r is ref[1])
+            if r is not None:
+                assert rel_err(o, r) < 1e-5
+    assert len(ran) == 2
+    out = fused(x, ctx, prior)
+    (out[0].square().sum() + (0 if out[1] is None else out[1].sum())).backward()
+    assert [n for n, p in fused.named_parameters() if p.grad is None] == []
+
+
+def test_fused_contmix_block():
+    """The plug-and-play ContMix block keeps its own forward; its projections, LePE, gate and MLP are fused."""
+    block = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5)
     block = randomize(block)
     fused = overlock.fuse(block)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
@@ -106,9 +127,7 @@ def test_fused_contmix_blocks(cls):
     for size in (3, 9):  # 3: smaller than the kernel (resized up, pooled back)
         x = torch.randn(2, 8, size, size).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            ref, out = block(*args(x)), fused(*args(x))
-        ref, out = (ref[0], out[0]) if cls == "dynamic" else (ref, out)
-        assert rel_err(out, ref) < 1e-5
+            assert rel_err(fused(x), block(x)) < 1e-5
     assert len(ran) == 2
 
 
@@ -123,14 +142,14 @@ def test_fused_model_reproduces_official_logits(tiny_config, expected, memory_fo
     model = _tiny_model(tiny_config, use_ds=True)
     fused = reparameterize_model(model)  # timm's walk finds the same fuse() methods as overlock.fuse
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules() if m is not fused.aux_head[0])
-    ran = calls(fused, (F_.FusedRepConvBlock, F_.FusedGrnMlp))
+    ran = calls(fused, (F_.FusedRepConvBlock, FusedDynamicConvBlock))
     fused = fused.to(memory_format=memory_format)
     with torch.no_grad():
         for i in (0, 1):
             out = fused(expected[f"input_{i}"].contiguous(memory_format=memory_format))
             assert rel_err(out, expected[f"logits_{i}"]) < 1e-5
             assert rel_err(out, expected[f"logits_reparam_{i}"]) < 1e-5
-    assert len(ran) == 2 * (4 + 3)  # 4 RepConvBlocks and 3 Focus-Net MLPs per forward
+    assert len(ran) == 2 * (4 + 3)  # 4 RepConvBlocks and 3 Focus-Net blocks per forward
     # the exact model is untouched
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.blocks1.modules())
 

@@ -54,7 +54,8 @@ class DynamicConvBlock(ContMixCore):
 
     ``forward(x, ctx, ctx_prior)`` returns ``(x, ctx)``: the updated features and context (the context is
     carried in the last ``ctx_dim // 4`` channels), or ``(features_and_context, None)`` for the last block.
-    Queries come from the features, ContMix keys from the context channels.
+    Queries come from the features, ContMix keys from the context channels. ``fuse()`` returns the inference
+    form (:class:`overlock.fused_focus.FusedDynamicConvBlock`).
     """
 
     def __init__(self, dim: int, ctx_dim: int, kernel_size: int = 7, smk_size: int = 5, num_heads: int = 2,
@@ -80,6 +81,10 @@ class DynamicConvBlock(ContMixCore):
         self.mlp = GrnMlp(out_dim, int(dim * mlp_ratio))
         self.ls1 = layer_scale(out_dim, ls_init_value)
         self.ls2 = layer_scale(out_dim, ls_init_value)
+
+    def fuse(self) -> nn.Module:
+        from ..fused_focus import FusedDynamicConvBlock
+        return FusedDynamicConvBlock(self)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
         if not self.is_first:

@@ -1,0 +1,133 @@
+"""The Focus-Net block's inference form, :class:`FusedDynamicConvBlock` (built by the fuse step, :mod:`.fused`).
+
+A ``DynamicConvBlock`` runs its projections as small ``Sequential`` s (1x1 conv, folded BatchNorm's
+``Identity``, activation) and its four LayerScales as separate passes. At batch 1 on a 14x14 map its GEMMs
+are half of the block's time and the other ~100 ops and module calls the rest, so here the block is one flat
+forward: the 1x1s are plain ``(Cout, Cin)`` GEMMs on the NHWC view, ContMix's query scale lives in the query
+weights, the residual LayerScales fold into the branch's last 1x1 (weight, or just bias with ``res_scale``,
+leaving one multiply-add with the identity), the two context LayerScales are two multiply-adds, and fresh
+outputs are updated in place when no gradient is recorded. Same function as the exact block in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .contmix import ContMixCore
+from .fused import FusedGrnMlp, _fuse_children, _param, grn_scale, pointwise_scaled
+from .layers import LayerScale
+from .ops import gelu as gelu_ops
+
+__all__ = ["FusedDynamicConvBlock"]
+
+
+def _inplace_ok(t: torch.Tensor) -> bool:
+    """``t`` (a fresh output) may be overwritten: no gradient is recorded through it."""
+    return not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def _linear_nhwc(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """A 1x1 conv as one GEMM on the NHWC view (what ``PointwiseConv`` does on channels-innermost maps)."""
+    if x.dim() == 4 and (x.stride(1) == 1 or x.is_contiguous(memory_format=torch.channels_last)):
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def _pointwise(seq: nn.Module):
+    """``(weight (Cout, Cin), bias)`` of the one 1x1 conv in a fused ``[1x1, Identity]`` or ``[Identity, 1x1]``."""
+    convs = [m for m in seq.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (1, 1), seq
+    conv = convs[0]
+    return _param(conv.weight.flatten(1), conv.weight), conv.bias
+
+
+class FusedDynamicConvBlock(ContMixCore):
+    """``DynamicConvBlock`` for inference (see the module docstring); ``forward(x, ctx, ctx_prior)`` as there."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name in ("dim", "ctx_dim", "is_first", "is_last", "kernel_size", "smk_size", "num_heads", "res_scale"):
+            setattr(self, name, getattr(block, name))
+        self.cache_biases = True
+        ls1 = block.ls1 if isinstance(block.ls1, LayerScale) else None
+        ls2 = block.ls2 if isinstance(block.ls2, LayerScale) else None
+        self.mlp = FusedGrnMlp(block.mlp, layer_scale=None if self.res_scale else ls2)
+        parts = copy.deepcopy(nn.ModuleDict({name: getattr(block, name) for name in (
+            "dwconv1", "norm1", "fusion", "gate", "lepe", "weight_query", "weight_key", "dyconv_proj",
+            "se_layer", "proj", "dwconv2", "norm2")}))
+        _fuse_children(parts)
+        self.rpb1, self.rpb2, self.weight_proj = block.rpb1, block.rpb2, block.weight_proj
+        self.dwconv1, self.norm1, self.dwconv2, self.norm2 = (parts[n] for n in ("dwconv1", "norm1", "dwconv2",
+                                                                                  "norm2"))
+        if not self.is_first:  # ctx = x_scale(ctx) + h_scale(ctx_prior)
+            self.ctx_weight = _param(block.x_scale.weight.view(1, -1, 1, 1), block.x_scale.weight)
+            self.prior_weight = _param(block.h_scale.weight.view(1, -1, 1, 1), block.h_scale.weight)
+            self.ctx_bias = _param((block.x_scale.bias + block.h_scale.bias).view(1, -1, 1, 1), block.x_scale.bias)
+        # fusion = [dw 3x3 (+BN), Identity, GELU, 1x1, GRN]
+        fusion_dw, _, act, fusion_pw, grn = parts["fusion"]
+        self.fusion_dw, self.approximate = fusion_dw, act.approximate
+        self.fusion_weight, self.fusion_bias = _pointwise(fusion_pw)
+        self.grn_gamma, self.grn_beta = grn.gamma, grn.beta
+        self.gate_weight, self.gate_bias = _pointwise(parts["gate"])
+        self.lepe = parts["lepe"][0]
+        w, b = _pointwise(parts["weight_query"])
+        self.query_weight, self.query_bias = _param(w * block.scale, w), _param(b * block.scale, w)
+        self.weight_key = nn.Sequential(*(m for m in parts["weight_key"] if not isinstance(m, nn.Identity)))
+        self.dyconv_weight, self.dyconv_bias = _pointwise(parts["dyconv_proj"])
+        self.se = parts["se_layer"]
+        w, b = _pointwise(parts["proj"])
+        self.ls1_weight = self.ls2_weight = None
+        if ls1 is not None and not self.res_scale:  # identity + ls1(proj(.)): ls1 goes into proj
+            w, b = w * ls1.weight.view(-1, 1), torch.addcmul(ls1.bias, b, ls1.weight.view(-1))
+        elif ls1 is not None:  # ls1(identity) + proj(.): the shift into proj's bias, the scale stays
+            b = b + ls1.bias
+            self.ls1_weight = _param(ls1.weight.view(1, -1, 1, 1), ls1.weight)
+        self.proj_weight, self.proj_bias = _param(w, w), _param(b, w)
+        if ls2 is not None and self.res_scale:
+            with torch.no_grad():
+                self.mlp.fc2_bias.add_(ls2.bias)
+            self.ls2_weight = _param(ls2.weight.view(1, -1, 1, 1), ls2.weight)
+
+    def query(self, query_src: torch.Tensor) -> torch.Tensor:
+        return _linear_nhwc(query_src, self.query_weight, self.query_bias)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
+        if not self.is_first:
+            ctx = torch.addcmul(self.ctx_bias, ctx, self.ctx_weight)
+            ctx = ctx.addcmul_(ctx_prior, self.prior_weight) if _inplace_ok(ctx) else \
+                torch.addcmul(ctx, ctx_prior, self.prior_weight)
+        fused = self.dwconv1(torch.cat([x, ctx], dim=1))
+        y = self.norm1(fused)
+        query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)
+        x = self._residual(fused, self._mixer(y, query_src, key_src), self.ls1_weight)
+        x = self.dwconv2(x)
+        x = self._residual(x, self.mlp(self.norm2(x)), self.ls2_weight)
+        if self.is_last:
+            return x, None
+        x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
+        return x, ctx
+
+    def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor) -> torch.Tensor:
+        """``proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``."""
+        h = self.fusion_dw(y)
+        h = gelu_ops.gelu_(h, self.approximate) if _inplace_ok(h) else gelu_ops.gelu(h, self.approximate)
+        h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
+        h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
+        gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)
+        gate = F.silu(gate, inplace=_inplace_ok(gate))
+        lepe = self.lepe(h)
+        mixed = _linear_nhwc(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.dyconv_bias)
+        mixed = mixed.add_(lepe) if _inplace_ok(mixed) else mixed + lepe
+        scale = self.se.scale(mixed)
+        gated = gate.mul_(mixed) if _inplace_ok(gate) else gate * mixed
+        return pointwise_scaled(self.proj_weight, self.proj_bias, gated, scale=scale)
+
+    @staticmethod
+    def _residual(identity: torch.Tensor, branch: torch.Tensor, weight) -> torch.Tensor:
+        """``identity * weight + branch`` (the LayerScale's shift is in the branch's bias), or ``identity + branch``."""
+        if weight is None:
+            return branch.add_(identity) if _inplace_ok(branch) else branch + identity
+        return branch.addcmul_(identity, weight) if _inplace_ok(branch) else torch.addcmul(branch, identity, weight)
