@@ -55,7 +55,7 @@ class _SoftmaxAV(torch.autograd.Function):
         B, C, H, W = value.shape
         q, ks, kl = q.contiguous(), keys_small.contiguous(), keys_large.contiguous()
         bs, bl = bias_small.contiguous(), bias_large.contiguous()
-        v = _heads(value.permute(0, 2, 3, 1).contiguous(), heads)
+        v = _heads(value.permute(0, 2, 3, 1), heads).contiguous()  # compact heads (contmix._native_context_mix)
         out = value.new_empty(B, H, W, C)
         o = _heads(out, heads)
         if not (native.na2d_softmax_av(q, ks, bs, v[0], smk_size, o[0])
