@@ -17,16 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import FusedGrnMlp, _fuse_children, _param, grn_scale, pointwise_scaled
+from .fused import FusedGrnMlp, _fuse_children, _inplace_ok, _param, grn_scale, pointwise_scaled
 from .layers import LayerScale
 from .ops import gelu as gelu_ops
 
 __all__ = ["FusedDynamicConvBlock"]
-
-
-def _inplace_ok(t: torch.Tensor) -> bool:
-    """``t`` (a fresh output) may be overwritten: no gradient is recorded through it."""
-    return not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def _linear_nhwc(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
