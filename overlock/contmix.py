@@ -133,6 +133,7 @@ def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
     # the previous one (1 KB in overlock_t's Focus-Net), so a 13x13 window's rows fell into a few L1 cache sets;
     # one copy of the map makes the kernel 1.3-1.4x faster there (same bits).
     v = v.contiguous()
+    q = q.contiguous()  # once for both calls (the kernel reads it as a dense (B, G, H*W, c) block)
     if not native.na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size, halves[0]):
         return None
     if not native.na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size, halves[1]):

@@ -289,6 +289,38 @@ def test_fused_depthwise_conv_follows_its_weight(forced):
     check()
 
 
+def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
+    """The route a fused depthwise conv keeps for one kind of input is not reused for another: one module fed a
+    channels_last map (the kernel), the same map NCHW, a map over the 3x3 pixel limit (oneDNN), with the kernels
+    switched off and with autograd on; each result is the conv, and the kernel runs exactly where it applies."""
+    from overlock.fused import DepthwiseConv
+    direct = []
+    real = native.depthwise_conv2d_taps
+    monkeypatch.setattr(native, "depthwise_conv2d_taps", lambda *a: direct.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = DepthwiseConv(16, 16, 3, padding=1, groups=16).eval()
+    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 40, 40)
+    cases = [(cl(small), True), (small, False), (cl(large), False), (cl(small), True)]
+    for x, kernel in cases * 2:
+        direct.clear()
+        with torch.no_grad():
+            got = conv(x)
+        assert bool(direct) == kernel
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1, groups=16)
+        assert rel_err(got, ref) < 1e-6
+    direct.clear()
+    with torch.no_grad(), native.disabled():
+        conv(cl(small))
+    assert not direct
+    x = cl(small).requires_grad_()
+    out = conv(x)
+    assert not direct and out.grad_fn is not None
+    out.sum().backward()
+    x2 = cl(small).requires_grad_()
+    F.conv2d(x2, conv.weight, conv.bias, padding=1, groups=16).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,G,H,W,c,cv,smk,k", [(2, 3, 14, 15, 16, 16, 5, 13), (1, 2, 9, 11, 8, 8, 3, 7),
                                                 (2, 4, 7, 7, 4, 24, 5, 7)])
 def test_context_mix_trains_in_the_fused_kernels(forced, B, G, H, W, c, cv, smk, k):
