@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import (ConvNorm, DilatedReparamBlock, GrnMlp, LayerNorm2d, LayerScale, PointwiseConv, ResDWConv,
-                     SEModule, conv_bn)
+                     SEModule, conv_bn, tensor_key)
 from .ops import softmax_av
 from .ops.neighborhood import BACKENDS, na2d_av, na2d_softmax_av, rpb_index
 
@@ -280,7 +280,7 @@ class ContMixCore(nn.Module):
             return None
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return None
-        key = (height, width, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        key = (height, width, *((*tensor_key(p), p.dtype, p.device) for p in params))
         cache = self.__dict__.setdefault("_bias_cache", {})
         hit = cache.get(key)
         if hit is None:

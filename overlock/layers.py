@@ -142,6 +142,13 @@ class ResDWConv(nn.Conv2d):
         return conv
 
 
+def tensor_key(t: torch.Tensor):
+    """What changes when ``t`` is replaced or updated in place: for caches of values derived from a parameter.
+    (Inference tensors, e.g. a model deep-copied under ``torch.inference_mode``, have no version counter; they
+    cannot be updated in place outside inference mode.)"""
+    return t.data_ptr(), (-1 if t.is_inference() else t._version)
+
+
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
     """Same-size depthwise conv (zero padding ``dilation * (k // 2)``) that skips taps which can never reach the map.
 

@@ -76,7 +76,7 @@ def test_fused_conv_norm_sequences(memory_format):
         with torch.no_grad():
             assert rel_err(fused(x), seq(x)) < 1e-5
     # indices are kept: a folded BatchNorm leaves an Identity in its place
-    assert [type(m).__name__ for m in stem(3, 16).fuse()][:3] == ["Conv2d", "Identity", "InplaceAct"]
+    assert [type(m).__name__ for m in stem(3, 16).fuse()][:3] == ["PackedConv", "Identity", "InplaceAct"]
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
@@ -161,6 +161,20 @@ def test_fuse_is_idempotent_and_copies(tiny_config, expected):
     with torch.no_grad():
         assert rel_err(twice(expected["input_0"]), expected["logits_0"]) < 1e-5
     assert overlock.fuse(model, inplace=True) is model
+
+
+def test_fused_model_copied_under_inference_mode_runs():
+    """A fused model deep-copied inside ``torch.inference_mode`` (its parameters become inference tensors, which
+    have no version counter) runs, with the kernels' kept weight layouts keyed without one."""
+    import copy
+    torch.manual_seed(0)
+    model = overlock.fuse(timm.create_model("test_overlock").eval()).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = model(x)
+        twin = copy.deepcopy(model)
+        assert all(p.is_inference() for p in twin.parameters())
+        assert torch.equal(twin(x), want)
 
 
 def test_fused_model_keeps_timm_names_and_gradients():
@@ -262,3 +276,36 @@ def test_pointwise_conv_on_a_channel_slice_is_one_gemm(monkeypatch):
         out = conv(x)
         ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double())
     assert gemm and rel_err(out, ref) < 1e-6 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN")
+def test_packed_conv_packs_per_shape_and_follows_its_weight():
+    """A dense conv with a large weight runs on oneDNN's pre-laid-out weight: the conv's values, one pack per input
+    shape, rebuilt after an in-place update, left out of copies; autograd takes nn.Conv2d's forward."""
+    import copy
+    torch.manual_seed(0)
+    conv = F_.PackedConv(256, 512, 3, stride=2, padding=1).eval().to(memory_format=torch.channels_last)
+    assert conv.weight.numel() * 4 >= F_.PACK_MIN_BYTES
+
+    def check(x):
+        with torch.no_grad():
+            want = torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1)
+            torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-5)
+
+    xs = [torch.randn(b, 256, 14, 14).contiguous(memory_format=torch.channels_last) for b in (1, 3)]
+    for x in xs:
+        check(x)
+    packs = conv.__dict__["_packs"][1]
+    assert set(packs) == {(1, 256, 14, 14), (3, 256, 14, 14)} and all(p is not None for p in packs.values())
+    with torch.no_grad():
+        conv.weight.mul_(-1)
+    check(xs[0])
+    assert set(conv.__dict__["_packs"][1]) == {(1, 256, 14, 14)}
+    assert "_packs" not in copy.deepcopy(conv).__dict__
+    y = conv(xs[0])
+    assert y.grad_fn is not None and "Packed" not in type(y.grad_fn).__name__
+    # small weights keep nn.Conv2d's call (pre-laid-out can be several times slower there)
+    small = F_.PackedConv(8, 8, 3, padding=1).eval()
+    with torch.no_grad():
+        small(torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last))
+    assert "_packs" not in small.__dict__
