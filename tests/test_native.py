@@ -58,8 +58,8 @@ def forced(monkeypatch):
     calls = []
     real = native.depthwise_conv2d_same
 
-    def spy(x, w, b=None, dilation=1):
-        out = real(x, w, b, dilation)
+    def spy(x, w, b=None, dilation=1, flip=False):
+        out = real(x, w, b, dilation, flip)
         calls.append(out is not None)
         return out
 
@@ -356,3 +356,25 @@ def test_fused_aggregation_backward_declines_what_it_does_not_cover():
     assert native.na2d_softmax_av_backward(q, keys, bias, v8, v8.clone(), torch.empty_like(v8), 9) is None  # map < k
     got = native.na2d_softmax_av_backward(q, keys, bias, v8, v8.clone(), torch.empty_like(v8), 5)
     assert got is not None and [t.shape for t in got] == [q.shape, keys.shape, bias.shape]
+
+
+@pytest.mark.parametrize("channels,kernel", [(8, 3), (16, 5), (256, 13), (24, 17), (40, 1)])
+def test_kernel_layouts_in_and_out(channels, kernel):
+    """The kernel handed to the C loops (taps major, turned 180 degrees for the input gradient) and the weight
+    gradient handed back (the parameter's own (C, 1, kh, kw) layout, so autograd keeps it without a copy)."""
+    torch.manual_seed(0)
+    w = torch.randn(channels, 1, kernel, kernel)
+    for flip in (False, True):
+        ref = (w.flip(-2, -1) if flip else w).reshape(channels, -1).t().contiguous()
+        assert torch.equal(native._taps(w, flip), ref)
+        assert torch.equal(native._taps(w.contiguous(memory_format=torch.channels_last), flip), ref)
+    x, g = cl(torch.randn(2, channels, 9, 11)), cl(torch.randn(2, channels, 9, 11))
+    dw = native.depthwise_weight_grad_same(x, g, (kernel, kernel))
+    want = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [kernel // 2] * 2, [1, 1], False, [0, 0],
+                                               channels, [False, True, False])[1]
+    assert dw.shape == w.shape and dw.is_contiguous()
+    torch.testing.assert_close(dw, want, rtol=1e-4, atol=1e-4)
+    # autograd keeps the native weight gradient as it is
+    wp = torch.nn.Parameter(w.clone())
+    depthwise.depthwise_conv2d(x, wp, None, (kernel // 2, kernel // 2)).backward(g)
+    torch.testing.assert_close(wp.grad, want, rtol=1e-4, atol=1e-4)

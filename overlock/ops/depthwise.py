@@ -105,7 +105,7 @@ def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation:
     runs)."""
     if not _use_native(grad_out, weight, padding, dilation):
         return None
-    return native.depthwise_conv2d_same(grad_out, weight.flip(-2, -1), None, dilation)
+    return native.depthwise_conv2d_same(grad_out, weight, None, dilation, flip=True)
 
 
 def grid_split(x: torch.Tensor, d: int) -> torch.Tensor:

@@ -114,6 +114,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
+    lib.overlock_depthwise_taps.restype = None
+    lib.overlock_depthwise_taps.argtypes = [_ADDRESS] * 2 + [ctypes.c_int] * 3
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
@@ -180,22 +182,36 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _taps(weight: torch.Tensor) -> torch.Tensor:
-    """The kernel as ``(kh*kw, C)``: a vector of channels per tap, the layout the C loop reads.
+def _taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The kernel as ``(kh*kw, C)``: a vector of channels per tap, the layout the C loop reads; with ``flip``, the
+    kernel turned 180 degrees (the input gradient's conv).
 
     Made on every call, never cached: optimizers such as PyTorch's fused AdamW write parameters in place without
     moving their version counter, so a copy kept between calls could go stale unnoticed.
     """
-    return weight.detach().reshape(weight.shape[0], -1).t().contiguous()
+    w = weight.detach()
+    C = w.shape[0]
+    if (w.dim() == 4 and w.shape[1] == 1 and C % 8 == 0 and w.dtype == torch.float32 and w.device.type == "cpu"
+            and w.is_contiguous() and _real(w) and _disabled == 0):
+        lib = _library()
+        if lib is not None:
+            taps = w.shape[2] * w.shape[3]
+            out = torch.empty(taps, C)
+            lib.overlock_depthwise_taps(w.data_ptr(), out.data_ptr(), C, taps, flip)
+            return out
+    if flip:
+        w = w.flip(-2, -1)
+    return w.reshape(C, -1).t().contiguous()
 
 
 def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                          dilation: int = 1) -> Optional[torch.Tensor]:
+                          dilation: int = 1, flip: bool = False) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias, padding=(d * (kh // 2), d * (kw // 2)), dilation=d, groups=C)`` on float32
     channels_last CPU maps.
 
     Returns ``None`` where the kernel does not apply (then call PyTorch): native kernels off, channels not a
     multiple of 8, an even kernel side, or tensors that are not float32 CPU. The result is channels_last.
+    ``flip``: convolve with the kernel turned 180 degrees instead (the input gradient), without a flipped copy.
     """
     lib = _library() if _disabled == 0 else None
     if lib is None or not _real(x, weight, bias) or x.dim() != 4 or weight.dim() != 4:
@@ -207,7 +223,7 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
             or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != C))):
         return None
     x = x.contiguous(memory_format=torch.channels_last)
-    w = _taps(weight)
+    w = _taps(weight, flip)
     b = None if bias is None else bias.contiguous()
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if N * H * W:
@@ -247,11 +263,12 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     N, C, H, W = x.shape
     x = x.contiguous(memory_format=torch.channels_last)
     g = grad_out.contiguous(memory_format=torch.channels_last)
-    dw = x.new_zeros(kh, kw, C)
-    if N * H * W and lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw,
-                                                       dilation) != 0:
+    if N * H * W == 0:
+        return x.new_zeros(C, 1, kh, kw)
+    dw = x.new_empty(C, 1, kh, kw)  # the parameter's layout: autograd accumulates it without a copy
+    if lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw, dilation) != 0:
         return None
-    return dw.permute(2, 0, 1).unsqueeze(1)  # (C, 1, kh, kw), channels_last like a depthwise conv's weight
+    return dw
 
 
 def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, value: torch.Tensor,

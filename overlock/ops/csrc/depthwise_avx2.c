@@ -95,6 +95,42 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
     }
 }
 
+/* The kernel from PyTorch's (C, kh*kw) layout into the (kh*kw, C) one read above (C a multiple of 8); taps in
+ * reverse order if `flip` (the kernel turned 180 degrees: the input gradient's conv). 8x8 blocks transposed in
+ * registers: PyTorch's strided copy (plus a flip) took 33-60 us for a 256-channel 13x13 kernel, a scalar loop 23,
+ * on every call of a training step. */
+__attribute__((target("avx2,fma")))
+void overlock_depthwise_taps(const float *w, float *out, int C, int taps, int flip) {
+    const int full = taps & ~7;
+    for (int c0 = 0; c0 < C; c0 += 8) {
+        for (int t0 = 0; t0 < full; t0 += 8) {
+            __m256 r[8], u[8], v[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(w + (long)(c0 + i) * taps + t0);
+            for (int i = 0; i < 8; i += 2) {  /* rows i, i+1 interleaved */
+                u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {  /* pairs of pairs */
+                v[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+                v[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+                v[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+                v[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+            }
+            for (int j = 0; j < 4; j++) {  /* 128-bit halves: taps t0 + j and t0 + j + 4 */
+                const __m256 lo = _mm256_permute2f128_ps(v[j], v[j + 4], 0x20);
+                const __m256 hi = _mm256_permute2f128_ps(v[j], v[j + 4], 0x31);
+                const int ta = t0 + j, tb = t0 + j + 4;
+                _mm256_storeu_ps(out + (long)(flip ? taps - 1 - ta : ta) * C + c0, lo);
+                _mm256_storeu_ps(out + (long)(flip ? taps - 1 - tb : tb) * C + c0, hi);
+            }
+        }
+        for (int t = full; t < taps; t++) {
+            float *dst = out + (long)(flip ? taps - 1 - t : t) * C + c0;
+            for (int i = 0; i < 8; i++) dst[i] = w[(long)(c0 + i) * taps + t];
+        }
+    }
+}
+
 /* Kernels of at most this many taps take row_all_blocks. */
 #define ROW_ALL_BLOCKS_TAPS 9
 
@@ -189,9 +225,9 @@ INLINE void wgrad_rows(const float *x, const float *g, float *acc, long n, int y
     }
 }
 
-/* dw (kh, kw, C) of the conv above, from its input x and output gradient g (both N, H, W, C): partial sums per
- * (channel block, image, row chunk), added in a fixed order (the same bits for any thread count). Returns -2 if
- * their buffer cannot be allocated. */
+/* dw (C, kh, kw), PyTorch's layout of a depthwise conv's weight, of the conv above, from its input x and output
+ * gradient g (both N, H, W, C): partial sums per (channel block, image, row chunk), added in a fixed order (the
+ * same bits for any thread count). Returns -2 if their buffer cannot be allocated. */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int N, int H, int W, int C, int kh,
                                   int kw, int d) {
@@ -222,7 +258,9 @@ int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int
                 __m256 s = _mm256_setzero_ps();
                 for (long i = cb; i < items; i += nblocks)
                     s = _mm256_add_ps(s, _mm256_load_ps(part + i * taps16 + tap * 16 + v * 8));
-                _mm256_storeu_ps(dw + tap * C + cb * block + v * 8, s);
+                float lanes[8];
+                _mm256_storeu_ps(lanes, s);
+                for (int j = 0; j < 8; j++) dw[(long)(cb * block + v * 8 + j) * kh * kw + tap] = lanes[j];
             }
         }
     }
