@@ -13,7 +13,7 @@ from torch import nn
 from .ops import grn as grn_ops
 from .ops import grn_mlp as grn_mlp_ops
 from .ops import recompute
-from .ops.depthwise import depthwise_conv2d
+from .ops.depthwise import depthwise_conv2d, native_grads, runs_native
 from .ops.gelu import GELU
 
 __all__ = [
@@ -149,13 +149,8 @@ def tensor_key(t: torch.Tensor):
     return t.data_ptr(), (-1 if t.is_inference() else t._version)
 
 
-def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
-    """Same-size depthwise conv (zero padding ``dilation * (k // 2)``) that skips taps which can never reach the map.
-
-    On a map smaller than the kernel's reach (a 13x13 kernel on a 2x2 map, dilated branches on small late maps)
-    the outer taps only ever see padding; the kernel is cropped to the taps that can land inside, which gives
-    the same output (and gradients, zero for the cropped taps) at a fraction of the cost.
-    """
+def _reachable(x: torch.Tensor, weight: torch.Tensor, dilation: int):
+    """``weight`` cropped to the taps that can land on ``x``'s map (a view), and the matching padding."""
     k = weight.shape[-1]
     c = k // 2
     # int(): under torch.compile this specializes on the map size (symbolic padding breaks inductor's conv)
@@ -163,7 +158,37 @@ def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: i
     reach_w = min(c, (int(x.shape[-1]) - 1) // dilation)
     if reach_h < c or reach_w < c:
         weight = weight[:, :, c - reach_h:c + reach_h + 1, c - reach_w:c + reach_w + 1]
-    return depthwise_conv2d(x, weight, bias, padding=(reach_h * dilation, reach_w * dilation), dilation=dilation)
+    return weight, (reach_h * dilation, reach_w * dilation)
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias=None, dilation: int = 1) -> torch.Tensor:
+    """Same-size depthwise conv (zero padding ``dilation * (k // 2)``) that skips taps which can never reach the map.
+
+    On a map smaller than the kernel's reach (a 13x13 kernel on a 2x2 map, dilated branches on small late maps)
+    the outer taps only ever see padding; the kernel is cropped to the taps that can land inside, which gives
+    the same output (and gradients, zero for the cropped taps) at a fraction of the cost.
+    """
+    cropped, padding = _reachable(x, weight, dilation)
+    return depthwise_conv2d(x, cropped, bias, padding=padding, dilation=dilation)
+
+
+def depthwise_conv_grads(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1):
+    """Where the hand-written kernels run ``depthwise_conv(x, weight, dilation=dilation)`` (no bias): a function
+    ``(grad_out, need_x, need_w) -> (grad_x, grad_weight)`` that needs no autograd graph (``None`` for a gradient
+    not asked for; the whole result ``None`` if a kernel declines). ``None`` elsewhere: differentiate the conv."""
+    cropped, padding = _reachable(x, weight, dilation)
+    if not runs_native(x, cropped, None, padding, dilation):
+        return None
+
+    def grads(grad_out: torch.Tensor, need_x: bool, need_w: bool):
+        got = native_grads(x, cropped, grad_out, padding, dilation, need_x, need_w)
+        if got is None or got[1] is None or cropped.shape == weight.shape:
+            return got
+        full = weight.new_zeros(weight.shape)  # the cropped taps never met the map: zero gradient
+        dh, dw = (weight.shape[-2] - cropped.shape[-2]) // 2, (weight.shape[-1] - cropped.shape[-1]) // 2
+        full[:, :, dh:dh + cropped.shape[-2], dw:dw + cropped.shape[-1]] = got[1]
+        return got[0], full
+    return grads
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -232,7 +257,7 @@ class DilatedReparamBlock(nn.Module):
             # conv); the dilated branches keep only x and are rebuilt in backward.
             branches = [(conv.weight, r, bn) for r, conv, bn in self._branches()]
             if recompute.bn_branches_ok(branches):
-                return out + recompute.bn_branch_sum(x, branches, depthwise_conv)
+                return out + recompute.bn_branch_sum(x, branches, depthwise_conv, depthwise_conv_grads)
             params = [p for w, _, bn in branches for p in (w, bn.weight, bn.bias) if p.requires_grad]
             return out + recompute.recompute(self._dilated_sum, x, params)
         return out.add_(self._dilated_sum(x))

@@ -100,6 +100,24 @@ def test_dilated_reparam_block_recomputes_exactly(kernel, shape, channels_last, 
     _compare(block, [torch.randn(shape).contiguous(memory_format=fmt)], monkeypatch)
 
 
+@pytest.mark.parametrize("kernel,shape", [(13, (2, 8, 6, 7)), (17, (1, 16, 12, 12))])
+def test_dilated_branches_differentiated_by_the_kernels(kernel, shape, monkeypatch):
+    """Where the hand-written kernels run the branch convs, backward takes their gradients straight (no autograd
+    graph per branch), kernels cropped to a small map included: the values of the plain graph."""
+    from overlock import layers
+    from overlock.ops import native
+    if not native.available():
+        pytest.skip(f"native kernels {native.status()}")
+    monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
+    calls = []
+    real = layers.native_grads
+    monkeypatch.setattr(layers, "native_grads", lambda *a: calls.append(a[1].shape) or real(*a))
+    block = _randomize(DilatedReparamBlock(shape[1], kernel)).to(memory_format=torch.channels_last)
+    _compare(block, [torch.randn(shape).contiguous(memory_format=torch.channels_last)], monkeypatch)
+    assert len(calls) == len(block.kernel_sizes)
+    assert any(tuple(s[-2:]) != (k, k) for s, k in zip(calls, block.kernel_sizes)) == (min(shape[2:]) < 12)
+
+
 def test_dilated_reparam_block_keeps_only_its_input_and_the_large_kernel_output():
     x = torch.randn(2, 4, 16, 16, requires_grad=True)
     maps = _saved_maps(DilatedReparamBlock(4, 13).train(), x, x.numel())

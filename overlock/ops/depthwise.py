@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from . import depthwise_triton, native
 
-__all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge", "runs_native"]
+__all__ = ["depthwise_conv2d", "depthwise_weight_grad", "grid_split", "grid_merge", "runs_native", "native_grads"]
 
 MIN_TAPS = 5  # kernels narrower than this keep PyTorch's weight gradient where the hand-written ones do not run
 
@@ -106,6 +106,21 @@ def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor, padding, dilation:
     if not _use_native(grad_out, weight, padding, dilation):
         return None
     return native.depthwise_conv2d_same(grad_out, weight, None, dilation, flip=True)
+
+
+def native_grads(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, padding, dilation: int,
+                 need_x: bool = True, need_w: bool = True):
+    """``(grad_x, grad_weight)`` of a stride-1 same-size depthwise conv (no bias) straight from the hand-written
+    kernels, without building an autograd graph (``None`` for a gradient not asked for); ``None`` where those
+    kernels do not run this conv (:func:`runs_native`). For backward passes that rebuild the conv themselves."""
+    if not _use_native(x, weight, padding, dilation):
+        return None
+    grad_x = _input_grad(grad_out, weight, padding, dilation) if need_x else None
+    grad_w = (native.depthwise_weight_grad_same(x, grad_out, tuple(weight.shape[-2:]), dilation)
+              if need_w else None)
+    if (need_x and grad_x is None) or (need_w and grad_w is None):
+        return None
+    return grad_x, grad_w
 
 
 def grid_split(x: torch.Tensor, d: int) -> torch.Tensor:

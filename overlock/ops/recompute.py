@@ -162,22 +162,25 @@ def bn_branches_ok(branches) -> bool:
                for _, _, bn in branches)
 
 
-def bn_branch_sum(x: torch.Tensor, branches, conv: Callable) -> torch.Tensor:
+def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callable | None = None) -> torch.Tensor:
     """``sum(bn(conv(x, weight, dilation=d)) for weight, d, bn in branches)``, keeping only ``x`` for backward.
 
     Backward does not run the BatchNorms forward again: each keeps its batch mean and inverse std from the forward
     pass (C numbers) and BatchNorm's backward kernel is called with them, the very call autograd makes. The conv
     outputs are rebuilt and differentiated one branch at a time, so backward holds one of them instead of all.
+    ``conv_grads(x, weight, d)``, if given, returns for a conv it can differentiate without autograd a function
+    ``(grad_out, need_x, need_w) -> (grad_x, grad_weight)`` (``None`` elsewhere): then the conv is rebuilt without
+    a graph and its gradients come straight from that function.
     """
     branches = list(branches)
     params = [p for weight, _, bn in branches for p in (weight, bn.weight, bn.bias)]
-    return _BnBranchSum.apply(branches, conv, x, *params)
+    return _BnBranchSum.apply(branches, conv, conv_grads, x, *params)
 
 
 class _BnBranchSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, branches, conv, x, *params):
-        ctx.branches, ctx.conv, ctx.autocast = branches, conv, autocast_state()
+    def forward(ctx, branches, conv, conv_grads, x, *params):
+        ctx.branches, ctx.conv, ctx.conv_grads, ctx.autocast = branches, conv, conv_grads, autocast_state()
         out, stats = None, []
         with torch.no_grad():
             for weight, d, bn in branches:
@@ -196,17 +199,27 @@ class _BnBranchSum(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_x, grads = None, []
         for i, (weight, d, bn) in enumerate(ctx.branches):
-            need_w, need_gamma, need_beta = need[3 + 3 * i:6 + 3 * i]
-            with torch.enable_grad(), autocast_as(ctx.autocast):
-                x_ = x.detach().requires_grad_(need[2])
-                w_ = weight.detach().requires_grad_(need_w)
-                z = ctx.conv(x_, w_, dilation=d)
-            grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
-                grad, z.detach(), bn.weight, None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
-                [need[2] or need_w, need_gamma, need_beta])
-            got = iter(_grads(z, [x_, w_], grad_z))
-            gx, gw = next(got), next(got)
+            need_w, need_gamma, need_beta = need[4 + 3 * i:7 + 3 * i]
+            with autocast_as(ctx.autocast):
+                w = weight.detach()
+                direct = ctx.conv_grads(x, w, d) if ctx.conv_grads is not None and (need[3] or need_w) else None
+                with torch.set_grad_enabled(direct is None):
+                    x_ = x.detach().requires_grad_(need[3] and direct is None)
+                    w_ = w.requires_grad_(need_w and direct is None)
+                    z = ctx.conv(x_, w_, dilation=d)
+                grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+                    grad, z.detach(), bn.weight, None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
+                    [need[3] or need_w, need_gamma, need_beta])
+                got = direct(grad_z, need[3], need_w) if direct is not None else None
+                if got is None:
+                    if direct is not None:  # a kernel declined after all: rebuild the conv with a graph
+                        with torch.enable_grad():
+                            x_ = x.detach().requires_grad_(need[3])
+                            w_ = weight.detach().requires_grad_(need_w)
+                            z = ctx.conv(x_, w_, dilation=d)
+                    got = _grads(z, [x_, w_], grad_z)
+            gx, gw = got
             if gx is not None:
                 grad_x = gx if grad_x is None else grad_x.add_(gx)
             grads += [gw, grad_gamma, grad_beta]
-        return (None, None, grad_x, *grads)
+        return (None, None, None, grad_x, *grads)
