@@ -286,12 +286,13 @@ def _conv_with_bn(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
         weight, bias, like = conv.weight, conv.bias, conv.weight
         c, k = weight.shape[0], weight.shape[-1]
         fused = DepthwiseConv(c, c, k, padding=k // 2, groups=c, bias=True)
+    elif type(conv) is nn.Conv2d and conv.padding_mode == "zeros":
+        weight, bias, like = conv.weight, conv.bias, conv.weight
+        fused = PackedConv(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
     else:
         weight, bias = conv.weight, conv.bias
         fused = copy.deepcopy(conv)  # same stride, padding, groups; weight and bias replaced below
-        if type(conv) is nn.Conv2d and conv.padding_mode == "zeros":
-            fused = PackedConv(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
         like = conv.weight
     bias = shift if bias is None else torch.addcmul(shift, bias, scale)
     fused.weight = _param(weight * scale.view(-1, 1, 1, 1), like)
