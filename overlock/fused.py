@@ -157,8 +157,11 @@ class PackedConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed(x) if self._direct(x) else None
         if packed is not None:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride,
-                                                           self.dilation, self.groups, "none", [None], None)
+            try:
+                return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.padding, self.stride,
+                                                               self.dilation, self.groups, "none", [None], None)
+            except (RuntimeError, TypeError, AttributeError):  # a torch whose private entry point differs
+                self.__dict__["_packs"][1][tuple(x.shape)] = None
         return super().forward(x)
 
     def _direct(self, x: torch.Tensor) -> bool:
@@ -187,7 +190,7 @@ class PackedConv(nn.Conv2d):
                     packs[1][shape] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                         w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
                         self.groups, list(shape))
-            except (RuntimeError, AttributeError, NotImplementedError):  # a torch without these oneDNN entry points
+            except (RuntimeError, AttributeError, NotImplementedError):  # a torch without this oneDNN entry point
                 packs[1][shape] = None
         return packs[1][shape]
 

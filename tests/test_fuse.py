@@ -304,6 +304,14 @@ def test_packed_conv_packs_per_shape_and_follows_its_weight():
     assert "_packs" not in copy.deepcopy(conv).__dict__
     y = conv(xs[0])
     assert y.grad_fn is not None and "Packed" not in type(y.grad_fn).__name__
+    # a torch whose private oneDNN entry point fails: nn.Conv2d's forward, once per shape
+    real = torch.ops.mkldnn._convolution_pointwise
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.ops.mkldnn, "_convolution_pointwise", lambda *a: (_ for _ in ()).throw(RuntimeError("x")))
+        xs2 = torch.randn(2, 256, 14, 14).contiguous(memory_format=torch.channels_last)
+        check(xs2)
+        assert conv.__dict__["_packs"][1][(2, 256, 14, 14)] is None
+    assert torch.ops.mkldnn._convolution_pointwise is real
     # small weights keep nn.Conv2d's call (pre-laid-out can be several times slower there)
     small = F_.PackedConv(8, 8, 3, padding=1).eval()
     with torch.no_grad():
