@@ -115,7 +115,7 @@ def native_grads(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, 
     kernels do not run this conv (:func:`runs_native`). For backward passes that rebuild the conv themselves."""
     if not _use_native(x, weight, padding, dilation):
         return None
-    grad_x = _input_grad(grad_out, weight, padding, dilation) if need_x else None
+    grad_x = native.depthwise_conv2d_same(grad_out, weight, None, dilation, flip=True) if need_x else None
     grad_w = (native.depthwise_weight_grad_same(x, grad_out, tuple(weight.shape[-2:]), dilation)
               if need_w else None)
     if (need_x and grad_x is None) or (need_w and grad_w is None):
