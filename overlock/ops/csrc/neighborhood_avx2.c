@@ -139,6 +139,139 @@ INLINE void pixel(const float *qp, const float *keys, const float *bp, const flo
     }
 }
 
+/* The logits of two pixels (queries q0, q1; bias rows b0, b1) into w0, w1 (padding lanes -inf): each logit the
+ * same chain of FMAs as window_exp's, but every keys vector loaded once for both pixels. */
+INLINE void logits_pair(const float *q0, const float *q1, const float *keys, const float *b0, const float *b1,
+                        int c, int kk, float *w0, float *w1) {
+    const int full = kk / 8;
+    int a = 0;
+    for (; a + 4 <= full; a += 4) {
+        const float *kp = keys + a * 8;
+        __m256 s[4], t[4];
+        for (int u = 0; u < 4; u++) {
+            s[u] = _mm256_loadu_ps(b0 + a * 8 + 8 * u);
+            t[u] = _mm256_loadu_ps(b1 + a * 8 + 8 * u);
+        }
+        for (int j = 0; j < c; j++, kp += kk) {
+            const __m256 x0 = _mm256_set1_ps(q0[j]), x1 = _mm256_set1_ps(q1[j]);
+            for (int u = 0; u < 4; u++) {
+                const __m256 kv = _mm256_loadu_ps(kp + 8 * u);
+                s[u] = _mm256_fmadd_ps(x0, kv, s[u]);
+                t[u] = _mm256_fmadd_ps(x1, kv, t[u]);
+            }
+        }
+        for (int u = 0; u < 4; u++) {
+            _mm256_storeu_ps(w0 + a * 8 + 8 * u, s[u]);
+            _mm256_storeu_ps(w1 + a * 8 + 8 * u, t[u]);
+        }
+    }
+    for (; a < full; a++) {
+        __m256 s = _mm256_loadu_ps(b0 + a * 8), t = _mm256_loadu_ps(b1 + a * 8);
+        for (int j = 0; j < c; j++) {
+            const __m256 kv = _mm256_loadu_ps(keys + (long)j * kk + a * 8);
+            s = _mm256_fmadd_ps(_mm256_set1_ps(q0[j]), kv, s);
+            t = _mm256_fmadd_ps(_mm256_set1_ps(q1[j]), kv, t);
+        }
+        _mm256_storeu_ps(w0 + a * 8, s);
+        _mm256_storeu_ps(w1 + a * 8, t);
+    }
+    if (kk % 8) {  /* tail vector: padding lanes -inf (weight 0) */
+        for (int e = 0; e < 8; e++) {
+            float s = -INFINITY, t = -INFINITY;
+            if (full * 8 + e < kk) {
+                const int i = full * 8 + e;
+                s = b0[i];
+                t = b1[i];
+                for (int j = 0; j < c; j++) {
+                    s = fmaf(q0[j], keys[(long)j * kk + i], s);
+                    t = fmaf(q1[j], keys[(long)j * kk + i], t);
+                }
+            }
+            w0[full * 8 + e] = s;
+            w1[full * 8 + e] = t;
+        }
+    }
+}
+
+/* w[0 .. kk) (padded to a multiple of 8) = exp(logit - max logit) in place; returns their sum (as window_exp). */
+INLINE float softmax_exp(float *w, int kk) {
+    const int nv = (kk + 7) / 8;
+    __m256 mx = _mm256_loadu_ps(w);
+    for (int a = 1; a < nv; a++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(w + a * 8));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 sum = _mm256_setzero_ps();
+    for (int a = 0; a < nv; a++) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + a * 8), m));
+        _mm256_storeu_ps(w + a * 8, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum(sum);
+}
+
+/* The weighted window sums of two horizontally adjacent pixels whose windows start SHIFT (0 or 1) columns apart:
+ * each value vector is loaded once for both (column j is tap j of the first pixel's row and tap j - SHIFT of the
+ * second's). CV vectors of 8 channels at c0; two accumulators per pixel and vector (column parity). */
+INLINE void window_sum_pair(const float *vg, long vpix, const float *w0, const float *w1, int k, int W, int sy,
+                            int sx, int c0, __m256 acc0[2][2], __m256 acc1[2][2], const int CV, const int SHIFT) {
+    __m256 e0 = acc0[0][0], e1 = acc0[0][1], f0 = acc0[1][0], f1 = acc0[1][1];  /* first pixel: even, odd columns */
+    __m256 g0 = acc1[0][0], g1 = acc1[0][1], h0 = acc1[1][0], h1 = acc1[1][1];  /* second pixel */
+    const int n = k + SHIFT;
+    for (int dy = 0; dy < k; dy++) {
+        const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
+        const float *r0 = w0 + dy * k, *r1 = w1 + dy * k - SHIFT;
+        /* column j: tap j of the first pixel (j < k), tap j - SHIFT of the second (j >= SHIFT) */
+#define OVERLOCK_COLUMN(j, A0, A1, B0, B1)                                                          \
+        {                                                                                       \
+            const __m256 v0 = _mm256_loadu_ps(row + (long)(j) * vpix);                          \
+            const __m256 v1 = CV == 2 ? _mm256_loadu_ps(row + (long)(j) * vpix + 8) : v0;       \
+            if ((j) < k) {                                                                      \
+                const __m256 a = _mm256_set1_ps(r0[j]);                                          \
+                A0 = _mm256_fmadd_ps(a, v0, A0);                                                 \
+                if (CV == 2) A1 = _mm256_fmadd_ps(a, v1, A1);                                    \
+            }                                                                                   \
+            if ((j) >= SHIFT) {                                                                 \
+                const __m256 a = _mm256_set1_ps(r1[j]);                                          \
+                B0 = _mm256_fmadd_ps(a, v0, B0);                                                 \
+                if (CV == 2) B1 = _mm256_fmadd_ps(a, v1, B1);                                    \
+            }                                                                                   \
+        }
+        int j = 0;
+        for (; j + 2 <= n; j += 2) {
+            OVERLOCK_COLUMN(j, e0, e1, g0, g1)
+            OVERLOCK_COLUMN(j + 1, f0, f1, h0, h1)
+        }
+        if (j < n) OVERLOCK_COLUMN(j, e0, e1, g0, g1)
+#undef OVERLOCK_COLUMN
+    }
+    acc0[0][0] = e0, acc0[0][1] = e1, acc0[1][0] = f0, acc0[1][1] = f1;
+    acc1[0][0] = g0, acc1[0][1] = g1, acc1[1][0] = h0, acc1[1][1] = h1;
+}
+
+/* Two horizontally adjacent pixels (windows at sx and sx + shift, shift 0 or 1) into o0, o1. */
+INLINE void pixel_pair(const float *q0, const float *q1, const float *keys, const float *b0, const float *b1,
+                       const float *vg, long vpix, float *o0, float *o1, int c, int kk, int k, int W, int sy, int sx,
+                       int shift, int C, float *w0, float *w1) {
+    logits_pair(q0, q1, keys, b0, b1, c, kk, w0, w1);
+    const __m256 sc0 = _mm256_set1_ps(1.0f / softmax_exp(w0, kk)), sc1 = _mm256_set1_ps(1.0f / softmax_exp(w1, kk));
+    for (int c0 = 0; c0 < C; c0 += 16) {
+        const int cv = c0 + 16 <= C ? 2 : 1;
+        __m256 acc0[2][2], acc1[2][2];
+        for (int t = 0; t < 2; t++)
+            for (int h = 0; h < 2; h++) acc0[t][h] = acc1[t][h] = _mm256_setzero_ps();
+        if (cv == 2 && shift) window_sum_pair(vg, vpix, w0, w1, k, W, sy, sx, c0, acc0, acc1, 2, 1);
+        else if (cv == 2) window_sum_pair(vg, vpix, w0, w1, k, W, sy, sx, c0, acc0, acc1, 2, 0);
+        else if (shift) window_sum_pair(vg, vpix, w0, w1, k, W, sy, sx, c0, acc0, acc1, 1, 1);
+        else window_sum_pair(vg, vpix, w0, w1, k, W, sy, sx, c0, acc0, acc1, 1, 0);
+        for (int h = 0; h < cv; h++) {
+            _mm256_storeu_ps(o0 + c0 + 8 * h, _mm256_mul_ps(_mm256_add_ps(acc0[0][h], acc0[1][h]), sc0));
+            _mm256_storeu_ps(o1 + c0 + 8 * h, _mm256_mul_ps(_mm256_add_ps(acc1[0][h], acc1[1][h]), sc1));
+        }
+    }
+}
+
 /* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, more than MAX_TAPS taps, map < k). */
 TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, const float *bias, const float *v,
                                          float *out, int B, int G, int H, int W, int c, int C, int k,
@@ -148,7 +281,7 @@ TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, cons
     const long HW = (long)H * W;
     #pragma omp parallel
     {
-        float w[MAX_TAPS + 8] __attribute__((aligned(32)));
+        float w[MAX_TAPS + 8] __attribute__((aligned(32))), w1[MAX_TAPS + 8] __attribute__((aligned(32)));
         #pragma omp for schedule(static)
         for (long item = 0; item < (long)B * G * H; item++) {  /* one row of pixels of one head */
             const int y = item % H, g = (item / H) % G;
@@ -156,11 +289,18 @@ TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, cons
             const float *kb = keys + (b * G + g) * (long)c * kk;
             const float *vg = v + b * vs_b + g * vs_g;
             const int sy = window_start(y, k, H);
-            for (int x = 0; x < W; x++) {
-                const long p = (long)y * W + x;
-                pixel(q + ((b * G + g) * HW + p) * c, kb, bias + ((long)g * HW + p) * kk, vg, vs_p,
-                      out + b * os_b + g * os_g + p * os_p, c, kk, k, W, sy, window_start(x, k, W), C, w);
+            const float *qrow = q + ((b * G + g) * HW + (long)y * W) * c, *brow = bias + ((long)g * HW + (long)y * W) * kk;
+            float *orow = out + b * os_b + g * os_g + (long)y * W * os_p;
+            int x = 0;
+            for (; x + 2 <= W; x += 2) {  /* pixel pairs: the keys and the window's values read once for both */
+                const int sx = window_start(x, k, W);
+                pixel_pair(qrow + (long)x * c, qrow + (long)(x + 1) * c, kb, brow + (long)x * kk,
+                           brow + (long)(x + 1) * kk, vg, vs_p, orow + x * os_p, orow + (x + 1) * os_p, c, kk, k, W,
+                           sy, sx, window_start(x + 1, k, W) - sx, C, w, w1);
             }
+            if (x < W)
+                pixel(qrow + (long)x * c, kb, brow + (long)x * kk, vg, vs_p, orow + x * os_p, c, kk, k, W, sy,
+                      window_start(x, k, W), C, w);
         }
     }
     return 0;
