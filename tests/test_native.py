@@ -189,7 +189,7 @@ def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 40), (13, 20)])
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (13, 20)])
 def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
     """The kernel choice depends on the map, not the batch (3x3 runs natively on small maps only)."""
     torch.manual_seed(0)
@@ -241,7 +241,7 @@ def test_grn_scale_declines_what_it_does_not_cover():
         assert native.grn_scale(x, gamma) is not None
 
 
-@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 40), (13, 7), (17, 5), (7, 1)])
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (13, 7), (17, 5), (7, 1)])
 def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, kernel, size):
     """A fused model's depthwise conv without autograd: the kernel with the kept tap layout, the very bits of the
     generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN."""
@@ -299,7 +299,7 @@ def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     monkeypatch.setattr(native, "depthwise_conv2d_taps", lambda *a: direct.append(1) or real(*a))
     torch.manual_seed(0)
     conv = DepthwiseConv(16, 16, 3, padding=1, groups=16).eval()
-    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 40, 40)
+    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 60, 60)
     cases = [(cl(small), True), (small, False), (cl(large), False), (cl(small), True)]
     for x, kernel in cases * 2:
         direct.clear()

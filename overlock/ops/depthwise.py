@@ -327,11 +327,14 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # Where the hand-written kernels replace oneDNN's: native.NATIVE_ISAS (AVX2).
 # Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
 # batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
-# faster, on 16x384x14x14 0.94-1.19x, but 0.6x on 8x64x56x56, where the conv is bound by memory, not arithmetic.
-# Their weight gradient runs there too (3x3 convs of an overlock_t training step, b8: 42 against 59 ms in PyTorch's).
-# Dilated kernels run there at any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x slower;
-# benchmarks/README.md).
-NATIVE_SMALL_KERNEL_PIXELS = 1024
+# faster, on 16x384x14x14 0.94-1.19x; on 56x56 maps (overlock_t's first stage at 224) 1x256 211 against 270 us,
+# 1x64 52 against 111, 2x256 (the fused blocks' batch chunks) 0.44 against 0.58 ms, 8x64 0.37-0.53 against 0.46,
+# but 8x256 (25 MB, bound by memory) 4.1-5.2 against 3.6-4.1 ms. Raised from 32x32 to 56x56: batch-1 forward 1.8 ms
+# less, batch-16 9 ms less, a b8 training step unchanged (paired medians, 2-core AVX2 EPYC). Larger maps (dense
+# prediction inputs) keep oneDNN's, unmeasured. Their weight gradient runs there too (3x3 convs of an overlock_t
+# training step, b8: 42 against 59 ms in PyTorch's). Dilated kernels run there at any size, weight gradient
+# included (PyTorch's dilated weight gradient is 4-12x slower; benchmarks/README.md).
+NATIVE_SMALL_KERNEL_PIXELS = 56 * 56
 
 
 def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
