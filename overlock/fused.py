@@ -12,6 +12,9 @@
 - every Focus-Net ``DynamicConvBlock`` by :class:`overlock.fused_focus.FusedDynamicConvBlock`: one flat forward,
   query scale and LayerScales folded.
 
+Both blocks run their 3x3 conv + LayerNorm pairs as one native call where the kernels run
+(:meth:`DepthwiseConv.forward_norm`).
+
 Folding is done once, here. A fused model computes the eval-mode function of the original (BatchNorm with its
 running statistics, no drop path) in any mode; it keeps ``nn.Parameter`` weights, so gradients still flow
 (useful for attribution), but it is an inference model: train the original.
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import GRN, DilatedReparamBlock, LayerScale, PointwiseConv, depthwise_conv, tensor_key
+from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, PointwiseConv, depthwise_conv, tensor_key
 from .ops import depthwise as depthwise_ops
 from .ops import gelu as gelu_ops
 from .ops import native
@@ -103,6 +106,21 @@ class DepthwiseConv(nn.Conv2d):
                 return y
         return depthwise_conv(x, self.weight, self.bias)
 
+    def forward_norm(self, x: torch.Tensor, norm: nn.Module):
+        """``(y, norm(y))`` with ``y = self(x)``. For a 3x3 conv that the kernel runs directly (see ``forward``)
+        followed by an affine :class:`~overlock.layers.LayerNorm2d`, one native call normalizes each tile of
+        pixels while it is still in cache: the fused blocks' conv-then-norm pairs (a batch-1 14x14 map: one pass
+        and one dispatch less). Same ``y`` bits; the norm within float rounding of ``F.layer_norm``. Modules with
+        hooks take the two calls."""
+        if (self.kernel_size[0] * self.kernel_size[1] <= 9 and type(norm) is LayerNorm2d and self._direct(x)
+                and _norm_direct(norm, x) and not _hooked(self, norm)):
+            got = native.depthwise_conv2d_taps_norm(x, self._taps(), self.bias, *self.kernel_size, norm.weight,
+                                                    norm.bias, norm.eps)
+            if got is not None:
+                return got
+        y = self(x)
+        return y, norm(y)
+
     def _direct(self, x: torch.Tensor) -> bool:
         # what can change from call to call: grad mode, tracing, autocast, the kernels switched off
         if (type(x) is not torch.Tensor or _tracing() or native._disabled or depthwise_ops._cpu_autocast()
@@ -136,6 +154,22 @@ class DepthwiseConv(nn.Conv2d):
         self.__dict__.pop("_kept_taps", None)
         self.__dict__.pop("_kept_rule", None)
         return super().train(mode)
+
+
+def _norm_direct(norm: nn.Module, x: torch.Tensor) -> bool:
+    """``norm``, a LayerNorm2d, is a plain float32 affine norm over ``x``'s channels, without autograd."""
+    w, b = norm.weight, norm.bias
+    return (w is not None and b is not None and tuple(norm.normalized_shape) == (x.shape[1],)
+            and w.dtype == b.dtype == torch.float32 and w.device.type == b.device.type == "cpu"
+            and w.is_contiguous() and b.is_contiguous()
+            and not (torch.is_grad_enabled() and (w.requires_grad or b.requires_grad)))
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Any forward hook (the module's own or a global one) that calling the modules one by one would run."""
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 # Dense convs whose weight takes at least this many bytes keep it in oneDNN's blocked layout (PackedConv).
@@ -405,6 +439,14 @@ class FusedGrnMlp(nn.Module):
         return pointwise_scaled(self.fc2_weight, self.fc2_bias, x, scale=grn_scale(self.grn_gamma, x))
 
 
+def _conv_then_norm(conv: nn.Module, norm: nn.Module, x: torch.Tensor):
+    """``(conv(x), norm(conv(x)))``, in one native call where :meth:`DepthwiseConv.forward_norm` can."""
+    if isinstance(conv, DepthwiseConv):
+        return conv.forward_norm(x, norm)
+    y = conv(x)
+    return y, norm(y)
+
+
 class FusedRepConvBlock(nn.Module):
     """``RepConvBlock`` for inference: BatchNorm, SE, GRN and LayerScale folded, batch-chunked.
 
@@ -433,8 +475,8 @@ class FusedRepConvBlock(nn.Module):
             self.ls_weight = None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(x)
-        y = self.large_kernel(self.norm(x))
+        x, y = _conv_then_norm(self.dwconv, self.norm, x)
+        y = self.large_kernel(y)
         gate = self.se.scale(y)
         y = self.mlp.dwconv(pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate,
                                              gelu=self.mlp.approximate))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import FusedGrnMlp, _fuse_children, _inplace_ok, _param, grn_scale, pointwise_scaled
+from .fused import FusedGrnMlp, _conv_then_norm, _fuse_children, _inplace_ok, _param, grn_scale, pointwise_scaled
 from .layers import LayerScale
 from .ops import gelu as gelu_ops
 
@@ -94,12 +94,11 @@ class FusedDynamicConvBlock(ContMixCore):
             ctx = torch.addcmul(self.ctx_bias, ctx, self.ctx_weight)
             ctx = ctx.addcmul_(ctx_prior, self.prior_weight) if _inplace_ok(ctx) else \
                 torch.addcmul(ctx, ctx_prior, self.prior_weight)
-        fused = self.dwconv1(torch.cat([x, ctx], dim=1))
-        y = self.norm1(fused)
+        fused, y = _conv_then_norm(self.dwconv1, self.norm1, torch.cat([x, ctx], dim=1))
         query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)
         x = self._residual(fused, self._mixer(y, query_src, key_src), self.ls1_weight)
-        x = self.dwconv2(x)
-        x = self._residual(x, self.mlp(self.norm2(x)), self.ls2_weight)
+        x, y = _conv_then_norm(self.dwconv2, self.norm2, x)
+        x = self._residual(x, self.mlp(y), self.ls2_weight)
         if self.is_last:
             return x, None
         x, ctx = x.split([self.dim, self.ctx_dim], dim=1)

@@ -289,6 +289,36 @@ def test_fused_depthwise_conv_follows_its_weight(forced):
     check()
 
 
+@pytest.mark.parametrize("C,size", [(16, 14), (24, 9), (64, 5)])
+def test_fused_conv_then_layer_norm_in_one_call(forced, monkeypatch, C, size):
+    """A fused block's 3x3 conv followed by its LayerNorm: one kernel call giving the conv's very bits and the norm
+    to float rounding; two plain calls where a hook, autograd or a larger kernel is in the way."""
+    from overlock.fused import DepthwiseConv
+    from overlock.layers import LayerNorm2d
+    calls = []
+    real = native.depthwise_conv2d_taps_norm
+    monkeypatch.setattr(native, "depthwise_conv2d_taps_norm", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv, norm = DepthwiseConv(C, C, 3, padding=1, groups=C).eval(), LayerNorm2d(C)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = cl(torch.randn(2, C, size, size + 3))
+    with torch.no_grad():
+        y, z = conv.forward_norm(x, norm)
+        assert calls and torch.equal(y, conv(x)) and z.is_contiguous(memory_format=torch.channels_last)
+        ref = F.layer_norm(y.double().permute(0, 2, 3, 1), (C,), norm.weight.double(), norm.bias.double(), 1e-6)
+        assert rel_err(z, ref.permute(0, 3, 1, 2)) < 1e-6
+        seen = []
+        handle = norm.register_forward_hook(lambda *a: seen.append(1))
+        calls.clear()
+        assert torch.equal(conv.forward_norm(x, norm)[1], norm(y)) and not calls and seen
+        handle.remove()
+        wide = DepthwiseConv(C, C, 5, padding=2, groups=C).eval()
+        assert torch.equal(wide.forward_norm(x, norm)[1], norm(wide(x))) and not calls
+    y, z = conv.forward_norm(x, norm)  # autograd on: differentiable, two calls
+    assert not calls and z.grad_fn is not None and torch.allclose(z, norm(conv(x)))
+
+
 def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     """The route a fused depthwise conv keeps for one kind of input is not reused for another: one module fed a
     channels_last map (the kernel), the same map NCHW, a map over the 3x3 pixel limit (oneDNN), with the kernels

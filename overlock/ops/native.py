@@ -26,8 +26,8 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
-           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "gelu",
-           "gelu_backward", "status", "describe", "disabled"]
+           "depthwise_conv2d_taps_norm", "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward",
+           "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
@@ -112,6 +112,8 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
+    lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
     lib.overlock_depthwise_taps.restype = None
@@ -248,6 +250,25 @@ def depthwise_conv2d_taps(x: torch.Tensor, taps: torch.Tensor, bias: Optional[to
                                                  C, kh, kw, 1) != 0:
         return None
     return y
+
+
+def depthwise_conv2d_taps_norm(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
+                               ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float):
+    """``(y, LayerNorm over channels of y)`` with ``y`` :func:`depthwise_conv2d_taps` (same bits), the norm applied to
+    each tile of pixels while it is still in cache: a fused block's conv-then-LayerNorm pair in one call. Kernels of
+    at most 3x3; same input requirements as there, plus float32 contiguous ``ln_weight``/``ln_bias`` of ``C``.
+    ``None`` where it does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or kh * kw > 9:
+        return None
+    N, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    z = torch.empty_like(y)
+    if N * H * W and lib.overlock_depthwise_ln_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(),
+                                                    z.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), eps,
+                                                    N, H, W, C, kh, kw) != 0:
+        return None
+    return y, z
 
 
 def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int], dilation: int = 1

@@ -15,6 +15,7 @@
  * at most 9 taps (memory-bound) take one output row per item instead, every channel block of each tile in turn.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -74,11 +75,47 @@ INLINE void row_block(const float *img, int y0, long rstride, const float *w, co
     }
 }
 
+/* A LayerNorm over the channels of the pixels just written (the fused inference blocks' conv-then-norm pairs):
+ * out row offset, weight, bias, eps. */
+struct norm {
+    float *out;
+    const float *weight, *bias;
+    float eps;
+};
+
+/* LayerNorm of n pixels of C channels (C a multiple of 8) from src (still in L1) into dst: mean, then the mean
+ * of squared deviations (two passes, as a float32 LayerNorm), then (x - mean) / sqrt(var + eps) * weight + bias. */
+INLINE void layer_norm_pixels(const float *src, float *dst, int n, int C, const struct norm *ln) {
+    for (int i = 0; i < n; i++) {
+        const float *p = src + (long)i * C;
+        float *q = dst + (long)i * C;
+        __m256 s = _mm256_setzero_ps();
+        for (int c = 0; c < C; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(p + c));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        const float mean = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) / (float)C;
+        const __m256 m = _mm256_set1_ps(mean);
+        __m256 v = _mm256_setzero_ps();
+        for (int c = 0; c < C; c += 8) {
+            const __m256 dlt = _mm256_sub_ps(_mm256_loadu_ps(p + c), m);
+            v = _mm256_fmadd_ps(dlt, dlt, v);
+        }
+        h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        const float var = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) / (float)C;
+        const __m256 r = _mm256_set1_ps(1.0f / sqrtf(var + ln->eps));
+        for (int c = 0; c < C; c += 8) {
+            const __m256 xn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p + c), m), r);
+            _mm256_storeu_ps(q + c, _mm256_fmadd_ps(xn, _mm256_loadu_ps(ln->weight + c), _mm256_loadu_ps(ln->bias + c)));
+        }
+    }
+}
+
 /* Every channel block of one output row, tile by tile: for kernels of few taps, where the conv is bound by memory
  * rather than arithmetic, each tile's pixels are read with all their channels (contiguous memory) instead of one
  * 64-byte block per pixel per pass along the row (3x3 on 16x128x28x28: 2.9 -> 1.0 ms). Same tiles, same sums. */
 INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *w, const float *bias, float *out,
-                           int C, int W, int kw, int pw, int d, int ky0, int ky1, int block) {
+                           int C, int W, int kw, int pw, int d, int ky0, int ky1, int block, const struct norm *ln) {
     for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
         const int nt = W - x0 < MAX_TILE ? W - x0 : MAX_TILE;
         const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d), kx1 = hi < kw ? hi : kw;
@@ -92,6 +129,7 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
                 if (check) { TILES(1) } else { TILES(0) }
             }
         }
+        if (ln) layer_norm_pixels(out + (long)x0 * C, ln->out + (long)x0 * C, nt, C, ln);
     }
 }
 
@@ -149,7 +187,7 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
             const long n = item / H;
             const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
             row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw,
-                           d, ky0, ky1, block);
+                           d, ky0, ky1, block, NULL);
         }
         return 0;
     }
@@ -162,6 +200,28 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
         float *out = y + (n * H + yy) * rstride;
         if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2);
         else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1);
+    }
+    return 0;
+}
+
+/* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
+ * bias, eps), for kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias, float *y, float *z,
+                               const float *ln_weight, const float *ln_bias, float eps, int N, int H, int W, int C,
+                               int kh, int kw) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
+    const int ph = kh / 2, pw = kw / 2;
+    const int block = C % 16 ? 8 : 16;
+    const long rstride = (long)W * C;
+    #pragma omp parallel for schedule(static)
+    for (long item = 0; item < (long)N * H; item++) {
+        const int yy = item % H;
+        const long n = item / H;
+        const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
+        const struct norm ln = {z + (n * H + yy) * rstride, ln_weight, ln_bias, eps};
+        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
+                       ky0, ky1, block, &ln);
     }
     return 0;
 }
