@@ -12,8 +12,8 @@
 - every Focus-Net ``DynamicConvBlock`` by :class:`overlock.fused_focus.FusedDynamicConvBlock`: one flat forward,
   query scale and LayerScales folded.
 
-Both blocks run their 3x3 conv + LayerNorm pairs as one native call where the kernels run
-(:meth:`DepthwiseConv.forward_norm`).
+Both blocks run their 3x3 conv + LayerNorm pairs, and the Focus-Net block its 3x3 conv + GELU, as one native
+call where the kernels run (:meth:`DepthwiseConv.forward_norm`, :meth:`DepthwiseConv.forward_gelu`).
 
 Folding is done once, here. A fused model computes the eval-mode function of the original (BatchNorm with its
 running statistics, no drop path) in any mode; it keeps ``nn.Parameter`` weights, so gradients still flow
@@ -120,6 +120,17 @@ class DepthwiseConv(nn.Conv2d):
                 return got
         y = self(x)
         return y, norm(y)
+
+    def forward_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        """``GELU(self(x))`` (a fresh output, so in place without autograd); for an exact GELU after a 3x3 conv
+        that the kernel runs directly, one native call with the very bits of the two. Hooks: the plain call."""
+        if (approximate == "none" and self.kernel_size[0] * self.kernel_size[1] <= 9 and self._direct(x)
+                and not _hooked(self)):
+            y = native.depthwise_conv2d_taps_gelu(x, self._taps(), self.bias, *self.kernel_size)
+            if y is not None:
+                return y
+        y = self(x)
+        return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
 
     def _direct(self, x: torch.Tensor) -> bool:
         # what can change from call to call: grad mode, tracing, autocast, the kernels switched off
@@ -437,6 +448,14 @@ class FusedGrnMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dwconv(pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate))
         return pointwise_scaled(self.fc2_weight, self.fc2_bias, x, scale=grn_scale(self.grn_gamma, x))
+
+
+def _conv_then_gelu(conv: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``GELU(conv(x))``, in one native call where :meth:`DepthwiseConv.forward_gelu` can."""
+    if isinstance(conv, DepthwiseConv):
+        return conv.forward_gelu(x, approximate)
+    y = conv(x)
+    return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
 
 
 def _conv_then_norm(conv: nn.Module, norm: nn.Module, x: torch.Tensor):

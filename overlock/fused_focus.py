@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import FusedGrnMlp, _conv_then_norm, _fuse_children, _inplace_ok, _param, grn_scale, pointwise_scaled
+from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param, grn_scale,
+                    pointwise_scaled)
 from .layers import LayerScale
-from .ops import gelu as gelu_ops
 
 __all__ = ["FusedDynamicConvBlock"]
 
@@ -106,8 +106,7 @@ class FusedDynamicConvBlock(ContMixCore):
 
     def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor) -> torch.Tensor:
         """``proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``."""
-        h = self.fusion_dw(y)
-        h = gelu_ops.gelu_(h, self.approximate) if _inplace_ok(h) else gelu_ops.gelu(h, self.approximate)
+        h = _conv_then_gelu(self.fusion_dw, y, self.approximate)
         h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
         h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
         gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)

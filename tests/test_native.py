@@ -319,6 +319,27 @@ def test_fused_conv_then_layer_norm_in_one_call(forced, monkeypatch, C, size):
     assert not calls and z.grad_fn is not None and torch.allclose(z, norm(conv(x)))
 
 
+def test_fused_conv_then_gelu_in_one_call(forced, monkeypatch):
+    """The Focus-Net block's 3x3 conv + exact GELU: one kernel call with the very bits of the conv kernel followed by
+    the GELU kernel (including values below -3, which take GELU's other formula); the two calls otherwise."""
+    from overlock.fused import DepthwiseConv
+    calls = []
+    real = native.depthwise_conv2d_taps_gelu
+    monkeypatch.setattr(native, "depthwise_conv2d_taps_gelu", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv = DepthwiseConv(24, 24, 3, padding=1, groups=24).eval()
+    x = cl(torch.randn(2, 24, 9, 11) * 4)
+    with torch.no_grad():
+        got, plain = conv.forward_gelu(x), conv(x)
+        assert calls and (plain < -3).any() and torch.equal(got, native.gelu(plain))
+        assert rel_err(got, F.gelu(plain.double())) < 1e-6
+        calls.clear()
+        assert torch.equal(conv.forward_gelu(x, "tanh"), F.gelu(plain, approximate="tanh")) and not calls
+        handle = conv.register_forward_hook(lambda *a: None)
+        assert torch.equal(conv.forward_gelu(x), got) and not calls
+        handle.remove()
+
+
 def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     """The route a fused depthwise conv keeps for one kind of input is not reused for another: one module fed a
     channels_last map (the kernel), the same map NCHW, a map over the 3x3 pixel limit (oneDNN), with the kernels

@@ -26,13 +26,14 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
-           "depthwise_conv2d_taps_norm", "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward",
-           "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
+           "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_norm", "depthwise_weight_grad_same", "na2d_softmax_av",
+           "na2d_softmax_av_backward", "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
                                                                        "grn_avx2.c", "gelu_avx2.c")]
-HEADERS = [Path(__file__).with_name("csrc") / "exp_neg_avx2.h"]  # included by the sources (part of the cache key)
+# included by the sources (part of the cache key)
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
@@ -112,6 +113,8 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
+    lib.overlock_depthwise_gelu_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_gelu_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
     lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
@@ -248,6 +251,21 @@ def depthwise_conv2d_taps(x: torch.Tensor, taps: torch.Tensor, bias: Optional[to
     y = torch.empty_like(x, memory_format=torch.channels_last)
     if N * H * W and lib.overlock_depthwise_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(), N, H, W,
                                                  C, kh, kw, 1) != 0:
+        return None
+    return y
+
+
+def depthwise_conv2d_taps_gelu(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int
+                               ) -> Optional[torch.Tensor]:
+    """``GELU(depthwise_conv2d_taps(...))`` with the very bits of the two kernels one after the other, GELU applied
+    to each tile of pixels while it is in cache. Kernels of at most 3x3; ``None`` where it does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or kh * kw > 9:
+        return None
+    N, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    if N * H * W and lib.overlock_depthwise_gelu_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(), N, H,
+                                                      W, C, kh, kw) != 0:
         return None
     return y
 

@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gelu_avx2.h" /* gelu8: the GELU epilogue, the bits of the GELU kernel */
+
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 #define MAX_TILE 6
 
@@ -78,7 +80,7 @@ INLINE void row_block(const float *img, int y0, long rstride, const float *w, co
 /* A LayerNorm over the channels of the pixels just written (the fused inference blocks' conv-then-norm pairs):
  * out row offset, weight, bias, eps. */
 struct norm {
-    float *out;
+    float *out;  /* NULL: GELU in place instead (gelu_avx2.h's gelu8 on each vector of 8 channels) */
     const float *weight, *bias;
     float eps;
 };
@@ -129,7 +131,12 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
                 if (check) { TILES(1) } else { TILES(0) }
             }
         }
-        if (ln) layer_norm_pixels(out + (long)x0 * C, ln->out + (long)x0 * C, nt, C, ln);
+        if (ln && ln->out) {
+            layer_norm_pixels(out + (long)x0 * C, ln->out + (long)x0 * C, nt, C, ln);
+        } else if (ln) {
+            float *t = out + (long)x0 * C;
+            for (long i = 0; i < (long)nt * C; i += 8) _mm256_storeu_ps(t + i, gelu8(_mm256_loadu_ps(t + i)));
+        }
     }
 }
 
@@ -206,6 +213,27 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
  * bias, eps), for kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+/* y = GELU(the same conv as overlock_depthwise_avx2), the very bits of that conv followed by overlock_gelu_avx2;
+ * kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_gelu_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
+                                 int C, int kh, int kw) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
+    const int ph = kh / 2, pw = kw / 2;
+    const int block = C % 16 ? 8 : 16;
+    const long rstride = (long)W * C;
+    const struct norm act = {NULL, NULL, NULL, 0.0f};
+    #pragma omp parallel for schedule(static)
+    for (long item = 0; item < (long)N * H; item++) {
+        const int yy = item % H;
+        const long n = item / H;
+        const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
+        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
+                       ky0, ky1, block, &act);
+    }
+    return 0;
+}
+
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias, float *y, float *z,
                                const float *ln_weight, const float *ln_bias, float eps, int N, int H, int W, int C,
