@@ -12,8 +12,9 @@
 - every Focus-Net ``DynamicConvBlock`` by :class:`overlock.fused_focus.FusedDynamicConvBlock`: one flat forward,
   query scale and LayerScales folded.
 
-Both blocks run their 3x3 conv + LayerNorm pairs, and the Focus-Net block its 3x3 conv + GELU, as one native
-call where the kernels run (:meth:`DepthwiseConv.forward_norm`, :meth:`DepthwiseConv.forward_gelu`).
+Both blocks run their 3x3 conv + LayerNorm pairs and their GRN-MLPs' 3x3 conv + GRN statistics, and the
+Focus-Net block its 3x3 conv + GELU, as one native call where the kernels run (:meth:`DepthwiseConv.forward_norm`,
+:meth:`DepthwiseConv.forward_grn`, :meth:`DepthwiseConv.forward_gelu`).
 
 Folding is done once, here. A fused model computes the eval-mode function of the original (BatchNorm with its
 running statistics, no drop path) in any mode; it keeps ``nn.Parameter`` weights, so gradients still flow
@@ -131,6 +132,19 @@ class DepthwiseConv(nn.Conv2d):
                 return y
         y = self(x)
         return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
+
+    def forward_grn(self, x: torch.Tensor, gamma: torch.Tensor):
+        """``(y, grn_scale(gamma, y))`` with ``y = self(x)``; for a 3x3 conv that the kernel runs directly, one
+        native call summing GRN's squares while each output row is in cache (same ``y`` bits; the scale within
+        float rounding of :func:`grn_scale`'s). Hooks: the plain calls."""
+        if (self.kernel_size[0] * self.kernel_size[1] <= 9 and self._direct(x) and gamma.dtype == torch.float32
+                and gamma.numel() == x.shape[1] and gamma.is_contiguous() and gamma.device.type == "cpu"
+                and not (torch.is_grad_enabled() and gamma.requires_grad) and not _hooked(self)):
+            got = native.depthwise_conv2d_taps_grn(x, self._taps(), self.bias, *self.kernel_size, gamma)
+            if got is not None:
+                return got
+        y = self(x)
+        return y, grn_scale(gamma, y)
 
     def _direct(self, x: torch.Tensor) -> bool:
         # what can change from call to call: grad mode, tracing, autocast, the kernels switched off
@@ -446,8 +460,9 @@ class FusedGrnMlp(nn.Module):
         self.fc2_bias = _param(b2, fc2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate))
-        return pointwise_scaled(self.fc2_weight, self.fc2_bias, x, scale=grn_scale(self.grn_gamma, x))
+        h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate)
+        h, scale = _conv_then_grn(self.dwconv, self.grn_gamma, h)
+        return pointwise_scaled(self.fc2_weight, self.fc2_bias, h, scale=scale)
 
 
 def _conv_then_gelu(conv: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -456,6 +471,14 @@ def _conv_then_gelu(conv: nn.Module, x: torch.Tensor, approximate: str) -> torch
         return conv.forward_gelu(x, approximate)
     y = conv(x)
     return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
+
+
+def _conv_then_grn(conv: nn.Module, gamma: torch.Tensor, x: torch.Tensor):
+    """``(conv(x), grn_scale(gamma, conv(x)))``, in one native call where :meth:`DepthwiseConv.forward_grn` can."""
+    if isinstance(conv, DepthwiseConv):
+        return conv.forward_grn(x, gamma)
+    y = conv(x)
+    return y, grn_scale(gamma, y)
 
 
 def _conv_then_norm(conv: nn.Module, norm: nn.Module, x: torch.Tensor):
@@ -497,9 +520,9 @@ class FusedRepConvBlock(nn.Module):
         x, y = _conv_then_norm(self.dwconv, self.norm, x)
         y = self.large_kernel(y)
         gate = self.se.scale(y)
-        y = self.mlp.dwconv(pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate,
-                                             gelu=self.mlp.approximate))
-        y = pointwise_scaled(self.mlp.fc2_weight, self.mlp.fc2_bias, y, scale=grn_scale(self.mlp.grn_gamma, y))
+        y = pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate, gelu=self.mlp.approximate)
+        y, scale = _conv_then_grn(self.mlp.dwconv, self.mlp.grn_gamma, y)
+        y = pointwise_scaled(self.mlp.fc2_weight, self.mlp.fc2_bias, y, scale=scale)
         if self.ls_weight is not None:
             return torch.addcmul(y, x, self.ls_weight)
         return y.add_(x) if _inplace_ok(y) else y + x

@@ -340,6 +340,29 @@ def test_fused_conv_then_gelu_in_one_call(forced, monkeypatch):
         handle.remove()
 
 
+def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch):
+    """A fused GRN-MLP's 3x3 conv + GRN's per-sample scale: one kernel call, the conv's very bits, the scale to float
+    rounding of float64, the same for an image alone or in a batch; the two calls where a hook is in the way."""
+    from overlock.fused import DepthwiseConv, grn_scale
+    calls = []
+    real = native.depthwise_conv2d_taps_grn
+    monkeypatch.setattr(native, "depthwise_conv2d_taps_grn", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    conv, gamma = DepthwiseConv(24, 24, 3, padding=1, groups=24).eval(), torch.rand(24)
+    x = cl(torch.randn(3, 24, 10, 13))
+    with torch.no_grad():
+        y, scale = conv.forward_grn(x, gamma)
+        assert calls and torch.equal(y, conv(x)) and scale.shape == (3, 24, 1, 1)
+        gx = y.double().square().sum((2, 3), keepdim=True).sqrt()
+        assert rel_err(scale, 1 + gamma.double().view(1, -1, 1, 1) * gx / (gx.mean(1, keepdim=True) + 1e-6)) < 1e-6
+        assert torch.equal(conv.forward_grn(x[1:2], gamma)[1], scale[1:2])
+        calls.clear()
+        handle = conv.register_forward_hook(lambda *a: None)
+        y2, scale2 = conv.forward_grn(x, gamma)
+        assert not calls and torch.equal(y2, y) and torch.equal(scale2, grn_scale(gamma, y))
+        handle.remove()
+
+
 def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     """The route a fused depthwise conv keeps for one kind of input is not reused for another: one module fed a
     channels_last map (the kernel), the same map NCHW, a map over the 3x3 pixel limit (oneDNN), with the kernels

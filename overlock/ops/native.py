@@ -26,8 +26,9 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
-           "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_norm", "depthwise_weight_grad_same", "na2d_softmax_av",
-           "na2d_softmax_av_backward", "grn_scale", "gelu", "gelu_backward", "status", "describe", "disabled"]
+           "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
+           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "gelu",
+           "gelu_backward", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
@@ -115,6 +116,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
     lib.overlock_depthwise_gelu_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_gelu_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
+    lib.overlock_depthwise_grn_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_grn_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 6
     lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
@@ -268,6 +271,25 @@ def depthwise_conv2d_taps_gelu(x: torch.Tensor, taps: torch.Tensor, bias: Option
                                                       W, C, kh, kw) != 0:
         return None
     return y
+
+
+def depthwise_conv2d_taps_grn(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
+                              gamma: torch.Tensor):
+    """``(y, grn_scale(y, gamma))`` with ``y`` :func:`depthwise_conv2d_taps` (same bits) and GRN's per-sample
+    channel scale ``(B, C, 1, 1)`` summed while each output row is in cache (the fused GRN-MLPs' conv, then GRN).
+    Kernels of at most 3x3, float32 contiguous ``gamma`` of ``C``; ``None`` where it does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or kh * kw > 9:
+        return None
+    N, C, H, W = x.shape
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    scale = x.new_empty(N, C, 1, 1)
+    rows = x.new_empty(N * H * C)
+    if N * H * W and lib.overlock_depthwise_grn_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(),
+                                                     gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(), N, H, W,
+                                                     C, kh, kw) != 0:
+        return None
+    return y, scale
 
 
 def depthwise_conv2d_taps_norm(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,

@@ -83,6 +83,7 @@ struct norm {
     float *out;  /* NULL: GELU in place instead (gelu_avx2.h's gelu8 on each vector of 8 channels) */
     const float *weight, *bias;
     float eps;
+    float *squares;  /* non-NULL: neither; add each channel's sum of squares over the tile here instead */
 };
 
 /* LayerNorm of n pixels of C channels (C a multiple of 8) from src (still in L1) into dst: mean, then the mean
@@ -131,7 +132,17 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
                 if (check) { TILES(1) } else { TILES(0) }
             }
         }
-        if (ln && ln->out) {
+        if (ln && ln->squares) {
+            const float *t = out + (long)x0 * C;
+            for (int c = 0; c < C; c += 8) {
+                __m256 a = _mm256_loadu_ps(ln->squares + c);
+                for (int i = 0; i < nt; i++) {
+                    const __m256 v = _mm256_loadu_ps(t + (long)i * C + c);
+                    a = _mm256_fmadd_ps(v, v, a);
+                }
+                _mm256_storeu_ps(ln->squares + c, a);
+            }
+        } else if (ln && ln->out) {
             layer_norm_pixels(out + (long)x0 * C, ln->out + (long)x0 * C, nt, C, ln);
         } else if (ln) {
             float *t = out + (long)x0 * C;
@@ -222,7 +233,7 @@ int overlock_depthwise_gelu_avx2(const float *x, const float *w, const float *bi
     const int ph = kh / 2, pw = kw / 2;
     const int block = C % 16 ? 8 : 16;
     const long rstride = (long)W * C;
-    const struct norm act = {NULL, NULL, NULL, 0.0f};
+    const struct norm act = {NULL, NULL, NULL, 0.0f, NULL};
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)N * H; item++) {
         const int yy = item % H;
@@ -247,9 +258,48 @@ int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias
         const int yy = item % H;
         const long n = item / H;
         const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
-        const struct norm ln = {z + (n * H + yy) * rstride, ln_weight, ln_bias, eps};
+        const struct norm ln = {z + (n * H + yy) * rstride, ln_weight, ln_bias, eps, NULL};
         row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
                        ky0, ky1, block, &ln);
+    }
+    return 0;
+}
+
+/* y = the same conv as overlock_depthwise_avx2 (same bits), and GRN's per-sample channel scale of y,
+ * scale[n, c] = 1 + gamma[c] * gx[n, c] / (mean_c gx[n, :] + 1e-6), gx the spatial L2 norm (grn_avx2.c's formula):
+ * the squares are summed per output row while the row is in cache (in float, rows then added in double, so the
+ * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. Kernels of at most
+ * ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
+                                float *scale, float *rows, int N, int H, int W, int C, int kh, int kw) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
+    const int ph = kh / 2, pw = kw / 2;
+    const int block = C % 16 ? 8 : 16;
+    const long rstride = (long)W * C;
+    #pragma omp parallel for schedule(static)
+    for (long item = 0; item < (long)N * H; item++) {
+        const int yy = item % H;
+        const long n = item / H;
+        const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
+        float *sq = rows + item * C;
+        memset(sq, 0, sizeof(float) * C);
+        const struct norm acc = {NULL, NULL, NULL, 0.0f, sq};
+        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
+                       ky0, ky1, block, &acc);
+    }
+    #pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++) {
+        float *s = scale + n * C;
+        double total = 0;
+        for (int c = 0; c < C; c++) {
+            double sum = 0;
+            for (int r = 0; r < H; r++) sum += rows[(n * H + r) * C + c];
+            s[c] = (float)sqrt(sum);
+            total += s[c];
+        }
+        const float denom = (float)(total / C) + 1e-6f;
+        for (int c = 0; c < C; c++) s[c] = 1.0f + gamma[c] * (s[c] / denom);
     }
     return 0;
 }
