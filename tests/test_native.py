@@ -150,7 +150,7 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    sources = "depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c"
+    sources = "depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c"
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built
@@ -361,6 +361,33 @@ def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch):
         y2, scale2 = conv.forward_grn(x, gamma)
         assert not calls and torch.equal(y2, y) and torch.equal(scale2, grn_scale(gamma, y))
         handle.remove()
+
+
+@pytest.mark.parametrize("C,size", [(64, (9, 11)), (24, (5, 4))])
+def test_se_gate_in_one_call(monkeypatch, C, size):
+    """The fused SE's gate, sigmoid(fc2(GELU(fc1(mean)))), by one kernel call: float64's values to float rounding;
+    PyTorch's ops where it declines (autograd, not channels_last); the fused module calls it."""
+    from overlock.fused import FusedSE
+    from overlock.layers import SEModule
+    torch.manual_seed(0)
+    se = FusedSE(SEModule(C).eval())
+    with torch.no_grad():
+        for p in se.parameters():
+            p.normal_()
+    x = cl(torch.randn(2, C, *size) * 2)
+    args = (se.fc1_weight, se.fc1_bias, se.fc2_weight, se.fc2_bias)
+    real = native.se_gate
+    with torch.no_grad():
+        gate = native.se_gate(x, *args)
+        d = [t.double() for t in args]
+        want = torch.sigmoid(F.linear(F.gelu(F.linear(x.double().mean((2, 3)), d[0], d[1])), d[2], d[3]))
+        assert gate.shape == (2, C, 1, 1) and rel_err(gate.flatten(1), want) < 1e-6
+        assert native.se_gate(x.contiguous(), *args) is None and native.se_gate(x[:, :4], *args) is None
+        calls = []
+        monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
+        monkeypatch.setattr(native, "se_gate", lambda *a: calls.append(1) or gate)
+        assert se.scale(x) is gate and calls
+    assert real(x, *args) is None  # autograd on: the parameters require gradients
 
 
 def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):

@@ -27,12 +27,12 @@ import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
-           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "gelu",
+           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "se_gate", "gelu",
            "gelu_backward", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
-                                                                       "grn_avx2.c", "gelu_avx2.c")]
+                                                                       "grn_avx2.c", "gelu_avx2.c", "se_avx2.c")]
 # included by the sources (part of the cache key)
 HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
@@ -124,6 +124,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
     lib.overlock_depthwise_taps.restype = None
     lib.overlock_depthwise_taps.argtypes = [_ADDRESS] * 2 + [ctypes.c_int] * 3
+    lib.overlock_se_gate_avx2.restype = ctypes.c_int
+    lib.overlock_se_gate_avx2.argtypes = ([_ADDRESS, ctypes.c_int, ctypes.c_long, ctypes.c_int] + [_ADDRESS] * 2
+                                          + [ctypes.c_int] + [_ADDRESS] * 3)
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
@@ -403,6 +406,30 @@ def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
     if B and lib.overlock_grn_scale_avx2(_ptr(x), _ptr(g), _ptr(out), B, H * W, C) != 0:
         return None
     return out
+
+
+def se_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+            ) -> Optional[torch.Tensor]:
+    """The squeeze-and-excitation gate ``sigmoid(w2 @ GELU(w1 @ mean_hw(x) + b1) + b2)`` as ``(B, C, 1, 1)``, one
+    call over a float32 channels_last CPU map (exact GELU, no autograd); ``w1`` ``(R, C)``, ``w2`` ``(C, R)``.
+    ``None`` where the kernel does not apply (then compute it in PyTorch)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _real(x, w1, b1, w2, b2) or x.dim() != 4:
+        return None
+    B, C, H, W = x.shape
+    params = (w1, b1, w2, b2)
+    if (C % 8 or C > 4096 or H * W == 0 or w1.dim() != 2 or w1.shape[1] != C or w1.shape[0] > 4096
+            or w2.shape != (C, w1.shape[0]) or b1.shape != (w1.shape[0],) or b2.shape != (C,)
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in params)
+            or x.dtype != torch.float32 or x.device.type != "cpu"
+            or not x.is_contiguous(memory_format=torch.channels_last)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))):
+        return None
+    gate = x.new_empty(B, C, 1, 1)
+    if B and lib.overlock_se_gate_avx2(x.data_ptr(), B, H * W, C, w1.data_ptr(), b1.data_ptr(), w1.shape[0],
+                                       w2.data_ptr(), b2.data_ptr(), gate.data_ptr()) != 0:
+        return None
+    return gate
 
 
 def _dense_alike(*tensors: torch.Tensor) -> bool:
