@@ -189,7 +189,7 @@ def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
     assert calls
 
 
-@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (13, 20)])
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (3, 120), (13, 20)])
 def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
     """The kernel choice depends on the map, not the batch (3x3 runs natively on small maps only)."""
     torch.manual_seed(0)
@@ -197,7 +197,7 @@ def test_an_image_gets_the_same_bits_alone_or_in_a_batch(forced, kernel, size):
     w, b = torch.randn(16, 1, kernel, kernel), torch.randn(16)
     with torch.no_grad():
         assert torch.equal(depthwise_conv(x, w, b)[1:2], depthwise_conv(x[1:2], w, b))
-    assert all(forced) and bool(forced) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)
+    assert all(forced) and bool(forced) == (kernel > 3 or depthwise._small_map(x))
 
 
 def test_weights_updated_by_a_fused_optimizer_are_seen():
@@ -241,7 +241,7 @@ def test_grn_scale_declines_what_it_does_not_cover():
         assert native.grn_scale(x, gamma) is not None
 
 
-@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (13, 7), (17, 5), (7, 1)])
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (3, 120), (13, 7), (17, 5), (7, 1)])
 def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, kernel, size):
     """A fused model's depthwise conv without autograd: the kernel with the kept tap layout, the very bits of the
     generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN."""
@@ -256,7 +256,7 @@ def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, ker
         got = conv(x)
         want = depthwise_conv(x, conv.weight, conv.bias)
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
-    assert bool(direct) == (kernel > 3 or size * size <= depthwise.NATIVE_SMALL_KERNEL_PIXELS)
+    assert bool(direct) == (kernel > 3 or depthwise._small_map(x))
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2, groups=16)
     assert rel_err(got, ref) < 1e-6
 
@@ -400,7 +400,7 @@ def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     monkeypatch.setattr(native, "depthwise_conv2d_taps", lambda *a: direct.append(1) or real(*a))
     torch.manual_seed(0)
     conv = DepthwiseConv(16, 16, 3, padding=1, groups=16).eval()
-    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 60, 60)
+    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 120, 120)
     cases = [(cl(small), True), (small, False), (cl(large), False), (cl(small), True)]
     for x, kernel in cases * 2:
         direct.clear()

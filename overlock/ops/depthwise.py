@@ -325,16 +325,18 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 
 
 # Where the hand-written kernels replace oneDNN's: native.NATIVE_ISAS (AVX2).
-# Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to this many pixels (height x width; not the
-# batch, so that an image gets the same kernels, and bits, alone or in a batch): 3x3 on 1x384x14x14 1.6x
-# faster, on 16x384x14x14 0.94-1.19x; on 56x56 maps (overlock_t's first stage at 224) 1x256 211 against 270 us,
-# 1x64 52 against 111, 2x256 (the fused blocks' batch chunks) 0.44 against 0.58 ms, 8x64 0.37-0.53 against 0.46,
-# but 8x256 (25 MB, bound by memory) 4.1-5.2 against 3.6-4.1 ms. Raised from 32x32 to 56x56: batch-1 forward 1.8 ms
-# less, batch-16 9 ms less, a b8 training step unchanged (paired medians, 2-core AVX2 EPYC). Larger maps (dense
-# prediction inputs) keep oneDNN's, unmeasured. Their weight gradient runs there too (3x3 convs of an overlock_t
-# training step, b8: 42 against 59 ms in PyTorch's). Dilated kernels run there at any size, weight gradient
-# included (PyTorch's dilated weight gradient is 4-12x slower; benchmarks/README.md).
-NATIVE_SMALL_KERNEL_PIXELS = 56 * 56
+# Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to NATIVE_SMALL_KERNEL_PIXELS pixels (height x
+# width), or of up to NATIVE_SMALL_KERNEL_VALUES values (channels x height x width): per image, not per batch, so that
+# an image gets the same kernels, and bits, alone or in a batch. 3x3 on 1x384x14x14 1.6x faster, on 16x384x14x14
+# 0.94-1.19x; on 56x56 maps (overlock_t's first stage at 224) 1x64 52 against 111 us, 8x64 0.37-0.53 against
+# 0.46 ms, 1x256 211 against 270 us but 8x256 (25 MB, bound by memory) 4.1-5.2 against 3.6-4.1 ms, and with the
+# 256-channel ones native the b8 training step's memory high-water mark rose by 100-200 MB: so 64x56x56 runs here,
+# 256x56x56 stays with oneDNN (2-core AVX2 EPYC). Larger maps (dense prediction inputs) keep oneDNN's, unmeasured.
+# Their weight gradient runs there too (3x3 convs of an overlock_t training step, b8: 42 against 59 ms in PyTorch's).
+# Dilated kernels run there at any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x
+# slower; benchmarks/README.md).
+NATIVE_SMALL_KERNEL_PIXELS = 32 * 32
+NATIVE_SMALL_KERNEL_VALUES = 64 * 56 * 56
 
 
 def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -346,7 +348,13 @@ def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -
     taps = weight.shape[-2] * weight.shape[-1]
     # _native_isa first: it rules out tracing, where the pixel count would be a guard on a symbolic batch size
     return (_native_isa(x) and tuple(padding) == _same_padding(weight, dilation)
-            and (taps >= MIN_TAPS ** 2 or dilation > 1 or x.shape[2] * x.shape[3] <= NATIVE_SMALL_KERNEL_PIXELS))
+            and (taps >= MIN_TAPS ** 2 or dilation > 1 or _small_map(x)))
+
+
+def _small_map(x: torch.Tensor) -> bool:
+    """Small kernels run natively on this map (:data:`NATIVE_SMALL_KERNEL_PIXELS`, per image)."""
+    pixels = x.shape[2] * x.shape[3]
+    return pixels <= NATIVE_SMALL_KERNEL_PIXELS or pixels * x.shape[1] <= NATIVE_SMALL_KERNEL_VALUES
 
 
 def runs_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int = 1
