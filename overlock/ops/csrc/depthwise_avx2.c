@@ -224,70 +224,60 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
  * bias, eps), for kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
-/* y = GELU(the same conv as overlock_depthwise_avx2), the very bits of that conv followed by overlock_gelu_avx2;
- * kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+/* The small-kernel conv of overlock_depthwise_avx2 (same bits) with an epilogue on each tile (struct norm): `each`
+ * holds the epilogue's base pointers, advanced here to the row of every work item (out: a row of the map; squares:
+ * C floats per row, zeroed first). Kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1; -1 for other shapes. */
 __attribute__((target("avx2,fma")))
-int overlock_depthwise_gelu_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
-                                 int C, int kh, int kw) {
+static int conv_rows_then(const float *x, const float *w, const float *bias, float *y, int N, int H, int W, int C,
+                          int kh, int kw, const struct norm *each) {
     if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
     const int ph = kh / 2, pw = kw / 2;
     const int block = C % 16 ? 8 : 16;
     const long rstride = (long)W * C;
-    const struct norm act = {NULL, NULL, NULL, 0.0f, NULL};
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)N * H; item++) {
         const int yy = item % H;
         const long n = item / H;
         const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
-        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
-                       ky0, ky1, block, &act);
+        struct norm ep = *each;
+        if (ep.out) ep.out += item * rstride;
+        if (ep.squares) {
+            ep.squares += item * C;
+            memset(ep.squares, 0, sizeof(float) * C);
+        }
+        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + item * rstride, C, W, kw, pw, 1, ky0, ky1,
+                       block, &ep);
     }
     return 0;
 }
 
+/* y = GELU(the same conv as overlock_depthwise_avx2), the very bits of that conv followed by overlock_gelu_avx2. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_gelu_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
+                                 int C, int kh, int kw) {
+    const struct norm act = {NULL, NULL, NULL, 0.0f, NULL};
+    return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &act);
+}
+
+/* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
+ * bias, eps). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias, float *y, float *z,
                                const float *ln_weight, const float *ln_bias, float eps, int N, int H, int W, int C,
                                int kh, int kw) {
-    if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
-    const int ph = kh / 2, pw = kw / 2;
-    const int block = C % 16 ? 8 : 16;
-    const long rstride = (long)W * C;
-    #pragma omp parallel for schedule(static)
-    for (long item = 0; item < (long)N * H; item++) {
-        const int yy = item % H;
-        const long n = item / H;
-        const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
-        const struct norm ln = {z + (n * H + yy) * rstride, ln_weight, ln_bias, eps, NULL};
-        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
-                       ky0, ky1, block, &ln);
-    }
-    return 0;
+    const struct norm ln = {z, ln_weight, ln_bias, eps, NULL};
+    return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &ln);
 }
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and GRN's per-sample channel scale of y,
  * scale[n, c] = 1 + gamma[c] * gx[n, c] / (mean_c gx[n, :] + 1e-6), gx the spatial L2 norm (grn_avx2.c's formula):
  * the squares are summed per output row while the row is in cache (in float, rows then added in double, so the
- * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. Kernels of at most
- * ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
+ * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
                                 float *scale, float *rows, int N, int H, int W, int C, int kh, int kw) {
-    if (C % 8 || !(kh & 1) || !(kw & 1) || kh * kw > ROW_ALL_BLOCKS_TAPS) return -1;
-    const int ph = kh / 2, pw = kw / 2;
-    const int block = C % 16 ? 8 : 16;
-    const long rstride = (long)W * C;
-    #pragma omp parallel for schedule(static)
-    for (long item = 0; item < (long)N * H; item++) {
-        const int yy = item % H;
-        const long n = item / H;
-        const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
-        float *sq = rows + item * C;
-        memset(sq, 0, sizeof(float) * C);
-        const struct norm acc = {NULL, NULL, NULL, 0.0f, sq};
-        row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, 1,
-                       ky0, ky1, block, &acc);
-    }
+    const struct norm acc = {NULL, NULL, NULL, 0.0f, rows};
+    if (conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &acc) != 0) return -1;
     #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
         float *s = scale + n * C;

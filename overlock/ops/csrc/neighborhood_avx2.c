@@ -60,6 +60,21 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
+/* w[0 .. 8 nv) = exp(w - max), the max being that of the lanes of mx; returns the sum of the exponentials. */
+INLINE float exp_shifted(float *w, int nv, __m256 mx) {
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 sum = _mm256_setzero_ps();
+    for (int a = 0; a < nv; a++) {
+        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + a * 8), m));
+        _mm256_storeu_ps(w + a * 8, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum(sum);
+}
+
 /* One pixel's window: w[0 .. kk) = exp(logit - max logit), padding lanes up to a multiple of 8 = 0; returns their
  * sum (the softmax weights are w / sum). */
 INLINE float window_exp(const float *qp, const float *keys, const float *bp, int c, int kk, float *w) {
@@ -105,18 +120,7 @@ INLINE float window_exp(const float *qp, const float *keys, const float *bp, int
         _mm256_storeu_ps(w + a0, acc);
         mx = _mm256_max_ps(mx, acc);
     }
-    /* horizontal max */
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
-    __m256 sum = _mm256_setzero_ps();
-    for (int a = 0; a < nv; a++) {
-        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + a * 8), m));
-        _mm256_storeu_ps(w + a * 8, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    return hsum(sum);
+    return exp_shifted(w, nv, mx);
 }
 
 /* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
@@ -198,17 +202,7 @@ INLINE float softmax_exp(float *w, int kk) {
     const int nv = (kk + 7) / 8;
     __m256 mx = _mm256_loadu_ps(w);
     for (int a = 1; a < nv; a++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(w + a * 8));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const __m256 m = _mm256_set1_ps(_mm_cvtss_f32(m4));
-    __m256 sum = _mm256_setzero_ps();
-    for (int a = 0; a < nv; a++) {
-        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(w + a * 8), m));
-        _mm256_storeu_ps(w + a * 8, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    return hsum(sum);
+    return exp_shifted(w, nv, mx);
 }
 
 /* The weighted window sums of two horizontally adjacent pixels whose windows start SHIFT (0 or 1) columns apart:
