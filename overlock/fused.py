@@ -32,6 +32,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import GRN, DilatedReparamBlock, LayerNorm2d, LayerScale, PointwiseConv, depthwise_conv, tensor_key
@@ -192,8 +193,8 @@ def _norm_direct(norm: nn.Module, x: torch.Tensor) -> bool:
 
 def _hooked(*modules: nn.Module) -> bool:
     """Any forward hook (the module's own or a global one) that calling the modules one by one would run."""
-    from torch.nn.modules import module as _m
-    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks
+    return bool(getattr(_nn_module, "_global_forward_hooks", None)
+                or getattr(_nn_module, "_global_forward_pre_hooks", None)
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
