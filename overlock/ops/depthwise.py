@@ -352,7 +352,8 @@ def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -
 
 
 def _small_map(x: torch.Tensor) -> bool:
-    """Small kernels run natively on this map (:data:`NATIVE_SMALL_KERNEL_PIXELS`, per image)."""
+    """Small kernels run natively on this map (per image: :data:`NATIVE_SMALL_KERNEL_PIXELS` or
+    :data:`NATIVE_SMALL_KERNEL_VALUES`)."""
     pixels = x.shape[2] * x.shape[3]
     return pixels <= NATIVE_SMALL_KERNEL_PIXELS or pixels * x.shape[1] <= NATIVE_SMALL_KERNEL_VALUES
 

@@ -282,9 +282,9 @@ def depthwise_conv2d_taps_grn(x: torch.Tensor, taps: torch.Tensor, bias: Optiona
     channel scale ``(B, C, 1, 1)`` summed while each output row is in cache (the fused GRN-MLPs' conv, then GRN).
     Kernels of at most 3x3, float32 contiguous ``gamma`` of ``C``; ``None`` where it does not apply."""
     lib = _library() if _disabled == 0 else None
-    if lib is None or kh * kw > 9:
-        return None
     N, C, H, W = x.shape
+    if lib is None or kh * kw > 9 or H * W == 0:  # an empty map: GRN's own route defines its scale
+        return None
     y = torch.empty_like(x, memory_format=torch.channels_last)
     scale = x.new_empty(N, C, 1, 1)
     rows = x.new_empty(N * H * C)
