@@ -241,10 +241,11 @@ def test_grn_scale_declines_what_it_does_not_cover():
         assert native.grn_scale(x, gamma) is not None
 
 
-@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (3, 120), (13, 7), (17, 5), (7, 1)])
+@pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (3, 120), (3, 240), (13, 7), (17, 5), (7, 1)])
 def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, kernel, size):
     """A fused model's depthwise conv without autograd: the kernel with the kept tap layout, the very bits of the
-    generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN."""
+    generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN. The
+    fused model's 3x3 limit is larger than the generic route's (16x120x120 runs natively only there)."""
     from overlock.fused import DepthwiseConv
     direct = []
     real = native.depthwise_conv2d_taps
@@ -255,8 +256,11 @@ def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, ker
     with torch.no_grad():
         got = conv(x)
         want = depthwise_conv(x, conv.weight, conv.bias)
+    fused_native = kernel > 3 or depthwise._small_map(x, depthwise.NATIVE_FUSED_KERNEL_VALUES)
+    assert bool(direct) == fused_native and (size == 120) == (fused_native and not depthwise._small_map(x))
+    if size == 120:  # the generic route runs oneDNN here: the fused conv has the kernel's bits
+        want = native.depthwise_conv2d_same(x, conv.weight, conv.bias)
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
-    assert bool(direct) == (kernel > 3 or depthwise._small_map(x))
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2, groups=16)
     assert rel_err(got, ref) < 1e-6
 
@@ -392,7 +396,7 @@ def test_se_gate_in_one_call(monkeypatch, C, size):
 
 def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     """The route a fused depthwise conv keeps for one kind of input is not reused for another: one module fed a
-    channels_last map (the kernel), the same map NCHW, a map over the 3x3 pixel limit (oneDNN), with the kernels
+    channels_last map (the kernel), the same map NCHW, a map over the fused 3x3 limit (oneDNN), with the kernels
     switched off and with autograd on; each result is the conv, and the kernel runs exactly where it applies."""
     from overlock.fused import DepthwiseConv
     direct = []
@@ -400,7 +404,7 @@ def test_fused_depthwise_conv_decides_per_call(forced, monkeypatch):
     monkeypatch.setattr(native, "depthwise_conv2d_taps", lambda *a: direct.append(1) or real(*a))
     torch.manual_seed(0)
     conv = DepthwiseConv(16, 16, 3, padding=1, groups=16).eval()
-    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 120, 120)
+    small, large = torch.randn(2, 16, 9, 9), torch.randn(1, 16, 240, 240)
     cases = [(cl(small), True), (small, False), (cl(large), False), (cl(small), True)]
     for x, kernel in cases * 2:
         direct.clear()
