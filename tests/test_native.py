@@ -483,3 +483,49 @@ def test_kernel_layouts_in_and_out(channels, kernel):
     wp = torch.nn.Parameter(w.clone())
     depthwise.depthwise_conv2d(x, wp, None, (kernel // 2, kernel // 2)).backward(g)
     torch.testing.assert_close(wp.grad, want, rtol=1e-4, atol=1e-4)
+
+
+def test_grn_backward_kernels_match_float64():
+    """GRN's training backward in two passes: the per-channel sums, then the input gradient and the rebuilt output
+    written over the two maps (odd pixel count, 24 channels: a partial 32-channel block)."""
+    torch.manual_seed(0)
+    g, x = cl(torch.randn(3, 24, 9, 7)), cl(torch.randn(3, 24, 9, 7))
+    s, t, beta = torch.randn(3, 24), torch.randn(3, 24), torch.randn(1, 24, 1, 1)
+    ds, gs = native.grn_backward_sums(g, x)
+    assert rel_err(ds, (g.double() * x.double()).sum((2, 3))) < 1e-6
+    assert rel_err(gs, g.double().sum((2, 3))) < 1e-6
+    want_g = g.double() * s.double()[..., None, None] + x.double() * t.double()[..., None, None]
+    want_x = x.double() * s.double()[..., None, None] + beta.double()
+    g2, x2 = g.clone(), x.clone()
+    assert native.grn_backward_apply(g2, x2, s, t, beta)
+    assert rel_err(g2, want_g) < 1e-6 and rel_err(x2, want_x) < 1e-6
+    g3, x3 = g.clone(), x.clone()
+    assert native.grn_backward_apply(g3, x3, s, t) and torch.equal(g3, g2) and torch.equal(x3, x)  # no beta: x kept
+    assert native.grn_backward_sums(g.contiguous(), x.contiguous()) is None                      # NCHW
+    assert native.grn_backward_sums(cl(torch.randn(1, 12, 3, 3)), cl(torch.randn(1, 12, 3, 3))) is None  # 12 channels
+    assert not native.grn_backward_apply(g.double(), x.double(), s, t)
+
+
+def test_grn_mlp_training_backward_runs_the_grn_kernels(monkeypatch):
+    """The GRN-MLP tail's backward (ops/grn_mlp.py) through the two GRN kernels: gradients of the plain graph."""
+    from overlock.layers import GrnMlp
+    from overlock.ops import recompute
+    monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
+    calls = []
+    real = native.grn_backward_apply
+    monkeypatch.setattr(native, "grn_backward_apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    mlp = GrnMlp(8, 32, 8).to(memory_format=torch.channels_last).train()
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 0.5)
+    x = cl(torch.randn(2, 8, 10, 9))
+    g = cl(torch.randn(2, 8, 10, 9))
+    grads = {}
+    for plain in (True, False):
+        monkeypatch.setattr(recompute, "enabled", (lambda *a: False) if plain else (lambda *a: True))
+        xi = x.clone().requires_grad_()
+        grads[plain] = torch.autograd.grad(mlp(xi), [xi, *mlp.parameters()], g)
+    assert calls
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 __all__ = ["grn", "spatial_dot", "stats", "backward", "fast_path"]
 
 EPS = 1e-6
@@ -52,23 +54,39 @@ def stats(x: torch.Tensor, gamma: torch.Tensor):
     return (gx, *_scale(gx, gamma))
 
 
-def backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, st, needs, in_place: bool = False):
+def backward(g: torch.Tensor, x: torch.Tensor, gamma: torch.Tensor, st, needs, in_place: bool = False,
+             output_beta: torch.Tensor | None = None):
     """``(grad_x, grad_gamma, grad_beta)`` of GRN from the output gradient ``g`` and :func:`stats` ``st``; each
-    computed only where ``needs`` (three flags) says. ``in_place``: ``grad_x`` is written over ``g``."""
+    computed only where ``needs`` (three flags) says. ``in_place``: ``grad_x`` is written over ``g``.
+
+    ``output_beta`` (with ``in_place``): ``x`` is then overwritten with GRN's output ``x * s + output_beta``, which
+    a following layer's weight gradient needs. On float32 channels_last CPU maps the whole backward is two native
+    passes over ``g`` and ``x`` (``native.grn_backward_sums`` / ``grn_backward_apply``)."""
     gx, m, nx, s = st
     B, C = x.shape[:2]
-    ds = spatial_dot(g, x)  # d loss / d s
+    fused = native.grn_backward_sums(g, x) if in_place and native.used_here() else None
+    if fused is not None:
+        ds, gs = fused
+        grad_beta = gs.sum(0).view_as(gamma) if needs[2] else None
+    else:
+        ds = spatial_dot(g, x)  # d loss / d s
+        grad_beta = g.sum((0, 2, 3)).view_as(gamma) if needs[2] else None
     grad_gamma = (ds * nx).sum(0).view_as(gamma) if needs[1] else None
-    grad_beta = g.sum((0, 2, 3)).view_as(gamma) if needs[2] else None
-    grad_x = None
+    grad_x = t = None
     if needs[0]:
         dnx = ds * gamma.view(1, -1)
         # nx = gx / m, m = mean_c(gx) + eps
         dgx = dnx / m - (dnx * gx).sum(1, keepdim=True) / (m * m * C)
         # gx = ||x||: d gx / d x = x / gx (0 where gx == 0, as vector_norm's backward)
         t = (dgx / gx).masked_fill_(gx == 0, 0)
+    if fused is not None and (needs[0] or output_beta is not None) and native.grn_backward_apply(
+            g, x, s, t if t is not None else torch.zeros_like(s), output_beta):
+        return (g if needs[0] else None), grad_gamma, grad_beta
+    if needs[0]:
         grad_x = g.mul_(s.view(B, C, 1, 1)) if in_place else torch.mul(g, s.view(B, C, 1, 1))
         grad_x.addcmul_(x, t.view(B, C, 1, 1))
+    if output_beta is not None:
+        torch.addcmul(output_beta.view(1, C, 1, 1), x, s.view(B, C, 1, 1), out=x)
     return grad_x, grad_gamma, grad_beta
 
 

@@ -58,7 +58,6 @@ class _GrnMlpTail(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         h, gamma, beta, fc2_weight, *stats = ctx.saved_tensors
-        s = stats[3]
         need = ctx.needs_input_grad
         dw = ctx.dw
         B, C, H, W = h.shape
@@ -74,15 +73,13 @@ class _GrnMlpTail(torch.autograd.Function):
             y = dw(a)
         y_ = y.detach()
 
-        # GRN's backward, its input gradient written over gr
+        # GRN's backward, its input gradient written over gr; fc2's weight gradient needs GRN's output, rebuilt
+        # in y's buffer as GRN's backward finishes with y (in the same pass on CPU)
         grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y_, gamma, stats, (True, need[7], need[8]),
-                                                         in_place=True)
-
-        # fc2's parameter gradients need GRN's output: rebuilt in y's buffer (GRN's backward is done with y)
+                                                         in_place=True, output_beta=beta if need[9] else None)
         grad_w2 = grad_b2 = None
         if need[9]:
-            r = torch.addcmul(beta, y_, s.view(B, C, 1, 1), out=y_)
-            grad_w2 = g2.t().mm(r.permute(0, 2, 3, 1).reshape(-1, C)).view_as(fc2_weight)
+            grad_w2 = g2.t().mm(y_.permute(0, 2, 3, 1).reshape(-1, C)).view_as(fc2_weight)
         if ctx.has_fc2_bias and need[10]:
             grad_b2 = g2.sum(0)
         del y_

@@ -27,8 +27,9 @@ import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
-           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale", "se_gate", "gelu",
-           "gelu_backward", "status", "describe", "disabled"]
+           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale",
+           "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "status", "describe",
+           "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
@@ -129,6 +130,10 @@ def _library() -> Optional[ctypes.CDLL]:
                                           + [ctypes.c_int] + [_ADDRESS] * 3)
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    lib.overlock_grn_backward_sums_avx2.restype = ctypes.c_int
+    lib.overlock_grn_backward_sums_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    lib.overlock_grn_backward_apply_avx2.restype = ctypes.c_int
+    lib.overlock_grn_backward_apply_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
     lib.overlock_na2d_softmax_av_backward_avx2.restype = ctypes.c_int
@@ -406,6 +411,45 @@ def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
     if B and lib.overlock_grn_scale_avx2(_ptr(x), _ptr(g), _ptr(out), B, H * W, C) != 0:
         return None
     return out
+
+
+def _grn_maps_ok(*maps: torch.Tensor) -> bool:
+    """Float32 channels_last CPU maps of one shape with a multiple of 8 channels (the GRN kernels' layout)."""
+    first = maps[0]
+    return (first.dim() == 4 and first.shape[1] % 8 == 0
+            and all(type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
+                    and t.shape == first.shape and t.is_contiguous(memory_format=torch.channels_last) for t in maps))
+
+
+def grn_backward_sums(g: torch.Tensor, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``((g * x).sum((2, 3)), g.sum((2, 3)))``, both ``(B, C)``, in one read of the two maps (GRN's backward);
+    ``None`` where the kernel does not apply (float32 channels_last CPU maps, channels a multiple of 8)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _grn_maps_ok(g, x):
+        return None
+    B, C, H, W = x.shape
+    ds, gs = x.new_empty(B, C), x.new_empty(B, C)
+    if B and lib.overlock_grn_backward_sums_avx2(_ptr(g), _ptr(x), _ptr(ds), _ptr(gs), B, H * W, C) != 0:
+        return None
+    return ds, gs
+
+
+def grn_backward_apply(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor,
+                       beta: Optional[torch.Tensor] = None) -> bool:
+    """In place, in one pass: ``g = g * s + x * t`` and, if ``beta`` is given, ``x = x * s + beta`` (``s``, ``t``
+    per sample and channel, ``beta`` per channel). Returns ``False`` (nothing written) where the kernel does not
+    apply (as :func:`grn_backward_sums`)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _grn_maps_ok(g, x):
+        return False
+    B, C, H, W = x.shape
+    vecs = [s.reshape(B, C), t.reshape(B, C)] + ([] if beta is None else [beta.reshape(C)])
+    if any(v.dtype != torch.float32 or v.device.type != "cpu" for v in vecs):
+        return False
+    vecs = [v.contiguous() for v in vecs]
+    b = None if beta is None else vecs[2]
+    return not B or lib.overlock_grn_backward_apply_avx2(_ptr(g), _ptr(x), _ptr(vecs[0]), _ptr(vecs[1]), _ptr(b),
+                                                         B, H * W, C) == 0
 
 
 def se_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
