@@ -293,7 +293,7 @@ def test_fused_depthwise_conv_follows_its_weight(forced):
     check()
 
 
-@pytest.mark.parametrize("C,size", [(16, 14), (24, 9), (64, 5)])
+@pytest.mark.parametrize("C,size", [(16, 14), (24, 9), (64, 5), (40, 6)])
 def test_fused_conv_then_layer_norm_in_one_call(forced, monkeypatch, C, size):
     """A fused block's 3x3 conv followed by its LayerNorm: one kernel call giving the conv's very bits and the norm
     to float rounding; two plain calls where a hook, autograd or a larger kernel is in the way."""
@@ -344,7 +344,8 @@ def test_fused_conv_then_gelu_in_one_call(forced, monkeypatch):
         handle.remove()
 
 
-def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch):
+@pytest.mark.parametrize("C", [24, 72])
+def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch, C):
     """A fused GRN-MLP's 3x3 conv + GRN's per-sample scale: one kernel call, the conv's very bits, the scale to float
     rounding of float64, the same for an image alone or in a batch; the two calls where a hook is in the way."""
     from overlock.fused import DepthwiseConv, grn_scale
@@ -352,11 +353,11 @@ def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch):
     real = native.depthwise_conv2d_taps_grn
     monkeypatch.setattr(native, "depthwise_conv2d_taps_grn", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    conv, gamma = DepthwiseConv(24, 24, 3, padding=1, groups=24).eval(), torch.rand(24)
-    x = cl(torch.randn(3, 24, 10, 13))
+    conv, gamma = DepthwiseConv(C, C, 3, padding=1, groups=C).eval(), torch.rand(C)
+    x = cl(torch.randn(3, C, 10, 13))
     with torch.no_grad():
         y, scale = conv.forward_grn(x, gamma)
-        assert calls and torch.equal(y, conv(x)) and scale.shape == (3, 24, 1, 1)
+        assert calls and torch.equal(y, conv(x)) and scale.shape == (3, C, 1, 1)
         gx = y.double().square().sum((2, 3), keepdim=True).sqrt()
         assert rel_err(scale, 1 + gamma.double().view(1, -1, 1, 1) * gx / (gx.mean(1, keepdim=True) + 1e-6)) < 1e-6
         assert torch.equal(conv.forward_grn(x[1:2], gamma)[1], scale[1:2])

@@ -87,22 +87,44 @@ struct norm {
 };
 
 /* LayerNorm of n pixels of C channels (C a multiple of 8) from src (still in L1) into dst: mean, then the mean
- * of squared deviations (two passes, as a float32 LayerNorm), then (x - mean) / sqrt(var + eps) * weight + bias. */
+ * of squared deviations (two passes, as a float32 LayerNorm), then (x - mean) / sqrt(var + eps) * weight + bias.
+ * The two sums run four vectors at a time in independent chains (one chain was bound by the adds' latency:
+ * 384 channels, 196 pixels 20 -> 10 us over the conv alone). */
 INLINE void layer_norm_pixels(const float *src, float *dst, int n, int C, const struct norm *ln) {
+    const int C4 = C & ~31;
     for (int i = 0; i < n; i++) {
         const float *p = src + (long)i * C;
         float *q = dst + (long)i * C;
-        __m256 s = _mm256_setzero_ps();
-        for (int c = 0; c < C; c += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(p + c));
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int c = 0;
+        for (; c < C4; c += 32) {
+            s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + c));
+            s1 = _mm256_add_ps(s1, _mm256_loadu_ps(p + c + 8));
+            s2 = _mm256_add_ps(s2, _mm256_loadu_ps(p + c + 16));
+            s3 = _mm256_add_ps(s3, _mm256_loadu_ps(p + c + 24));
+        }
+        for (; c < C; c += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(p + c));
+        __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
         __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         const float mean = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) / (float)C;
         const __m256 m = _mm256_set1_ps(mean);
-        __m256 v = _mm256_setzero_ps();
-        for (int c = 0; c < C; c += 8) {
-            const __m256 dlt = _mm256_sub_ps(_mm256_loadu_ps(p + c), m);
-            v = _mm256_fmadd_ps(dlt, dlt, v);
+        __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0;
+        for (c = 0; c < C4; c += 32) {
+            const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(p + c), m);
+            const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(p + c + 8), m);
+            const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(p + c + 16), m);
+            const __m256 d3 = _mm256_sub_ps(_mm256_loadu_ps(p + c + 24), m);
+            v0 = _mm256_fmadd_ps(d0, d0, v0);
+            v1 = _mm256_fmadd_ps(d1, d1, v1);
+            v2 = _mm256_fmadd_ps(d2, d2, v2);
+            v3 = _mm256_fmadd_ps(d3, d3, v3);
         }
+        for (; c < C; c += 8) {
+            const __m256 dlt = _mm256_sub_ps(_mm256_loadu_ps(p + c), m);
+            v0 = _mm256_fmadd_ps(dlt, dlt, v0);
+        }
+        const __m256 v = _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3));
         h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         const float var = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1))) / (float)C;
@@ -132,9 +154,27 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
                 if (check) { TILES(1) } else { TILES(0) }
             }
         }
-        if (ln && ln->squares) {
+        if (ln && ln->squares) {  /* four channel vectors at a time: independent FMA chains */
             const float *t = out + (long)x0 * C;
-            for (int c = 0; c < C; c += 8) {
+            int c = 0;
+            for (; c + 32 <= C; c += 32) {
+                __m256 a0 = _mm256_loadu_ps(ln->squares + c), a1 = _mm256_loadu_ps(ln->squares + c + 8);
+                __m256 a2 = _mm256_loadu_ps(ln->squares + c + 16), a3 = _mm256_loadu_ps(ln->squares + c + 24);
+                for (int i = 0; i < nt; i++) {
+                    const float *ti = t + (long)i * C + c;
+                    const __m256 v0 = _mm256_loadu_ps(ti), v1 = _mm256_loadu_ps(ti + 8);
+                    const __m256 v2 = _mm256_loadu_ps(ti + 16), v3 = _mm256_loadu_ps(ti + 24);
+                    a0 = _mm256_fmadd_ps(v0, v0, a0);
+                    a1 = _mm256_fmadd_ps(v1, v1, a1);
+                    a2 = _mm256_fmadd_ps(v2, v2, a2);
+                    a3 = _mm256_fmadd_ps(v3, v3, a3);
+                }
+                _mm256_storeu_ps(ln->squares + c, a0);
+                _mm256_storeu_ps(ln->squares + c + 8, a1);
+                _mm256_storeu_ps(ln->squares + c + 16, a2);
+                _mm256_storeu_ps(ln->squares + c + 24, a3);
+            }
+            for (; c < C; c += 8) {
                 __m256 a = _mm256_loadu_ps(ln->squares + c);
                 for (int i = 0; i < nt; i++) {
                     const __m256 v = _mm256_loadu_ps(t + (long)i * C + c);
