@@ -5,7 +5,8 @@ A ``DynamicConvBlock`` runs its projections as small ``Sequential`` s (1x1 conv,
 are half of the block's time and the other ~100 ops and module calls the rest, so here the block is one flat
 forward: the 1x1s are plain ``(Cout, Cin)`` GEMMs on the NHWC view, ContMix's query scale lives in the query
 weights, the residual LayerScales fold into the branch's last 1x1 (weight, or just bias with ``res_scale``,
-leaving one multiply-add with the identity), the two context LayerScales are two multiply-adds, and fresh
+leaving one multiply-add with the identity), the two context LayerScales are two multiply-adds, ``dyconv_proj``'s
+GEMM accumulates into LePE's output (its bias folded into LePE's), the gate's SiLU and product are one pass, and fresh
 outputs are updated in place when no gradient is recorded. Same function as the exact block in eval mode.
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param, grn_scale,
-                    pointwise_scaled)
+from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param, _tracing,
+                    grn_scale, pointwise_scaled)
 from .layers import LayerScale
+from .ops import native
 
 __all__ = ["FusedDynamicConvBlock"]
 
@@ -29,6 +31,26 @@ def _linear_nhwc(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     if x.dim() == 4 and (x.stride(1) == 1 or x.is_contiguous(memory_format=torch.channels_last)):
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
     return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def _linear_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """``acc + 1x1(x)`` (no bias); without autograd the GEMM accumulates straight into ``acc``'s NHWC view (a fresh
+    channels_last map): no separate add pass, no bias copy."""
+    if (_inplace_ok(acc) and not _tracing() and x.dim() == 4 and acc.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and acc.is_contiguous(memory_format=torch.channels_last) and x.dtype == acc.dtype == weight.dtype):
+        acc.permute(0, 2, 3, 1).view(-1, acc.shape[1]).addmm_(x.permute(0, 2, 3, 1).view(-1, x.shape[1]), weight.t())
+        return acc
+    return acc + _linear_nhwc(x, weight, None)
+
+
+def _silu_mul(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``SiLU(gate) * x``: in place on a fresh ``gate``, in one native pass where the kernel runs."""
+    if not _inplace_ok(gate):
+        return F.silu(gate) * x
+    if not _tracing() and gate.device.type == "cpu" and native.used_here() and native.silu_mul_(gate, x):
+        return gate
+    return F.silu(gate, inplace=True).mul_(x)
 
 
 def _pointwise(seq: nn.Module):
@@ -71,7 +93,11 @@ class FusedDynamicConvBlock(ContMixCore):
         w, b = _pointwise(parts["weight_query"])
         self.query_weight, self.query_bias = _param(w * block.scale, w), _param(b * block.scale, w)
         self.weight_key = nn.Sequential(*(m for m in parts["weight_key"] if not isinstance(m, nn.Identity)))
-        self.dyconv_weight, self.dyconv_bias = _pointwise(parts["dyconv_proj"])
+        # dyconv_proj(cm) + lepe(h): dyconv_proj's bias goes into LePE's, and its GEMM accumulates into LePE's output
+        self.dyconv_weight, dyconv_bias = _pointwise(parts["dyconv_proj"])
+        if dyconv_bias is not None:
+            lepe_bias = dyconv_bias if self.lepe.bias is None else self.lepe.bias + dyconv_bias
+            self.lepe.bias = _param(lepe_bias, dyconv_bias)
         self.se = parts["se_layer"]
         w, b = _pointwise(parts["proj"])
         self.ls1_weight = self.ls2_weight = None
@@ -110,13 +136,9 @@ class FusedDynamicConvBlock(ContMixCore):
         h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
         h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
         gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)
-        gate = F.silu(gate, inplace=_inplace_ok(gate))
-        lepe = self.lepe(h)
-        mixed = _linear_nhwc(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.dyconv_bias)
-        mixed = mixed.add_(lepe) if _inplace_ok(mixed) else mixed + lepe
+        mixed = _linear_add(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.lepe(h))
         scale = self.se.scale(mixed)
-        gated = gate.mul_(mixed) if _inplace_ok(gate) else gate * mixed
-        return pointwise_scaled(self.proj_weight, self.proj_bias, gated, scale=scale)
+        return pointwise_scaled(self.proj_weight, self.proj_bias, _silu_mul(gate, mixed), scale=scale)
 
     @staticmethod
     def _residual(identity: torch.Tensor, branch: torch.Tensor, weight) -> torch.Tensor:

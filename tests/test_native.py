@@ -530,3 +530,18 @@ def test_grn_mlp_training_backward_runs_the_grn_kernels(monkeypatch):
     assert calls
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+def test_silu_mul_matches_float64():
+    """The Focus-Net gate's ``SiLU(a) * b`` in one pass: float64's values to float rounding over the whole range
+    (large negative and positive inputs, zeros, a length that is not a multiple of 8); declines other layouts."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 37) * 8
+    a[0, :6] = torch.tensor([-100.0, 100.0, 0.0, -0.0, -20.0, 20.0])
+    b = torch.randn(3, 37)
+    want = F.silu(a.double()) * b.double()
+    got = a.clone()
+    assert native.silu_mul_(got, b)
+    assert ((got - want).abs() <= 1e-6 * want.abs() + 1e-30).all()
+    assert not native.silu_mul_(a.clone(), b.t().contiguous().t())  # another layout
+    assert not native.silu_mul_(a.double(), b.double())

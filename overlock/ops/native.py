@@ -28,7 +28,8 @@ import torch
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
            "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale",
-           "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "status", "describe",
+           "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_", "status",
+           "describe",
            "disabled"]
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_na2d_softmax_av_backward_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7 + [ctypes.c_long] * 9
     lib.overlock_gelu_avx2.restype = ctypes.c_int
     lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
+    lib.overlock_silu_mul_avx2.restype = ctypes.c_int
+    lib.overlock_silu_mul_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
     lib.overlock_gelu_backward_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long]
     _reason = f"on ({target})"
@@ -509,3 +512,12 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional[torch.Tenso
                                                                           x.numel()) != 0:
         return None
     return out
+
+
+def silu_mul_(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a = SiLU(a) * b`` in place, one pass (no autograd: ``a`` must be a fresh buffer); ``False`` (nothing
+    written) where the kernel does not apply (as :func:`gelu`: same shape and dense layout, float32 CPU)."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or a.dim() == 0 or not _dense_alike(a, b):
+        return False
+    return lib.overlock_silu_mul_avx2(_ptr(a), _ptr(b), a.numel()) == 0
