@@ -81,6 +81,12 @@ def _inplace_ok(t: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and t.requires_grad)
 
 
+def _records_grad(*tensors) -> bool:
+    """Autograd records an op on these tensors (``None`` entries ignored): in-place updates and the native kernels
+    (no autograd) are then off."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _bn_affine(bn: _BatchNorm):
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
     return scale, bn.bias - bn.running_mean * scale
@@ -442,6 +448,41 @@ def pointwise_scaled(weight: torch.Tensor, bias, x: torch.Tensor, scale=None, ge
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)
 
 
+def pointwise_scaled_add(weight: torch.Tensor, bias, x: torch.Tensor, identity: torch.Tensor, scale=None,
+                         identity_weight=None) -> torch.Tensor:
+    """``identity * identity_weight + 1x1(x * scale)`` (``identity + ...`` without a weight): a block's last 1x1 and
+    its residual. Without autograd, on a fresh channels_last ``identity``, the shift and bias are one pass over
+    ``identity`` and the GEMM accumulates into it (no bias copy, no separate residual pass)."""
+    B, C, H, W = x.shape
+    cl = torch.channels_last
+    if not (not _records_grad(x, weight, bias, identity, scale, identity_weight) and not _tracing()
+            and identity.is_contiguous(memory_format=cl)
+            and x.is_contiguous(memory_format=cl) and identity.dtype == x.dtype == weight.dtype
+            and identity.shape == (B, weight.shape[0], H, W)):
+        out = pointwise_scaled(weight, bias, x, scale=scale)
+        if identity_weight is None:
+            return out.add_(identity) if _inplace_ok(out) else out + identity
+        return out.addcmul_(identity, identity_weight) if _inplace_ok(out) else torch.addcmul(out, identity,
+                                                                                             identity_weight)
+    acc = identity.permute(0, 2, 3, 1).view(B, H * W, -1)
+    if identity_weight is not None and bias is not None:
+        torch.addcmul(bias, acc, identity_weight.view(-1), out=acc)
+    elif identity_weight is not None:
+        acc.mul_(identity_weight.view(-1))
+    elif bias is not None:
+        acc.add_(bias)
+    xs = x.permute(0, 2, 3, 1).view(B, H * W, C)
+    if scale is not None and H * W < weight.shape[0]:  # as pointwise_scaled: scale the small map instead
+        xs, scale = xs * scale.reshape(B, 1, C), None
+    if scale is None:
+        acc.view(B * H * W, -1).addmm_(xs.reshape(B * H * W, C), weight.t())
+    elif B == 1:
+        acc[0].addmm_(xs[0], (weight * scale.reshape(1, C)).t())
+    else:
+        acc.baddbmm_(xs, weight.t().unsqueeze(0) * scale.reshape(B, C, 1))
+    return identity
+
+
 class FusedGrnMlp(nn.Module):
     """``GrnMlp`` for inference: GELU in place, GRN folded into the second 1x1.
 
@@ -469,6 +510,13 @@ class FusedGrnMlp(nn.Module):
         h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate)
         h, scale = _conv_then_grn(self.dwconv, self.grn_gamma, h)
         return pointwise_scaled(self.fc2_weight, self.fc2_bias, h, scale=scale)
+
+    def forward_add(self, x: torch.Tensor, identity: torch.Tensor, identity_weight=None) -> torch.Tensor:
+        """``identity * identity_weight + self(x)`` (:func:`pointwise_scaled_add`): the MLP and its residual."""
+        h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate)
+        h, scale = _conv_then_grn(self.dwconv, self.grn_gamma, h)
+        return pointwise_scaled_add(self.fc2_weight, self.fc2_bias, h, identity, scale=scale,
+                                    identity_weight=identity_weight)
 
 
 def _conv_then_gelu(conv: nn.Module, x: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -528,10 +576,8 @@ class FusedRepConvBlock(nn.Module):
         gate = self.se.scale(y)
         y = pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate, gelu=self.mlp.approximate)
         y, scale = _conv_then_grn(self.mlp.dwconv, self.mlp.grn_gamma, y)
-        y = pointwise_scaled(self.mlp.fc2_weight, self.mlp.fc2_bias, y, scale=scale)
-        if self.ls_weight is not None:
-            return torch.addcmul(y, x, self.ls_weight)
-        return y.add_(x) if _inplace_ok(y) else y + x
+        return pointwise_scaled_add(self.mlp.fc2_weight, self.mlp.fc2_bias, y, x, scale=scale,
+                                    identity_weight=self.ls_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_sample = x[:1].numel() * x.element_size() * self.hidden_dim // x.shape[1]

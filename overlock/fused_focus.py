@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param, _tracing,
-                    grn_scale, pointwise_scaled)
+from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param,
+                    _records_grad, _tracing, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
 from .ops import native
 
@@ -36,7 +36,7 @@ def _linear_nhwc(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
 def _linear_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """``acc + 1x1(x)`` (no bias); without autograd the GEMM accumulates straight into ``acc``'s NHWC view (a fresh
     channels_last map): no separate add pass, no bias copy."""
-    if (_inplace_ok(acc) and not _tracing() and x.dim() == 4 and acc.dim() == 4
+    if (not _records_grad(x, weight, acc) and not _tracing() and x.dim() == 4 and acc.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and acc.is_contiguous(memory_format=torch.channels_last) and x.dtype == acc.dtype == weight.dtype):
         acc.permute(0, 2, 3, 1).view(-1, acc.shape[1]).addmm_(x.permute(0, 2, 3, 1).view(-1, x.shape[1]), weight.t())
@@ -46,7 +46,7 @@ def _linear_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> tor
 
 def _silu_mul(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``SiLU(gate) * x``: in place on a fresh ``gate``, in one native pass where the kernel runs."""
-    if not _inplace_ok(gate):
+    if _records_grad(gate, x):
         return F.silu(gate) * x
     if not _tracing() and gate.device.type == "cpu" and native.used_here() and native.silu_mul_(gate, x):
         return gate
@@ -122,27 +122,23 @@ class FusedDynamicConvBlock(ContMixCore):
                 torch.addcmul(ctx, ctx_prior, self.prior_weight)
         fused, y = _conv_then_norm(self.dwconv1, self.norm1, torch.cat([x, ctx], dim=1))
         query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)
-        x = self._residual(fused, self._mixer(y, query_src, key_src), self.ls1_weight)
+        x = self._mixer(y, query_src, key_src, fused)
         x, y = _conv_then_norm(self.dwconv2, self.norm2, x)
-        x = self._residual(x, self.mlp(y), self.ls2_weight)
+        x = self.mlp.forward_add(y, x, self.ls2_weight)
         if self.is_last:
             return x, None
         x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
         return x, ctx
 
-    def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor) -> torch.Tensor:
-        """``proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``."""
+    def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor, identity: torch.Tensor
+               ) -> torch.Tensor:
+        """``identity * ls1 + proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``."""
         h = _conv_then_gelu(self.fusion_dw, y, self.approximate)
         h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
         h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
         gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)
         mixed = _linear_add(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.lepe(h))
         scale = self.se.scale(mixed)
-        return pointwise_scaled(self.proj_weight, self.proj_bias, _silu_mul(gate, mixed), scale=scale)
+        return pointwise_scaled_add(self.proj_weight, self.proj_bias, _silu_mul(gate, mixed), identity, scale=scale,
+                                    identity_weight=self.ls1_weight)
 
-    @staticmethod
-    def _residual(identity: torch.Tensor, branch: torch.Tensor, weight) -> torch.Tensor:
-        """``identity * weight + branch`` (the LayerScale's shift is in the branch's bias), or ``identity + branch``."""
-        if weight is None:
-            return branch.add_(identity) if _inplace_ok(branch) else branch + identity
-        return branch.addcmul_(identity, weight) if _inplace_ok(branch) else torch.addcmul(branch, identity, weight)

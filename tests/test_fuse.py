@@ -317,3 +317,57 @@ def test_packed_conv_packs_per_shape_and_follows_its_weight():
     with torch.no_grad():
         small(torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last))
     assert "_packs" not in small.__dict__
+
+
+@pytest.mark.parametrize("B,size,scaled", [(1, 6, True), (3, 6, True), (2, 3, True), (2, 6, False)])
+@pytest.mark.parametrize("ls", [False, True])
+def test_pointwise_scaled_add_is_the_1x1_plus_residual(B, size, scaled, ls):
+    """A block's last 1x1 accumulated into its residual (``fused.pointwise_scaled_add``): per-sample input scales at
+    batch 1 and above, a map with fewer pixels than output channels, a LayerScale on the identity; the identity is
+    updated in place without autograd and left alone with it."""
+    g = torch.Generator().manual_seed(B * 10 + size)
+    cl = torch.channels_last
+    x = torch.randn(B, 8, size, size, generator=g).contiguous(memory_format=cl)
+    w, b = torch.randn(16, 8, generator=g), torch.randn(16, generator=g)
+    scale = torch.rand(B, 8, 1, 1, generator=g) + 0.5 if scaled else None
+    lw = torch.rand(1, 16, 1, 1, generator=g) + 0.5 if ls else None
+    identity = torch.randn(B, 16, size, size, generator=g).contiguous(memory_format=cl)
+    xs = x.double() * (1 if scale is None else scale.double())
+    want = torch.einsum("bchw,oc->bohw", xs, w.double()) + b.double().view(1, -1, 1, 1)
+    want = want + identity.double() * (1 if lw is None else lw.double())
+    with torch.no_grad():
+        acc = identity.clone()
+        got = F_.pointwise_scaled_add(w, b, x, acc, scale=scale, identity_weight=lw)
+        assert got is acc and rel_err(got, want) < 1e-6
+    xg = x.clone().requires_grad_()
+    got = F_.pointwise_scaled_add(w, b, xg, identity, scale=scale, identity_weight=lw)
+    assert got is not identity and got.grad_fn is not None and rel_err(got.detach(), want) < 1e-6
+
+
+def test_focus_block_gate_and_lepe_sum_keep_gradients():
+    """The fused Focus-Net block's ``SiLU(gate) * mixed`` and ``lepe + 1x1(cm)``: in place (and native) only where
+    no gradient is recorded; a gradient through either operand alone still arrives."""
+    from overlock.fused_focus import _linear_add, _silu_mul
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(0)
+    gate, mixed = (torch.randn(2, 16, 5, 5, generator=g).contiguous(memory_format=cl) for _ in range(2))
+    want = torch.nn.functional.silu(gate.double()) * mixed.double()
+    with torch.no_grad():
+        g0 = gate.clone()
+        assert _silu_mul(g0, mixed) is g0 and rel_err(g0, want) < 1e-6
+    m = mixed.clone().requires_grad_()
+    out = _silu_mul(gate.clone(), m)
+    out.sum().backward()
+    assert rel_err(out.detach(), want) < 1e-6 and rel_err(m.grad, torch.nn.functional.silu(gate.double())) < 1e-6
+    w = torch.randn(16, 8, generator=g)
+    cm = torch.randn(2, 8, 5, 5, generator=g).contiguous(memory_format=cl)
+    want = mixed.double() + torch.einsum("bchw,oc->bohw", cm.double(), w.double())
+    with torch.no_grad():
+        acc = mixed.clone()
+        assert _linear_add(cm, w, acc) is acc and rel_err(acc, want) < 1e-6
+    c = cm.clone().requires_grad_()
+    acc = mixed.clone()
+    out = _linear_add(c, w, acc)
+    out.sum().backward()
+    assert torch.equal(acc, mixed) and rel_err(out.detach(), want) < 1e-6
+    assert rel_err(c.grad, w.double().sum(0).view(1, -1, 1, 1).expand_as(cm)) < 1e-6
