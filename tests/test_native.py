@@ -487,11 +487,12 @@ def test_kernel_layouts_in_and_out(channels, kernel):
 
 
 def test_grn_backward_kernels_match_float64():
-    """GRN's training backward in two passes: the per-channel sums, then the input gradient and the rebuilt output
-    written over the two maps (odd pixel count, 24 channels: a partial 32-channel block)."""
+    """GRN's training statistics in one pass, its backward in two: the per-channel sums, then the input gradient and
+    the rebuilt output written over the two maps (odd pixel count, 24 channels: a partial 32-channel block)."""
     torch.manual_seed(0)
     g, x = cl(torch.randn(3, 24, 9, 7)), cl(torch.randn(3, 24, 9, 7))
     s, t, beta = torch.randn(3, 24), torch.randn(3, 24), torch.randn(1, 24, 1, 1)
+    assert rel_err(native.grn_sum_squares(x), x.double().square().sum((2, 3))) < 1e-6  # the forward's statistics
     ds, gs = native.grn_backward_sums(g, x)
     assert rel_err(ds, (g.double() * x.double()).sum((2, 3))) < 1e-6
     assert rel_err(gs, g.double().sum((2, 3))) < 1e-6

@@ -48,9 +48,16 @@ def _scale(gx: torch.Tensor, gamma: torch.Tensor):
     return m, nx, torch.addcmul(torch.ones_like(nx), gamma.view(1, -1), nx)
 
 
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """``(x * x).sum((2, 3))`` without autograd: the native kernel where it runs, else :func:`spatial_dot`."""
+    sq = native.grn_sum_squares(x) if native.used_here() and not torch.is_grad_enabled() else None
+    return sq if sq is not None else spatial_dot(x, x)
+
+
 def stats(x: torch.Tensor, gamma: torch.Tensor):
-    """``(gx, m, nx, s)``: the per-(sample, channel) numbers GRN's forward computes and its backward needs."""
-    gx = spatial_dot(x, x).sqrt_()
+    """``(gx, m, nx, s)``: the per-(sample, channel) numbers GRN's forward computes and its backward needs (the sums
+    of squares in one native pass on float32 channels_last CPU maps)."""
+    gx = _sum_squares(x).sqrt_()
     return (gx, *_scale(gx, gamma))
 
 
@@ -119,5 +126,5 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tenso
     B, C = x.shape[:2]
     if torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad or beta.requires_grad):
         return _Grn.apply(x, gamma, beta)
-    gx = spatial_dot(x, x).sqrt_()
+    gx = _sum_squares(x).sqrt_()
     return torch.addcmul(beta, x, _scale(gx, gamma)[2].view(B, C, 1, 1))

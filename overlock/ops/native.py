@@ -131,6 +131,8 @@ def _library() -> Optional[ctypes.CDLL]:
                                           + [ctypes.c_int] + [_ADDRESS] * 3)
     lib.overlock_grn_scale_avx2.restype = ctypes.c_int
     lib.overlock_grn_scale_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
+    lib.overlock_grn_sumsq_avx2.restype = ctypes.c_int
+    lib.overlock_grn_sumsq_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_grn_backward_sums_avx2.restype = ctypes.c_int
     lib.overlock_grn_backward_sums_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_grn_backward_apply_avx2.restype = ctypes.c_int
@@ -422,6 +424,19 @@ def _grn_maps_ok(*maps: torch.Tensor) -> bool:
     return (first.dim() == 4 and first.shape[1] % 8 == 0
             and all(type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
                     and t.shape == first.shape and t.is_contiguous(memory_format=torch.channels_last) for t in maps))
+
+
+def grn_sum_squares(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``x.square().sum((2, 3))`` as ``(B, C)`` in one read of a float32 channels_last CPU map (GRN's forward
+    statistics; any autograd is the caller's); ``None`` where the kernel does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _grn_maps_ok(x):
+        return None
+    B, C, H, W = x.shape
+    out = x.new_empty(B, C)
+    if B and lib.overlock_grn_sumsq_avx2(_ptr(x), _ptr(out), B, H * W, C) != 0:
+        return None
+    return out
 
 
 def grn_backward_sums(g: torch.Tensor, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

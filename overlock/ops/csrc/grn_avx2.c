@@ -64,6 +64,21 @@ int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, in
     return 0;
 }
 
+/* sumsq[b, c] = sum_hw x^2 (GRN's statistics in training: one read of the map, no squared copy). */
+int overlock_grn_sumsq_avx2(const float *x, float *sumsq, int B, long HW, int C) {
+    if (C % 8) return -1;
+    const int nblocks = (C + BLOCK - 1) / BLOCK;
+    #pragma omp parallel for schedule(static)
+    for (long item = 0; item < (long)B * nblocks; item++) {
+        const long b = item / nblocks;
+        const int c0 = (int)(item % nblocks) * BLOCK, nv = (C - c0 < BLOCK ? C - c0 : BLOCK) / 8;
+        double sums[BLOCK];
+        sum_squares(x + b * HW * C, HW, C, c0, nv, sums);
+        for (int i = 0; i < nv * 8; i++) sumsq[b * C + c0 + i] = (float)sums[i];
+    }
+    return 0;
+}
+
 /* GRN's backward for training (ops/grn.py), two passes over float32 channels_last maps instead of about six.
  *
  * Pass 1: per (sample, channel) ds = sum_hw g * x and gs = sum_hw g (the gradients of GRN's scale and shift), one
