@@ -301,6 +301,17 @@ def test_packed_conv_packs_per_shape_and_follows_its_weight():
         conv.weight.mul_(-1)
     check(xs[0])
     assert set(conv.__dict__["_packs"][1]) == {(1, 256, 14, 14)}
+    # a channel slice of a channels_last map (the Focus-Net's output halves): copied dense, then the packed call
+    wide = torch.randn(1, 384, 14, 14).contiguous(memory_format=torch.channels_last)
+    calls, real = [], torch.ops.mkldnn._convolution_pointwise
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch.ops.mkldnn, "_convolution_pointwise", lambda *a: calls.append(1) or real(*a))
+        check(wide[:, :256])
+    assert calls
+    assert set(conv.__dict__["_packs"][1]) == {(1, 256, 14, 14)} and not wide[:, :256].is_contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(conv(wide[:, :256]), conv(wide[:, :256].contiguous(memory_format=torch.channels_last)))
     assert "_packs" not in copy.deepcopy(conv).__dict__
     y = conv(xs[0])
     assert y.grad_fn is not None and "Packed" not in type(y.grad_fn).__name__
