@@ -96,7 +96,7 @@ class SEModule(nn.Module):
 
     def fuse(self) -> nn.Module:
         from .fused import FusedSE
-        return FusedSE(self)
+        return FusedSE(self).train(self.training)
 
 
 class LayerScale(nn.Module):
@@ -139,7 +139,7 @@ class ResDWConv(nn.Conv2d):
         with torch.no_grad():  # clone() keeps the weight's memory format
             conv.weight = _param(self.residual_weight(), self.weight)
             conv.bias = _param(self.bias, self.bias)
-        return conv
+        return conv.train(self.training)
 
 
 def tensor_key(t: torch.Tensor):
@@ -312,7 +312,7 @@ class ConvNorm(nn.Sequential):
 
     def fuse(self) -> nn.Module:
         from .fused import fuse_conv_norm
-        return fuse_conv_norm(self)
+        return fuse_conv_norm(self).train(self.training)
 
 
 class GrnMlp(nn.Sequential):
@@ -331,7 +331,7 @@ class GrnMlp(nn.Sequential):
 
     def fuse(self) -> nn.Module:
         from .fused import FusedGrnMlp
-        return FusedGrnMlp(self)
+        return FusedGrnMlp(self).train(self.training)
 
 
 def grn_mlp(layers, x: torch.Tensor) -> torch.Tensor:

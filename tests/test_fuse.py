@@ -382,3 +382,23 @@ def test_focus_block_gate_and_lepe_sum_keep_gradients():
     out.sum().backward()
     assert torch.equal(acc, mixed) and rel_err(out.detach(), want) < 1e-6
     assert rel_err(c.grad, w.double().sum(0).view(1, -1, 1, 1).expand_as(cm)) < 1e-6
+
+
+def test_timm_reparameterize_keeps_the_mode_and_the_bias_cache(tiny_config, monkeypatch):
+    """``timm.utils.reparameterize_model`` (the benchmark's deploy step) swaps in our fused modules without calling
+    ``eval()``: each fused module takes the mode of the module it replaces, so an eval model stays in eval mode
+    throughout and its Focus-Net blocks keep their window biases between calls (they were rebuilt on every call:
+    ~5 ms of a batch-1 overlock_t forward)."""
+    import overlock.contmix as contmix
+    model = reparameterize_model(overlock.OverLoCK(**tiny_config).eval())
+    assert not any(m.training for m in model.modules())
+    assert all(m.training for m in reparameterize_model(overlock.OverLoCK(**tiny_config).train()).modules())
+    calls, real = [], contmix.window_biases
+    monkeypatch.setattr(contmix, "window_biases", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        assert calls
+        calls.clear()
+        model(x)
+    assert not calls

@@ -46,7 +46,7 @@ class RepConvBlock(nn.Module):
 
     def fuse(self) -> nn.Module:
         from ..fused import FusedRepConvBlock
-        return FusedRepConvBlock(self)
+        return FusedRepConvBlock(self).train(self.training)
 
 
 class DynamicConvBlock(ContMixCore):
@@ -84,7 +84,7 @@ class DynamicConvBlock(ContMixCore):
 
     def fuse(self) -> nn.Module:
         from ..fused_focus import FusedDynamicConvBlock
-        return FusedDynamicConvBlock(self)
+        return FusedDynamicConvBlock(self).train(self.training)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
         if not self.is_first:
