@@ -1,4 +1,4 @@
-/* Exact (erf) GELU and its gradient for contiguous float32 buffers, AVX2 + FMA.
+/* Exact (erf) GELU and its gradient for contiguous float32 buffers, AVX2 + FMA (and, at the end, SiLU(a) * b).
  *
  * Why: OverLoCK runs GELU on its 4x-wide MLP maps, in training three times per MLP (forward, the rebuild in
  * backward, the gradient). PyTorch's CPU kernel takes 7.1 ms forward and 7.9 ms backward on 8x256x56x56 (2 threads,

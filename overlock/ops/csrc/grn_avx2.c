@@ -1,4 +1,5 @@
-/* GRN's per-sample channel scale for float32 channels_last maps, AVX2 + FMA.
+/* GRN for float32 channels_last maps, AVX2 + FMA: the fused model's per-sample channel scale (first), training's
+ * statistics and backward (at the end).
  *
  * Why: in the fused inference model GRN (ConvNeXt-V2's global response normalization) is folded into the next
  * 1x1 as a per-sample scale, scale[b, c] = 1 + gamma[c] * gx[b, c] / (mean_c gx[b, :] + 1e-6) with gx the
