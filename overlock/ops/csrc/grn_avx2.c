@@ -43,9 +43,8 @@ static void sum_squares(const float *x, long HW, int C, int c0, int nv, double *
     }
 }
 
-/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8). */
-int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, int B, long HW, int C) {
-    if (C % 8) return -1;
+/* out[b, c] = sum_hw x^2 of each sample and channel, or its square root if `root` (taken in double). */
+static void channel_sums_of_squares(const float *x, float *out, int B, long HW, int C, int root) {
     const int nblocks = (C + BLOCK - 1) / BLOCK;
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)B * nblocks; item++) {
@@ -53,8 +52,14 @@ int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, in
         const int c0 = (int)(item % nblocks) * BLOCK, nv = (C - c0 < BLOCK ? C - c0 : BLOCK) / 8;
         double sums[BLOCK];
         sum_squares(x + b * HW * C, HW, C, c0, nv, sums);
-        for (int i = 0; i < nv * 8; i++) scale[b * C + c0 + i] = (float)sqrt(sums[i]);
+        for (int i = 0; i < nv * 8; i++) out[b * C + c0 + i] = (float)(root ? sqrt(sums[i]) : sums[i]);
     }
+}
+
+/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8). */
+int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, int B, long HW, int C) {
+    if (C % 8) return -1;
+    channel_sums_of_squares(x, scale, B, HW, C, 1);
     for (long b = 0; b < B; b++) {
         float *s = scale + b * C;
         double total = 0;
@@ -68,15 +73,7 @@ int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, in
 /* sumsq[b, c] = sum_hw x^2 (GRN's statistics in training: one read of the map, no squared copy). */
 int overlock_grn_sumsq_avx2(const float *x, float *sumsq, int B, long HW, int C) {
     if (C % 8) return -1;
-    const int nblocks = (C + BLOCK - 1) / BLOCK;
-    #pragma omp parallel for schedule(static)
-    for (long item = 0; item < (long)B * nblocks; item++) {
-        const long b = item / nblocks;
-        const int c0 = (int)(item % nblocks) * BLOCK, nv = (C - c0 < BLOCK ? C - c0 : BLOCK) / 8;
-        double sums[BLOCK];
-        sum_squares(x + b * HW * C, HW, C, c0, nv, sums);
-        for (int i = 0; i < nv * 8; i++) sumsq[b * C + c0 + i] = (float)sums[i];
-    }
+    channel_sums_of_squares(x, sumsq, B, HW, C, 0);
     return 0;
 }
 
