@@ -511,15 +511,19 @@ class FusedGrnMlp(nn.Module):
         self.fc2_weight = _param(w2, fc2.weight)
         self.fc2_bias = _param(b2, fc2.weight)
 
+    def hidden(self, x: torch.Tensor, gate=None):
+        """``(h, scale)``: the 3x3 conv's output on the GELU'd first 1x1 of ``x * gate`` and GRN's scale of it."""
+        h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, scale=gate, gelu=self.approximate)
+        return _conv_then_grn(self.dwconv, self.grn_gamma, h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate)
-        h, scale = _conv_then_grn(self.dwconv, self.grn_gamma, h)
+        h, scale = self.hidden(x)
         return pointwise_scaled(self.fc2_weight, self.fc2_bias, h, scale=scale)
 
-    def forward_add(self, x: torch.Tensor, identity: torch.Tensor, identity_weight=None) -> torch.Tensor:
-        """``identity * identity_weight + self(x)`` (:func:`pointwise_scaled_add`): the MLP and its residual."""
-        h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, gelu=self.approximate)
-        h, scale = _conv_then_grn(self.dwconv, self.grn_gamma, h)
+    def forward_add(self, x: torch.Tensor, identity: torch.Tensor, identity_weight=None, gate=None) -> torch.Tensor:
+        """``identity * identity_weight + self(x * gate)`` (:func:`pointwise_scaled_add`): the MLP and its
+        residual."""
+        h, scale = self.hidden(x, gate)
         return pointwise_scaled_add(self.fc2_weight, self.fc2_bias, h, identity, scale=scale,
                                     identity_weight=identity_weight)
 
@@ -578,11 +582,7 @@ class FusedRepConvBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x, y = _conv_then_norm(self.dwconv, self.norm, x)
         y = self.large_kernel(y)
-        gate = self.se.scale(y)
-        y = pointwise_scaled(self.mlp.fc1_weight, self.mlp.fc1_bias, y, scale=gate, gelu=self.mlp.approximate)
-        y, scale = _conv_then_grn(self.mlp.dwconv, self.mlp.grn_gamma, y)
-        return pointwise_scaled_add(self.mlp.fc2_weight, self.mlp.fc2_bias, y, x, scale=scale,
-                                    identity_weight=self.ls_weight)
+        return self.mlp.forward_add(y, x, self.ls_weight, gate=self.se.scale(y))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_sample = x[:1].numel() * x.element_size() * self.hidden_dim // x.shape[1]
