@@ -12,7 +12,7 @@ from torch import nn
 
 from .ops import grn as grn_ops
 from .ops import grn_mlp as grn_mlp_ops
-from .ops import recompute
+from .ops import native, recompute
 from .ops.depthwise import depthwise_conv2d, native_grads, runs_native
 from .ops.gelu import GELU
 
@@ -184,11 +184,34 @@ def depthwise_conv_grads(x: torch.Tensor, weight: torch.Tensor, dilation: int = 
         got = native_grads(x, cropped, grad_out, padding, dilation, need_x, need_w)
         if got is None or got[1] is None or cropped.shape == weight.shape:
             return got
-        full = weight.new_zeros(weight.shape)  # the cropped taps never met the map: zero gradient
-        dh, dw = (weight.shape[-2] - cropped.shape[-2]) // 2, (weight.shape[-1] - cropped.shape[-1]) // 2
-        full[:, :, dh:dh + cropped.shape[-2], dw:dw + cropped.shape[-1]] = got[1]
-        return got[0], full
+        return got[0], _padded_back(got[1], weight)
     return grads
+
+
+def depthwise_bn_grads(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1):
+    """Where the hand-written kernels run ``depthwise_conv(x, weight, dilation=dilation)`` (no bias): a function
+    that runs the backward of ``batch_norm(that conv)`` (training statistics) in one native call
+    (:func:`overlock.ops.native.bn_branch_backward`, same arguments after ``x, weight, dilation``), the weight
+    gradient padded back to ``weight``'s size where the kernel was cropped. ``None`` elsewhere."""
+    cropped, padding = _reachable(x, weight, dilation)
+    if not runs_native(x, cropped, None, padding, dilation):
+        return None
+
+    def grads(grad, grad_sum, mean, invstd, gamma, scratch, grad_x, add, need_w):
+        got = native.bn_branch_backward(x, cropped, dilation, grad, grad_sum, mean, invstd, gamma, scratch, grad_x,
+                                        add, need_w)
+        if got is None or got[0] is None or cropped.shape == weight.shape:
+            return got
+        return _padded_back(got[0], weight), got[1]
+    return grads
+
+
+def _padded_back(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of a kernel cropped by :func:`_reachable`, zero for the taps that never met the map."""
+    full = weight.new_zeros(weight.shape)
+    dh, dw = (weight.shape[-2] - grad.shape[-2]) // 2, (weight.shape[-1] - grad.shape[-1]) // 2
+    full[:, :, dh:dh + grad.shape[-2], dw:dw + grad.shape[-1]] = grad
+    return full
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d):
@@ -257,7 +280,8 @@ class DilatedReparamBlock(nn.Module):
             # conv); the dilated branches keep only x and are rebuilt in backward.
             branches = [(conv.weight, r, bn) for r, conv, bn in self._branches()]
             if recompute.bn_branches_ok(branches):
-                return out + recompute.bn_branch_sum(x, branches, depthwise_conv, depthwise_conv_grads)
+                return out + recompute.bn_branch_sum(x, branches, depthwise_conv, depthwise_conv_grads,
+                                                      depthwise_bn_grads)
             params = [p for w, _, bn in branches for p in (w, bn.weight, bn.bias) if p.requires_grad]
             return out + recompute.recompute(self._dilated_sum, x, params)
         return out.add_(self._dilated_sum(x))

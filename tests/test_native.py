@@ -120,8 +120,11 @@ def test_reparam_block_trains_as_with_pytorch_kernels(forced):
     with native.disabled():
         block(x).square().sum().backward()
     theirs = {n: p.grad for n, p in block.named_parameters()} | {"x": x.grad}
+    # the BatchNorm biases' gradients are zero in exact arithmetic here (the loss is centred per channel): float
+    # noise in both runs, compared against the largest gradient
+    scale = max(t.abs().max().item() for t in theirs.values())
     for n in ours:
-        assert rel_err(ours[n], theirs[n]) < 1e-5, n
+        assert rel_err(ours[n], theirs[n]) < 1e-5 or (ours[n] - theirs[n]).abs().max() < 1e-7 * scale, n
 
 
 @pytest.mark.parametrize("path,deploy,key", [("classification.pth", False, "logits"),
@@ -150,7 +153,7 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    sources = "depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c"
+    sources = "depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c, batchnorm_avx2.c"
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built

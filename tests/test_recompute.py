@@ -100,22 +100,29 @@ def test_dilated_reparam_block_recomputes_exactly(kernel, shape, channels_last, 
     _compare(block, [torch.randn(shape).contiguous(memory_format=fmt)], monkeypatch)
 
 
-@pytest.mark.parametrize("kernel,shape", [(13, (2, 8, 6, 7)), (17, (1, 16, 12, 12))])
-def test_dilated_branches_differentiated_by_the_kernels(kernel, shape, monkeypatch):
+@pytest.mark.parametrize("whole_branch", [True, False])
+@pytest.mark.parametrize("kernel,shape", [(13, (2, 8, 6, 7)), (17, (1, 16, 12, 12)), (13, (3, 24, 14, 13))])
+def test_dilated_branches_differentiated_by_the_kernels(kernel, shape, whole_branch, monkeypatch):
     """Where the hand-written kernels run the branch convs, backward takes their gradients straight (no autograd
-    graph per branch), kernels cropped to a small map included: the values of the plain graph."""
+    graph per branch), kernels cropped to a small map included: the values of the plain graph. By default each
+    branch's whole backward (conv rebuilt, BatchNorm, both conv gradients) is one native call, the input gradients
+    summed in place; with that declined, the conv gradients alone come from the kernels."""
     from overlock import layers
     from overlock.ops import native
     if not native.available():
         pytest.skip(f"native kernels {native.status()}")
     monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
-    calls = []
-    real = layers.native_grads
+    calls, fused = [], []
+    real, real_fused = layers.native_grads, native.bn_branch_backward
     monkeypatch.setattr(layers, "native_grads", lambda *a: calls.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(native, "bn_branch_backward", lambda *a: fused.append(a[1].shape) or real_fused(*a))
+    if not whole_branch:
+        monkeypatch.setattr(layers, "depthwise_bn_grads", lambda *a: None)
     block = _randomize(DilatedReparamBlock(shape[1], kernel)).to(memory_format=torch.channels_last)
     _compare(block, [torch.randn(shape).contiguous(memory_format=torch.channels_last)], monkeypatch)
-    assert len(calls) == len(block.kernel_sizes)
-    assert any(tuple(s[-2:]) != (k, k) for s, k in zip(calls, block.kernel_sizes)) == (min(shape[2:]) < 12)
+    used = fused if whole_branch else calls
+    assert len(used) == len(block.kernel_sizes) and not (calls if whole_branch else fused)
+    assert any(tuple(s[-2:]) != (k, k) for s, k in zip(used, block.kernel_sizes)) == (min(shape[2:]) < 12)
 
 
 def test_dilated_reparam_block_keeps_only_its_input_and_the_large_kernel_output():

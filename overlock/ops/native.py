@@ -27,14 +27,14 @@ import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
-           "depthwise_weight_grad_same", "na2d_softmax_av", "na2d_softmax_av_backward", "grn_scale",
-           "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_", "status",
-           "describe",
-           "disabled"]
+           "depthwise_weight_grad_same", "bn_branch_backward", "na2d_softmax_av", "na2d_softmax_av_backward",
+           "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_",
+           "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
-                                                                       "grn_avx2.c", "gelu_avx2.c", "se_avx2.c")]
+                                                                       "grn_avx2.c", "gelu_avx2.c", "se_avx2.c",
+                                                                       "batchnorm_avx2.c")]
 # included by the sources (part of the cache key)
 HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
@@ -123,6 +123,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
+    lib.overlock_bn_branch_backward_avx2.restype = ctypes.c_int
+    lib.overlock_bn_branch_backward_avx2.argtypes = [_ADDRESS] * 12 + [ctypes.c_int, _ADDRESS] + [ctypes.c_int] * 7
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
     lib.overlock_depthwise_taps.restype = None
     lib.overlock_depthwise_taps.argtypes = [_ADDRESS] * 2 + [ctypes.c_int] * 3
@@ -343,6 +345,47 @@ def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: 
     if lib.overlock_depthwise_wgrad_avx2(_ptr(x), _ptr(g), _ptr(dw), N, H, W, C, kh, kw, dilation) != 0:
         return None
     return dw
+
+
+def bn_branch_backward(x: torch.Tensor, weight: torch.Tensor, dilation: int, grad: torch.Tensor,
+                       grad_sum: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       gamma: Optional[torch.Tensor], scratch: torch.Tensor, grad_x: Optional[torch.Tensor],
+                       add: bool, need_w: bool) -> Optional[Tuple[Optional[torch.Tensor], torch.Tensor]]:
+    """Backward of ``batch_norm(depthwise_conv2d_same(x, weight, dilation=dilation))`` in training (batch
+    statistics ``mean``, ``invstd`` saved by the forward; ``grad_sum``: ``grad`` summed per channel) in one call
+    (``csrc/batchnorm_avx2.c``): the conv's input gradient written into ``grad_x`` (added to it if ``add``), its
+    weight gradient returned if ``need_w``, and ``dot`` (per channel, the sum of ``grad * (conv - mean)``: the
+    BatchNorm weight gradient is ``dot * invstd``). ``scratch``: a map like ``x``, overwritten. ``None`` where the
+    kernels do not apply (nothing written then)."""
+    lib = _library() if _disabled == 0 else None
+    kh, kw = weight.shape[-2:]
+    if (lib is None or not _real(x, weight, grad, scratch, grad_x) or x.dim() != 4 or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.shape[1] % 8 or kh % 2 == 0 or kw % 2 == 0 or kw > 64
+            or weight.dtype != torch.float32 or weight.shape[0] != x.shape[1] or weight.shape[1] != 1
+            or (gamma is not None and gamma.dtype != torch.float32)
+            or not _channels_last_like(x, grad, scratch, grad_x)):
+        return None
+    N, C, H, W = x.shape
+    dot = x.new_empty(C)
+    dw = x.new_empty(C, 1, kh, kw) if need_w else None
+    rows = x.new_empty(N * H * C)
+    taps, flipped = _taps(weight), _taps(weight, flip=True)  # held here: the call reads them by address
+    grad_sum, mean, invstd = (t.detach().float().contiguous() for t in (grad_sum, mean, invstd))
+    gamma = None if gamma is None else gamma.detach().contiguous()
+    rc = lib.overlock_bn_branch_backward_avx2(
+        x.data_ptr(), taps.data_ptr(), flipped.data_ptr(), grad.data_ptr(), grad_sum.data_ptr(), mean.data_ptr(),
+        invstd.data_ptr(), _ptr(gamma), scratch.data_ptr(), rows.data_ptr(), dot.data_ptr(), _ptr(grad_x),
+        int(add), _ptr(dw), N, H, W, C, kh, kw, dilation)
+    if rc != 0:
+        return None
+    return dw, dot
+
+
+def _channels_last_like(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """``x`` a channels_last map and every other tensor given a channels_last map of its shape."""
+    return x.is_contiguous(memory_format=torch.channels_last) and all(
+        t is None or (t.shape == x.shape and t.dtype == x.dtype and t.is_contiguous(memory_format=torch.channels_last))
+        for t in others)
 
 
 def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, value: torch.Tensor,

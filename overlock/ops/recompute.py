@@ -162,7 +162,8 @@ def bn_branches_ok(branches) -> bool:
                for _, _, bn in branches)
 
 
-def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callable | None = None) -> torch.Tensor:
+def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callable | None = None,
+                  bn_grads: Callable | None = None) -> torch.Tensor:
     """``sum(bn(conv(x, weight, dilation=d)) for weight, d, bn in branches)``, keeping only ``x`` for backward.
 
     Backward does not run the BatchNorms forward again: each keeps its batch mean and inverse std from the forward
@@ -170,17 +171,21 @@ def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callabl
     outputs are rebuilt and differentiated one branch at a time, so backward holds one of them instead of all.
     ``conv_grads(x, weight, d)``, if given, returns for a conv it can differentiate without autograd a function
     ``(grad_out, need_x, need_w) -> (grad_x, grad_weight)`` (``None`` elsewhere): then the conv is rebuilt without
-    a graph and its gradients come straight from that function.
+    a graph and its gradients come straight from that function. ``bn_grads(x, weight, d)``, if given, returns for
+    a branch whose whole backward (conv rebuilt, BatchNorm's backward, both conv gradients) one kernel runs a
+    function with :func:`overlock.ops.native.bn_branch_backward`'s arguments after ``dilation`` (``None``
+    elsewhere): those branches share one scratch map and add their input gradients into one sum in place.
     """
     branches = list(branches)
     params = [p for weight, _, bn in branches for p in (weight, bn.weight, bn.bias)]
-    return _BnBranchSum.apply(branches, conv, conv_grads, x, *params)
+    return _BnBranchSum.apply(branches, conv, (conv_grads, bn_grads), x, *params)
 
 
 class _BnBranchSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, branches, conv, conv_grads, x, *params):
-        ctx.branches, ctx.conv, ctx.conv_grads, ctx.autocast = branches, conv, conv_grads, autocast_state()
+    def forward(ctx, branches, conv, grad_fns, x, *params):
+        ctx.branches, ctx.conv, ctx.autocast = branches, conv, autocast_state()
+        ctx.conv_grads, ctx.bn_grads = grad_fns
         out, stats = None, []
         with torch.no_grad():
             for weight, d, bn in branches:
@@ -198,8 +203,27 @@ class _BnBranchSum(torch.autograd.Function):
         x, *stats = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_x, grads = None, []
+        scratch = grad_sum = None
         for i, (weight, d, bn) in enumerate(ctx.branches):
             need_w, need_gamma, need_beta = need[4 + 3 * i:7 + 3 * i]
+            fused = ctx.bn_grads(x, weight.detach(), d) if ctx.bn_grads is not None else None
+            if fused is not None:
+                if scratch is None:
+                    grad = grad.contiguous(memory_format=torch.channels_last)
+                    scratch = torch.empty_like(x, memory_format=torch.channels_last)
+                    grad_sum = grad.sum((0, 2, 3))
+                fresh = need[3] and grad_x is None
+                if fresh:
+                    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+                got = fused(grad, grad_sum, stats[2 * i], stats[2 * i + 1], bn.weight, scratch,
+                            grad_x if need[3] else None, not fresh, need_w)
+                if got is not None:
+                    gw, dot = got
+                    grads += [gw, dot * stats[2 * i + 1] if need_gamma else None,
+                              grad_sum.clone() if need_beta else None]
+                    continue
+                if fresh:  # declined before writing: this branch takes the general path
+                    grad_x = None
             with autocast_as(ctx.autocast):
                 w = weight.detach()
                 direct = ctx.conv_grads(x, w, d) if ctx.conv_grads is not None and (need[3] or need_w) else None

@@ -28,11 +28,11 @@
  * CHECK: some tap columns of this tile fall outside [0, W) and are skipped one by one. */
 INLINE void tile(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C, int W,
                  int kw, int pw, int d, int ky0, int ky1, int kx0, int kx1, int x0, int c0, const int NT,
-                 const int CV, const int CHECK) {
+                 const int CV, const int CHECK, int add) {
     __m256 acc[MAX_TILE][2];
     for (int v = 0; v < CV; v++) {
         const __m256 b = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
-        for (int i = 0; i < NT; i++) acc[i][v] = b;
+        for (int i = 0; i < NT; i++) acc[i][v] = add ? _mm256_loadu_ps(out + (long)i * C + c0 + 8 * v) : b;
     }
     for (int ky = ky0; ky < ky1; ky++) {
         const float *row = img + (long)(y0 + ky * d) * rstride + c0;
@@ -54,7 +54,7 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
 }
 
 #define TILE(NT, CHECK) tile(img, y0, rstride, w, bias, out + (long)x0 * C, C, W, kw, pw, d, ky0, ky1, kx0, kx1, \
-                             x0, c0, NT, CV, CHECK)
+                             x0, c0, NT, CV, CHECK, add)
 #define TILES(CHECK) switch (nt) {                                                        \
     case 6: TILE(6, CHECK); break; case 5: TILE(5, CHECK); break; case 4: TILE(4, CHECK); break; \
     case 3: TILE(3, CHECK); break; case 2: TILE(2, CHECK); break; default: TILE(1, CHECK); }
@@ -63,7 +63,7 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
 static inline int first_tap(int n, int d) { return n <= 0 ? 0 : (n + d - 1) / d; }
 
 INLINE void row_block(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C,
-                      int W, int kw, int pw, int d, int ky0, int ky1, int c0, const int CV) {
+                      int W, int kw, int pw, int d, int ky0, int ky1, int c0, const int CV, int add) {
     for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
         const int nt = W - x0 < MAX_TILE ? W - x0 : MAX_TILE;
         /* the taps that land inside the map for at least one pixel of the tile: x0 + kx*d - pw in
@@ -140,7 +140,8 @@ INLINE void layer_norm_pixels(const float *src, float *dst, int n, int C, const 
  * rather than arithmetic, each tile's pixels are read with all their channels (contiguous memory) instead of one
  * 64-byte block per pixel per pass along the row (3x3 on 16x128x28x28: 2.9 -> 1.0 ms). Same tiles, same sums. */
 INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *w, const float *bias, float *out,
-                           int C, int W, int kw, int pw, int d, int ky0, int ky1, int block, const struct norm *ln) {
+                           int C, int W, int kw, int pw, int d, int ky0, int ky1, int block, const struct norm *ln,
+                           int add) {
     for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
         const int nt = W - x0 < MAX_TILE ? W - x0 : MAX_TILE;
         const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d), kx1 = hi < kw ? hi : kw;
@@ -230,10 +231,11 @@ void overlock_depthwise_taps(const float *w, float *out, int C, int taps, int fl
 /* Kernels of at most this many taps take row_all_blocks. */
 #define ROW_ALL_BLOCKS_TAPS 9
 
-/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). */
+/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). add: the conv is added
+ * to what y holds instead of overwriting it (the dilated branches' input gradients, summed in place). */
 __attribute__((target("avx2,fma")))
-int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
-                            int C, int kh, int kw, int d) {
+int overlock_depthwise_add_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
+                                int C, int kh, int kw, int d, int add) {
     if (C % 8 || !(kh & 1) || !(kw & 1) || d < 1) return -1;
     const int ph = d * (kh / 2), pw = d * (kw / 2);
     const int block = C % 16 ? 8 : 16, nblocks = C / block;
@@ -245,7 +247,7 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
             const long n = item / H;
             const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
             row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw,
-                           d, ky0, ky1, block, NULL);
+                           d, ky0, ky1, block, NULL, add);
         }
         return 0;
     }
@@ -256,10 +258,16 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
         const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
         const float *img = x + n * H * rstride;
         float *out = y + (n * H + yy) * rstride;
-        if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2);
-        else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1);
+        if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2, add);
+        else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1, add);
     }
     return 0;
+}
+
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
+                            int C, int kh, int kw, int d) {
+    return overlock_depthwise_add_avx2(x, w, bias, y, N, H, W, C, kh, kw, d, 0);
 }
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
@@ -286,7 +294,7 @@ static int conv_rows_then(const float *x, const float *w, const float *bias, flo
             memset(ep.squares, 0, sizeof(float) * C);
         }
         row_all_blocks(x + n * H * rstride, yy - ph, rstride, w, bias, y + item * rstride, C, W, kw, pw, 1, ky0, ky1,
-                       block, &ep);
+                       block, &ep, 0);
     }
     return 0;
 }
