@@ -65,10 +65,12 @@ def test_layouts_and_refusals():
 def used(monkeypatch):
     """The model's GELUs use the kernel on this CPU whatever its ISA; counts the kernel calls."""
     calls = []
-    real_f, real_b = native.gelu, native.gelu_backward
+    real_f, real_b, real_cb = native.gelu, native.gelu_backward, native.depthwise_gelu_grad
     monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
     monkeypatch.setattr(native, "gelu", lambda *a, **k: calls.append("f") or real_f(*a, **k))
     monkeypatch.setattr(native, "gelu_backward", lambda *a, **k: calls.append("b") or real_b(*a, **k))
+    # GELU's backward folded into the input gradient of the conv after it (the GRN-MLP tail)
+    monkeypatch.setattr(native, "depthwise_gelu_grad", lambda *a, **k: calls.append("cb") or real_cb(*a, **k))
     return calls
 
 
@@ -95,7 +97,8 @@ def test_grn_mlp_uses_the_kernel_in_every_path(used, monkeypatch):
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
     out = mlp(x.requires_grad_())
     out.backward(torch.randn_like(out))
-    assert used.count("f") == 2 and used.count("b") == 1  # forward, the rebuild in backward, the gradient
+    # forward, the rebuild in backward, the gradient (in the conv's input-gradient pass)
+    assert used.count("f") == 2 and used.count("cb") == 1 and "b" not in used
     used.clear()
     with torch.no_grad():
         fused = mlp.fuse()(x)

@@ -27,9 +27,9 @@ import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
-           "depthwise_weight_grad_same", "bn_branch_backward", "na2d_softmax_av", "na2d_softmax_av_backward",
-           "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_",
-           "status", "describe", "disabled"]
+           "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
+           "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu",
+           "gelu_backward", "silu_mul_", "status", "describe", "disabled"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
@@ -123,6 +123,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_gelu_grad_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_gelu_grad_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
     lib.overlock_bn_branch_backward_avx2.restype = ctypes.c_int
     lib.overlock_bn_branch_backward_avx2.argtypes = [_ADDRESS] * 12 + [ctypes.c_int, _ADDRESS] + [ctypes.c_int] * 7
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
@@ -324,6 +326,29 @@ def depthwise_conv2d_taps_norm(x: torch.Tensor, taps: torch.Tensor, bias: Option
                                                     N, H, W, C, kh, kw) != 0:
         return None
     return y, z
+
+
+def depthwise_gelu_grad(grad_out: torch.Tensor, weight: torch.Tensor, gelu_input: torch.Tensor,
+                        out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``GELU'(gelu_input) * grad_x``, ``grad_x`` the input gradient of a same-size depthwise conv of at most 3x3
+    taps (dilation 1) with ``weight`` (``(C, 1, kh, kw)``), from its output gradient: the gradient reaching a GELU's
+    input through the conv after it, in one pass (written into ``out`` if given: a channels_last map like
+    ``grad_out``, which may be neither input). ``None`` where the kernels do not apply."""
+    lib = _library() if _disabled == 0 else None
+    kh, kw = weight.shape[-2:]
+    if (lib is None or not _real(grad_out, weight, gelu_input, out) or grad_out.dim() != 4 or kh * kw > 9
+            or kh % 2 == 0 or kw % 2 == 0 or grad_out.dtype != torch.float32 or grad_out.device.type != "cpu"
+            or grad_out.shape[1] % 8 or weight.dtype != torch.float32 or weight.shape[0] != grad_out.shape[1]
+            or weight.shape[1] != 1 or not _channels_last_like(grad_out, gelu_input, out)):
+        return None
+    N, C, H, W = grad_out.shape
+    flipped = _taps(weight, flip=True)
+    y = torch.empty_like(grad_out, memory_format=torch.channels_last) if out is None else out
+    if N * H * W and lib.overlock_depthwise_gelu_grad_avx2(grad_out.data_ptr(), flipped.data_ptr(),
+                                                           gelu_input.data_ptr(), y.data_ptr(), N, H, W, C, kh,
+                                                           kw) != 0:
+        return None
+    return y
 
 
 def depthwise_weight_grad_same(x: torch.Tensor, grad_out: torch.Tensor, kernel: Tuple[int, int], dilation: int = 1

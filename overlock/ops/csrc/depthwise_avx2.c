@@ -84,6 +84,7 @@ struct norm {
     const float *weight, *bias;
     float eps;
     float *squares;  /* non-NULL: neither; add each channel's sum of squares over the tile here instead */
+    const float *gelu_of;  /* non-NULL: none of those; multiply by GELU'(gelu_of) instead (GELU's backward) */
 };
 
 /* LayerNorm of n pixels of C channels (C a multiple of 8) from src (still in L1) into dst: mean, then the mean
@@ -155,7 +156,12 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
                 if (check) { TILES(1) } else { TILES(0) }
             }
         }
-        if (ln && ln->squares) {  /* four channel vectors at a time: independent FMA chains */
+        if (ln && ln->gelu_of) {  /* the tile is a gradient flowing back through GELU(gelu_of) */
+            float *t = out + (long)x0 * C;
+            const float *u = ln->gelu_of + (long)x0 * C;
+            for (long i = 0; i < (long)nt * C; i += 8)
+                _mm256_storeu_ps(t + i, gelu_grad8(_mm256_loadu_ps(t + i), _mm256_loadu_ps(u + i)));
+        } else if (ln && ln->squares) {  /* four channel vectors at a time: independent FMA chains */
             const float *t = out + (long)x0 * C;
             int c = 0;
             for (; c + 32 <= C; c += 32) {
@@ -289,6 +295,7 @@ static int conv_rows_then(const float *x, const float *w, const float *bias, flo
         const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1), ky1 = ky_end < kh ? ky_end : kh;
         struct norm ep = *each;
         if (ep.out) ep.out += item * rstride;
+        if (ep.gelu_of) ep.gelu_of += item * rstride;
         if (ep.squares) {
             ep.squares += item * C;
             memset(ep.squares, 0, sizeof(float) * C);
@@ -303,8 +310,17 @@ static int conv_rows_then(const float *x, const float *w, const float *bias, flo
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_gelu_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
                                  int C, int kh, int kw) {
-    const struct norm act = {NULL, NULL, NULL, 0.0f, NULL};
+    const struct norm act = {NULL, NULL, NULL, 0.0f, NULL, NULL};
     return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &act);
+}
+
+/* y = GELU'(u) * conv(g, w): a small-kernel conv's input gradient (w: its kernel turned 180 degrees) carried on
+ * through the GELU in front of it (u: GELU's input), one pass instead of the conv then GELU's backward. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_gelu_grad_avx2(const float *g, const float *w, const float *u, float *y, int N, int H, int W,
+                                      int C, int kh, int kw) {
+    const struct norm back = {NULL, NULL, NULL, 0.0f, NULL, u};
+    return conv_rows_then(g, w, NULL, y, N, H, W, C, kh, kw, &back);
 }
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
@@ -313,7 +329,7 @@ __attribute__((target("avx2,fma")))
 int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias, float *y, float *z,
                                const float *ln_weight, const float *ln_bias, float eps, int N, int H, int W, int C,
                                int kh, int kw) {
-    const struct norm ln = {z, ln_weight, ln_bias, eps, NULL};
+    const struct norm ln = {z, ln_weight, ln_bias, eps, NULL, NULL};
     return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &ln);
 }
 
@@ -324,7 +340,7 @@ int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
                                 float *scale, float *rows, int N, int H, int W, int C, int kh, int kw) {
-    const struct norm acc = {NULL, NULL, NULL, 0.0f, rows};
+    const struct norm acc = {NULL, NULL, NULL, 0.0f, rows, NULL};
     if (conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &acc) != 0) return -1;
     #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
