@@ -549,3 +549,45 @@ def test_silu_mul_matches_float64():
     assert ((got - want).abs() <= 1e-6 * want.abs() + 1e-30).all()
     assert not native.silu_mul_(a.clone(), b.t().contiguous().t())  # another layout
     assert not native.silu_mul_(a.double(), b.double())
+
+
+@pytest.mark.parametrize("shape,kernel", [((2, 16, 9, 7), (3, 3)), ((1, 24, 5, 6), (3, 1)), ((3, 8, 1, 4), (3, 3))])
+def test_conv_input_gradient_through_gelu_matches_float64(shape, kernel):
+    """``depthwise_gelu_grad``: the gradient reaching a GELU's input through the small conv after it, one pass."""
+    torch.manual_seed(0)
+    g, u = cl(torch.randn(shape)), cl(2 * torch.randn(shape))
+    w = torch.randn(shape[1], 1, *kernel)
+    u64 = u.double().requires_grad_()
+    y = F.conv2d(F.gelu(u64), w.double(), padding=(kernel[0] // 2, kernel[1] // 2), groups=shape[1])
+    want, = torch.autograd.grad(y, u64, g.double())
+    out = cl(torch.full(shape, float("nan")))
+    got = native.depthwise_gelu_grad(g, w, u, out=out)
+    assert got is out and rel_err(got, want) < 1e-6
+    assert native.depthwise_gelu_grad(g, torch.randn(shape[1], 1, 5, 5), u) is None  # 25 taps: not this kernel
+    assert native.depthwise_gelu_grad(g, w, u.contiguous()) is None  # layouts must match
+
+
+@pytest.mark.parametrize("shape,kernel,dilation", [((2, 16, 12, 11), 5, 1), ((1, 24, 14, 14), 3, 4),
+                                                    ((3, 8, 7, 9), 9, 2)])
+@pytest.mark.parametrize("add", [False, True])
+def test_batch_norm_branch_backward_matches_float64(shape, kernel, dilation, add):
+    """``bn_branch_backward``: one dilated branch's whole training backward, BatchNorm(conv(x)) with batch
+    statistics, the input gradient written or added into the given map."""
+    torch.manual_seed(0)
+    x, g = cl(torch.randn(shape)), cl(torch.randn(shape))
+    C = shape[1]
+    w, gamma = torch.randn(C, 1, kernel, kernel), torch.rand(C) + 0.5
+    pad = dilation * (kernel // 2)
+    x64, w64, gamma64 = (t.double().requires_grad_() for t in (x, w, gamma))
+    z = F.conv2d(x64, w64, padding=pad, dilation=dilation, groups=C)
+    y = F.batch_norm(z, None, None, gamma64, torch.zeros(C, dtype=torch.float64), training=True, eps=1e-5)
+    want_x, want_w, want_gamma = torch.autograd.grad(y, (x64, w64, gamma64), g.double())
+    with torch.no_grad():
+        z32 = F.conv2d(x, w, padding=pad, dilation=dilation, groups=C)
+        _, mean, invstd = torch.native_batch_norm(z32, gamma, None, None, None, True, 0.0, 1e-5)
+    start = cl(torch.randn(shape))
+    grad_x = start.clone()
+    dw, dot = native.bn_branch_backward(x, w, dilation, g, g.sum((0, 2, 3)), mean, invstd, gamma,
+                                        cl(torch.empty(shape)), grad_x, add, True)
+    assert rel_err(grad_x - (start if add else 0), want_x) < 1e-5
+    assert rel_err(dw, want_w) < 1e-5 and rel_err(dot * invstd, want_gamma) < 1e-5
