@@ -32,7 +32,9 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
     __m256 acc[MAX_TILE][2];
     for (int v = 0; v < CV; v++) {
         const __m256 b = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
-        for (int i = 0; i < NT; i++) acc[i][v] = add ? _mm256_loadu_ps(out + (long)i * C + c0 + 8 * v) : b;
+        for (int i = 0; i < NT; i++)  /* add: start from what the output holds (plus the bias, if any) */
+            acc[i][v] = add ? (bias ? _mm256_add_ps(_mm256_loadu_ps(out + (long)i * C + c0 + 8 * v), b)
+                                    : _mm256_loadu_ps(out + (long)i * C + c0 + 8 * v)) : b;
     }
     for (int ky = ky0; ky < ky1; ky++) {
         const float *row = img + (long)(y0 + ky * d) * rstride + c0;
