@@ -68,7 +68,7 @@ class _GrnMlpTail(torch.autograd.Function):
         gr = g2.mm(fc2_weight.reshape(cout, C)).view(B, H, W, C).permute(0, 3, 1, 2)
 
         if need[4] and _native_tail(dw, h, ctx.act.approximate):
-            return _native_backward(ctx, grad, g2, gr, h, gamma, beta, stats)
+            return _native_backward(ctx, g2, gr, h, gamma, beta, stats)
 
         # rebuild the conv input and output, with the conv's graph for its own backward
         need_a, need_dw = need[4], need[5] or need[6]
@@ -110,7 +110,7 @@ def _native_tail(dw: nn.Module, h: torch.Tensor, approximate: str) -> bool:
             and gelu_ops.native_applies(h, approximate))
 
 
-def _native_backward(ctx, grad, g2, gr, h, gamma, beta, stats):
+def _native_backward(ctx, g2, gr, h, gamma, beta, stats):
     """:meth:`_GrnMlpTail.backward` where :func:`_native_tail` holds: the conv is rebuilt without a graph, and its
     input gradient comes out of one pass with GELU's backward folded in (``native.depthwise_gelu_grad``), written
     over the buffer of the rebuilt conv once ``fc2``'s weight gradient no longer needs it: three map-sized

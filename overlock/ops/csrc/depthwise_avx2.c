@@ -239,8 +239,8 @@ void overlock_depthwise_taps(const float *w, float *out, int C, int taps, int fl
 /* Kernels of at most this many taps take row_all_blocks. */
 #define ROW_ALL_BLOCKS_TAPS 9
 
-/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). add: the conv is added
- * to what y holds instead of overwriting it (the dilated branches' input gradients, summed in place). */
+/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, an even kernel side). add: the conv (and bias)
+ * is added to what y holds instead of overwriting it (the dilated branches' input gradients, summed in place). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_add_avx2(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
                                 int C, int kh, int kw, int d, int add) {
@@ -266,8 +266,10 @@ int overlock_depthwise_add_avx2(const float *x, const float *w, const float *bia
         const int ky0 = first_tap(ph - yy, d), ky_end = first_tap(H - yy + ph, d), ky1 = ky_end < kh ? ky_end : kh;
         const float *img = x + n * H * rstride;
         float *out = y + (n * H + yy) * rstride;
-        if (block == 16) row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2, add);
-        else row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1, add);
+        if (block == 16)
+            row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 2, add);
+        else
+            row_block(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ky0, ky1, cb * block, 1, add);
     }
     return 0;
 }
