@@ -81,11 +81,7 @@ class _GrnMlpTail(torch.autograd.Function):
         # in y's buffer as GRN's backward finishes with y (in the same pass on CPU)
         grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y_, gamma, stats, (True, need[7], need[8]),
                                                          in_place=True, output_beta=beta if need[9] else None)
-        grad_w2 = grad_b2 = None
-        if need[9]:
-            grad_w2 = g2.t().mm(y_.permute(0, 2, 3, 1).reshape(-1, C)).view_as(fc2_weight)
-        if ctx.has_fc2_bias and need[10]:
-            grad_b2 = g2.sum(0)
+        grad_w2, grad_b2 = _fc2_grads(ctx, g2, y_)
         del y_
 
         # the conv's backward (its own autograd: same kernels as the plain graph), then GELU's in place
@@ -123,12 +119,22 @@ def _native_backward(ctx, g2, gr, h, gamma, beta, stats):
         weight = dw.residual_weight()
     grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y, gamma, stats, (True, need[7], need[8]),
                                                      in_place=True, output_beta=beta if need[9] else None)
-    C = h.shape[1]
-    grad_w2 = g2.t().mm(y.permute(0, 2, 3, 1).reshape(-1, C)).view(ctx.fc2.weight.shape) if need[9] else None
-    grad_b2 = g2.sum(0) if ctx.has_fc2_bias and need[10] else None
+    grad_w2, grad_b2 = _fc2_grads(ctx, g2, y)
     grad_h = native.depthwise_gelu_grad(grad_y, weight, h, out=y)
     grad_dw_w = native.depthwise_weight_grad_same(a, grad_y, dw.kernel_size) if need[5] else None
     if grad_h is None or (need[5] and grad_dw_w is None):
         raise RuntimeError("overlock: the native GRN-MLP tail backward declined maps that _native_tail accepted")
     grad_dw_b = grad_y.sum((0, 2, 3)) if need[6] else None
     return (None, None, None, None, grad_h, grad_dw_w, grad_dw_b, grad_gamma, grad_beta, grad_w2, grad_b2)
+
+
+def _fc2_grads(ctx, g2: torch.Tensor, out: torch.Tensor):
+    """fc2's weight and bias gradients (each where asked) from its output gradient ``g2`` (pixels x channels) and
+    its input ``out`` (GRN's output, rebuilt)."""
+    need = ctx.needs_input_grad
+    grad_w2 = grad_b2 = None
+    if need[9]:
+        grad_w2 = g2.t().mm(out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])).view(ctx.fc2.weight.shape)
+    if ctx.has_fc2_bias and need[10]:
+        grad_b2 = g2.sum(0)
+    return grad_w2, grad_b2
