@@ -314,10 +314,12 @@ INLINE __m256 tap_dot(const float *vn, const __m256 *gv, const int NV) {
  * NV (channels / 8) is a constant so that the go vectors and the eight partial dot products stay in registers. */
 INLINE void backward_item(const float *q, const float *keys, const float *bias, const float *vg, long vpix,
                           const float *gg, long gpix, float *dl, float *dvg, long dpix, int H, int W, int c, int k,
-                          float *w, const int NV) {
+                          float *w, long *rel, const int NV) {
     const int kk = k * k, nvec = kk / 8 * 8;
     for (long p = 0; p < (long)H * W; p++)
         for (int h = 0; h < NV; h++) _mm256_storeu_ps(dvg + p * dpix + 8 * h, _mm256_setzero_ps());
+    for (int dy = 0, t = 0; dy < k; dy++)  /* tap t's value, relative to the window's first pixel */
+        for (int dx = 0; dx < k; dx++, t++) rel[t] = ((long)dy * W + dx) * vpix;
     for (int y = 0; y < H; y++) {
         const int sy = window_start(y, k, H);
         for (int x = 0; x < W; x++) {
@@ -328,25 +330,19 @@ INLINE void backward_item(const float *q, const float *keys, const float *bias, 
             __m256 gv[4];
             for (int h = 0; h < NV; h++) gv[h] = _mm256_loadu_ps(gg + p * gpix + 8 * h);
             /* dp[a] = go . v[window pixel a] into dlp, eight taps at a time (their dot products reduced together) */
-            long off[8];
-            int a = 0, dy = 0, dx = 0;  /* tap a is window pixel (dy, dx) */
+            const float *v0 = vg + ((long)sy * W + sx) * vpix;
+            int a = 0;
             for (; a + 8 <= nvec; a += 8) {
-                for (int t = 0; t < 8; t++) {
-                    off[t] = ((long)(sy + dy) * W + sx + dx) * vpix;
-                    if (++dx == k) dx = 0, dy++;
-                }
-                const __m256 h01 = _mm256_hadd_ps(tap_dot(vg + off[0], gv, NV), tap_dot(vg + off[1], gv, NV));
-                const __m256 h23 = _mm256_hadd_ps(tap_dot(vg + off[2], gv, NV), tap_dot(vg + off[3], gv, NV));
-                const __m256 h45 = _mm256_hadd_ps(tap_dot(vg + off[4], gv, NV), tap_dot(vg + off[5], gv, NV));
-                const __m256 h67 = _mm256_hadd_ps(tap_dot(vg + off[6], gv, NV), tap_dot(vg + off[7], gv, NV));
+                const long *o = rel + a;
+                const __m256 h01 = _mm256_hadd_ps(tap_dot(v0 + o[0], gv, NV), tap_dot(v0 + o[1], gv, NV));
+                const __m256 h23 = _mm256_hadd_ps(tap_dot(v0 + o[2], gv, NV), tap_dot(v0 + o[3], gv, NV));
+                const __m256 h45 = _mm256_hadd_ps(tap_dot(v0 + o[4], gv, NV), tap_dot(v0 + o[5], gv, NV));
+                const __m256 h67 = _mm256_hadd_ps(tap_dot(v0 + o[6], gv, NV), tap_dot(v0 + o[7], gv, NV));
                 const __m256 u0 = _mm256_hadd_ps(h01, h23), u1 = _mm256_hadd_ps(h45, h67);
                 _mm256_storeu_ps(dlp + a, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
                                                         _mm256_permute2f128_ps(u0, u1, 0x31)));
             }
-            for (; a < kk; a++) {
-                dlp[a] = hsum(tap_dot(vg + ((long)(sy + dy) * W + sx + dx) * vpix, gv, NV));
-                if (++dx == k) dx = 0, dy++;
-            }
+            for (; a < kk; a++) dlp[a] = hsum(tap_dot(v0 + rel[a], gv, NV));
             /* p = w / sum (the padding lanes of w are 0), dot = p . dp, then dl = p * (dp - dot) */
             const __m256 sc = _mm256_set1_ps(inv);
             __m256 dotv = _mm256_setzero_ps();
@@ -393,13 +389,14 @@ TARGET int overlock_na2d_softmax_av_backward_avx2(const float *q, const float *k
     #pragma omp parallel
     {
         float w[MAX_TAPS + 8] __attribute__((aligned(32)));
+        long rel[MAX_TAPS];
         #pragma omp for schedule(static)
         for (long item = 0; item < (long)B * G; item++) {
             const int g = item % G;
             const long b = item / G;
 #define ITEM(NV) backward_item(q + item * HW * c, keys + item * (long)c * kk, bias + (long)g * HW * kk,          \
                               v + b * vs_b + g * vs_g, vs_p, go + b * gs_b + g * gs_g, gs_p, dlogit + item * HW * kk, \
-                              dv + b * ds_b + g * ds_g, ds_p, H, W, c, k, w, NV)
+                              dv + b * ds_b + g * ds_g, ds_p, H, W, c, k, w, rel, NV)
             switch (C / 8) { case 1: ITEM(1); break; case 2: ITEM(2); break; case 3: ITEM(3); break; default: ITEM(4); }
 #undef ITEM
         }
