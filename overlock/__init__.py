@@ -4,7 +4,6 @@
 ``overlock.fuse(model)`` gives the fast inference form of any of them.
 """
 from .weights import CheckpointError, load_into
-from .allocator import keep_freed_memory
 from .contmix import ContMixBlock, get_backend, set_backend, use_backend
 from .fused import fuse
 from .models import MODEL_CONFIGS, VARIANTS, OverLoCK, OverLoCKDense, create_dense_backbone
@@ -15,7 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OverLoCK", "OverLoCKDense", "ContMixBlock", "fuse", "create_dense_backbone", "load_into", "CheckpointError",
     "MODEL_CONFIGS", "VARIANTS", "set_backend", "get_backend", "use_backend", "__version__",
-    "create_segmentation_model", "keep_freed_memory",
+    "create_segmentation_model",
 ]
 
 

@@ -60,7 +60,6 @@ class BenchConfig:
     official_code: Optional[str] = None  # a checkout of LMMMEng/OverLoCK: measure its own model instead of ours
     baseline: bool = False  # a row that the preceding row of ours is compared with (speed-up, memory ratio)
     runtime: str = "torch"  # "onnxruntime": the deploy form exported to ONNX, run by onnxruntime (CPU inference)
-    keep_freed_memory: bool = True  # glibc keeps freed memory (overlock.allocator), as the command-line tools do
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -209,7 +208,6 @@ def measure(cfg: BenchConfig) -> Dict:
     import torch
 
     import overlock
-    from overlock import allocator
 
     if cfg.runtime == "onnxruntime":
         from .export import measure_onnxruntime
@@ -217,8 +215,6 @@ def measure(cfg: BenchConfig) -> Dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(cfg.flush_denormal)
-    if cfg.keep_freed_memory or allocator.kept():
-        allocator.keep_freed_memory(cfg.keep_freed_memory)
     backend_ctx = overlock.use_backend(cfg.backend) if cfg.backend else _null()
     cuda = cfg.device.startswith("cuda")
     with backend_ctx:
@@ -231,7 +227,6 @@ def measure(cfg: BenchConfig) -> Dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        allocator.release_free_memory()  # what building left free is not the run's: a true baseline
         base_rss = _rss_kb("VmRSS")
         peak_resettable = _reset_peak_rss()
         t0 = time.perf_counter()
@@ -249,7 +244,6 @@ def measure(cfg: BenchConfig) -> Dict:
     result = dict(dataclasses.asdict(cfg))
     result.update(
         backend_used=cfg.backend or overlock.get_backend(),
-        freed_memory_kept=allocator.kept(),
         latency_ms=median * 1e3,
         latency_min_ms=min(times) * 1e3,
         latency_max_ms=max(times) * 1e3,

@@ -25,10 +25,6 @@ COMMANDS = {
     "export": "Export a classifier in deploy form to ONNX or torch.export, verified against PyTorch.",
 }
 
-# commands that run models over data: glibc keeps freed memory for them (OVERLOCK_KEEP_FREED_MEMORY=0: it does not)
-COMPUTE_COMMANDS = ("train", "validate", "predict", "segment", "train-seg", "eval-seg", "detect", "detect-train",
-                    "detect-eval", "export")
-
 
 @contextlib.contextmanager
 def friendly_errors(prog: str):
@@ -79,9 +75,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # denormal floats appear in freshly initialised deep networks and slow CPU kernels many times over;
         # flushing them to zero changes nothing measurable
         torch.set_flush_denormal(True)
-    if args.command in COMPUTE_COMMANDS:
-        from .allocator import keep_for_command
-        keep_for_command()  # page faults on every step's activations otherwise (see overlock.allocator)
     try:
         return int(_module(args.command).run(args) or 0)
     except user_errors() as e:

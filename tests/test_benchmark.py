@@ -3,11 +3,9 @@ import json
 
 import pytest
 
-from overlock.allocator import _libc
 from overlock.benchmark import BenchConfig, official_method
 from overlock.cli import main
 
-GLIBC = _libc() is not None
 FIELDS = {"model", "mode", "batch_size", "img_size", "label", "img_per_s", "latency_ms", "ms_per_img", "peak_mb",
           "times_ms", "backend_used", "channels_last", "reparam"}
 
@@ -29,7 +27,6 @@ def test_benchmark_command_writes_json(tmp_path, capsys):
         assert "error" not in r, r.get("error")
         assert FIELDS <= set(r)
         assert r["img_per_s"] > 0 and len(r["times_ms"]) == 2 and r["peak_mb"] is not None
-        assert r["freed_memory_kept"] == GLIBC  # the default, recorded
     assert "official method" in results[1]["label"] and results[0]["speedup_vs_official"] > 0
     assert "| test_overlock infer b2 48px" in capsys.readouterr().out
 
@@ -38,11 +35,10 @@ def test_benchmark_compares_a_timm_model_in_process(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["benchmark", "--model", "test_overlock", "--compare", "resnet10t", "--in-process", "-b", "1",
                  "--img-size", "32", "--warmup", "1", "--repeats", "1", "--no-channels-last", "--backend", "unfold",
-                 "--no-keep-freed-memory", "--json", str(out)]) == 0
+                 "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert [r["model"] for r in results] == ["test_overlock", "resnet10t"]
     assert results[0]["backend_used"] == "unfold" and not results[0]["channels_last"]
-    assert not results[0]["freed_memory_kept"]
 
 
 def test_official_method_config():

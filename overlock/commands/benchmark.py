@@ -45,9 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormal floats to zero (random-init models then run far slower on CPU)")
-    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="glibc keeps freed memory for the next step instead of page-faulting it in again (default "
-                        "on, as in overlock train; --no-keep-freed-memory measures glibc's defaults)")
     p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--onnxruntime", action="store_true",
                    help="add a row per OverLoCK CPU inference run: the deploy form exported to ONNX and run by "
@@ -74,8 +71,7 @@ def configs(args: argparse.Namespace):
                     channels_last=args.channels_last, reparam=args.reparam, backend=args.backend, amp=args.amp,
                     amp_dtype=args.amp_dtype, model_dtype=args.model_dtype, compile=args.compile,
                     warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
-                    num_classes=args.num_classes, flush_denormal=not args.keep_denormals,
-                    keep_freed_memory=args.keep_freed_memory)
+                    num_classes=args.num_classes, flush_denormal=not args.keep_denormals)
                 out.append(cfg)
                 if getattr(args, "onnxruntime", False) and is_overlock(name) and mode == "infer":
                     import dataclasses
