@@ -83,8 +83,8 @@ def main() -> None:
         restore()
     rows = sorted(record.items(), key=lambda kv: -sum(kv[1]))
     total = sum(sum(v) for v in record.values()) / args.steps * 1e3
-    print(f"{args.model} b{args.batch_size} {args.img_size}px, {torch.get_num_threads()} threads: step {step_ms:.0f} ms, "
-          f"of which {total:.0f} ms in the hand-written kernels ({native.describe()})")
+    print(f"{args.model} b{args.batch_size} {args.img_size}px, {torch.get_num_threads()} threads: "
+          f"step {step_ms:.0f} ms, of which {total:.0f} ms in the hand-written kernels ({native.describe()})")
     print(f"{'kernel':30} {'first input':22} {'calls/step':>10} {'ms/step':>8} {'median ms':>9}")
     for (name, shape), times in rows[:args.top]:
         print(f"{name:30} {str(shape):22} {len(times) // args.steps:10d} {sum(times) / args.steps * 1e3:8.2f} "

@@ -283,7 +283,8 @@ TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, cons
             const float *kb = keys + (b * G + g) * (long)c * kk;
             const float *vg = v + b * vs_b + g * vs_g;
             const int sy = window_start(y, k, H);
-            const float *qrow = q + ((b * G + g) * HW + (long)y * W) * c, *brow = bias + ((long)g * HW + (long)y * W) * kk;
+            const float *qrow = q + ((b * G + g) * HW + (long)y * W) * c;
+            const float *brow = bias + ((long)g * HW + (long)y * W) * kk;
             float *orow = out + b * os_b + g * os_g + (long)y * W * os_p;
             int x = 0;
             for (; x + 2 <= W; x += 2) {  /* pixel pairs: the keys and the window's values read once for both */
