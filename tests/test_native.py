@@ -1,4 +1,5 @@
-"""The hand-written AVX2 depthwise kernel (ops/native.py, csrc/depthwise_avx2.c): values, gradients, dispatch."""
+"""The hand-written depthwise kernels (ops/native.py, csrc/depthwise_avx2.c, csrc/depthwise_avx512.c): values,
+gradients, dispatch."""
 import os
 import subprocess
 import sys
@@ -40,6 +41,36 @@ def test_values_match_float64_conv(shape, kernel, with_bias):
                    padding=(kernel[0] // 2, kernel[1] // 2), groups=shape[1])
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(out, ref) < 1e-6
+
+
+def _has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
+@pytest.mark.parametrize("shape,kernel,dilation", [
+    ((2, 64, 56, 56), (17, 17), 1), ((1, 32, 13, 29), (13, 13), 1), ((2, 16, 11, 25), (7, 5), 2),
+    ((1, 48, 9, 7), (15, 15), 1), ((1, 16, 30, 30), (5, 5), 3),
+])
+@pytest.mark.parametrize("flip", [False, True])
+def test_512_bit_loop_gives_the_bits_of_the_256_bit_one(shape, kernel, dilation, flip):
+    torch.manual_seed(0)
+    x = cl(torch.randn(shape))
+    w = torch.randn(shape[1], 1, *kernel)
+    b = torch.randn(shape[1])
+    wide = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)
+    with native.narrow_vectors():
+        narrow = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)
+    again = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)  # the setting is restored on exit
+    assert torch.equal(wide, narrow) and torch.equal(wide, again)
+    ref = F.conv2d(x.double(), (w.flip(-1, -2) if flip else w).double(), b.double(),
+                   padding=(dilation * (kernel[0] // 2), dilation * (kernel[1] // 2)), dilation=dilation,
+                   groups=shape[1])
+    assert rel_err(wide, ref) < 1e-6
 
 
 def test_unsupported_shapes_are_declined():
@@ -153,7 +184,8 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    sources = "depthwise_avx2.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c, batchnorm_avx2.c"
+    sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c, "
+               "batchnorm_avx2.c")
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built

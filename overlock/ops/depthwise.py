@@ -19,10 +19,10 @@ wide reaches (3x3 dilation 7, 9x9 dilation 2). A conv with dilation ``d`` is an 
 sub-maps ``x[:, :, r::d, s::d]`` (:func:`grid_split`), so the backward (and the forward of wide reaches) runs
 there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to dilated convs.
 
-On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2), the forward, the input gradient (the forward conv of ``dY``
-with the kernel turned 180 degrees) and the weight gradient run in hand-written kernels (:mod:`overlock.ops.native`)
-wherever they apply; PyTorch's kernels everywhere else. Dilated convs run there too, directly on the map (weight
-gradient included, any kernel size): no sub-map copies, and an overlock_t training step (b8, 224, AVX2 EPYC)
+On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2, AVX-512), the forward, the input gradient (the forward conv of
+``dY`` with the kernel turned 180 degrees) and the weight gradient run in hand-written kernels
+(:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else. Dilated convs run there too,
+directly on the map (weight gradient included, any kernel size): no sub-map copies, and an overlock_t training step (b8, 224, AVX2 EPYC)
 4.85 -> 4.36 s; the sub-map route stays for the other CPUs.
 
 On GPUs, ``OVERLOCK_GPU_DEPTHWISE=triton`` runs every same-size depthwise conv in Triton kernels
@@ -324,7 +324,7 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
     return WIDENED_KERNELS.get(_cpu_isa(), {}).get(k, k)
 
 
-# Where the hand-written kernels replace oneDNN's: native.NATIVE_ISAS (AVX2).
+# Where the hand-written kernels replace oneDNN's: native.NATIVE_ISAS (AVX2, AVX-512).
 # Kernels under MIN_TAPS x MIN_TAPS run there only on maps of up to NATIVE_SMALL_KERNEL_PIXELS pixels (height x
 # width), or of up to NATIVE_SMALL_KERNEL_VALUES values (channels x height x width): per image, not per batch, so that
 # an image gets the same kernels, and bits, alone or in a batch. 3x3 on 1x384x14x14 1.6x faster, on 16x384x14x14

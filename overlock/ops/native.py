@@ -29,10 +29,11 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
            "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
            "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu",
-           "gelu_backward", "silu_mul_", "status", "describe", "disabled"]
+           "gelu_backward", "silu_mul_", "status", "describe", "disabled", "narrow_vectors"]
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "neighborhood_avx2.c",
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.c", "depthwise_avx512.c",
+                                                                       "neighborhood_avx2.c",
                                                                        "grn_avx2.c", "gelu_avx2.c", "se_avx2.c",
                                                                        "batchnorm_avx2.c")]
 # included by the sources (part of the cache key)
@@ -42,8 +43,10 @@ _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
 # forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2.1-3x, GRN's scale 2.5-4x,
 # GELU 1.1-1.4x forward and 1.6x gradient (benchmarks/README.md).
-# AVX-512 is not listed: oneDNN has 512-bit kernels there and the two have not been compared on such a CPU.
-NATIVE_ISAS = {"AVX2"}
+# AVX-512 Xeon (2 cores, 2026-12-05): whole model with them against oneDNN's 512-bit kernels, alternated in one
+# process: training step b8 2.83 -> 2.21 s, batch-1 forward 97 -> 72 ms, batch 16 857 -> 779 ms; the large-kernel
+# depthwise forward runs 512-bit vectors there (csrc/depthwise_avx512.c, same bits).
+NATIVE_ISAS = {"AVX2", "AVX512"}
 _disabled = 0  # > 0 inside `disabled()`
 
 
@@ -114,6 +117,8 @@ def _library() -> Optional[ctypes.CDLL]:
         _reason = f"off (building {names} with {cc} failed: {detail.strip()[:300]})"
         log.warning("overlock: native CPU kernels %s; PyTorch's kernels are used", _reason)
         return None
+    lib.overlock_depthwise_avx512_set.restype = ctypes.c_int
+    lib.overlock_depthwise_avx512_set.argtypes = [ctypes.c_int]
     lib.overlock_depthwise_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 7
     lib.overlock_depthwise_gelu_avx2.restype = ctypes.c_int
@@ -196,6 +201,20 @@ class disabled:
     def __exit__(self, *exc):
         global _disabled
         _disabled -= 1
+
+
+class narrow_vectors:
+    """Context manager: the depthwise forward's 256-bit loop even on a CPU with AVX-512 (its 512-bit loop gives the
+    same bits: tests compare the two). No effect where the kernels are not built."""
+
+    def __enter__(self):
+        lib = _library()
+        self._was = None if lib is None else lib.overlock_depthwise_avx512_set(0)
+        return self
+
+    def __exit__(self, *exc):
+        if self._was is not None:
+            _library().overlock_depthwise_avx512_set(self._was)
 
 
 def _real(*tensors: Optional[torch.Tensor]) -> bool:

@@ -236,6 +236,10 @@ void overlock_depthwise_taps(const float *w, float *out, int C, int taps, int fl
     }
 }
 
+/* depthwise_avx512.c: the loop below with 512-bit vectors (same bits), where the CPU has them */
+int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
+                                   int C, int kh, int kw, int d, int add);
+
 /* Kernels of at most this many taps take row_all_blocks. */
 #define ROW_ALL_BLOCKS_TAPS 9
 
@@ -259,6 +263,7 @@ int overlock_depthwise_add_avx2(const float *x, const float *w, const float *bia
         }
         return 0;
     }
+    if (overlock_depthwise_rows_avx512(x, w, bias, y, N, H, W, C, kh, kw, d, add) == 0) return 0;
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)N * H * nblocks; item++) {  /* channel blocks innermost: contiguous memory */
         const int cb = item % nblocks, yy = (item / nblocks) % H;
