@@ -57,16 +57,19 @@ def _has_avx512f():
     ((1, 48, 9, 7), (15, 15), 1), ((1, 16, 30, 30), (5, 5), 3),
 ])
 @pytest.mark.parametrize("flip", [False, True])
-def test_512_bit_loop_gives_the_bits_of_the_256_bit_one(shape, kernel, dilation, flip):
+def test_512_bit_loops_give_the_bits_of_the_256_bit_ones(shape, kernel, dilation, flip):
     torch.manual_seed(0)
     x = cl(torch.randn(shape))
     w = torch.randn(shape[1], 1, *kernel)
     b = torch.randn(shape[1])
+    g = cl(torch.randn(shape))
     wide = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)
+    dw_wide = native.depthwise_weight_grad_same(x, g, kernel, dilation)
     with native.narrow_vectors():
         narrow = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)
+        dw_narrow = native.depthwise_weight_grad_same(x, g, kernel, dilation)
     again = native.depthwise_conv2d_same(x, w, b, dilation, flip=flip)  # the setting is restored on exit
-    assert torch.equal(wide, narrow) and torch.equal(wide, again)
+    assert torch.equal(wide, narrow) and torch.equal(wide, again) and torch.equal(dw_wide, dw_narrow)
     ref = F.conv2d(x.double(), (w.flip(-1, -2) if flip else w).double(), b.double(),
                    padding=(dilation * (kernel[0] // 2), dilation * (kernel[1] // 2)), dilation=dilation,
                    groups=shape[1])

@@ -204,7 +204,7 @@ class disabled:
 
 
 class narrow_vectors:
-    """Context manager: the depthwise forward's 256-bit loop even on a CPU with AVX-512 (its 512-bit loop gives the
+    """Context manager: the depthwise kernels' 256-bit loops even on a CPU with AVX-512 (their 512-bit loops give the
     same bits: tests compare the two). No effect where the kernels are not built."""
 
     def __enter__(self):

@@ -239,6 +239,9 @@ void overlock_depthwise_taps(const float *w, float *out, int C, int taps, int fl
 /* depthwise_avx512.c: the loop below with 512-bit vectors (same bits), where the CPU has them */
 int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
                                    int C, int kh, int kw, int d, int add);
+int overlock_avx512_usable(void);
+void overlock_wgrad_rows_avx512(const float *x, const float *g, float *acc, long n, int y0, int y1, int H, int W,
+                                int C, int kh, int kw, int d, int c0);
 
 /* Kernels of at most this many taps take row_all_blocks. */
 #define ROW_ALL_BLOCKS_TAPS 9
@@ -441,6 +444,7 @@ int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int
     const long items = (long)nblocks * N * chunks;
     float *part = aligned_alloc(32, (size_t)items * taps16 * sizeof(float));
     if (!part) return -2;
+    const int wide = block == 16 && overlock_avx512_usable();  /* depthwise_avx512.c: same bits */
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
@@ -448,7 +452,10 @@ int overlock_depthwise_wgrad_avx2(const float *x, const float *g, float *dw, int
             const int cb = item % nblocks, r = (item / nblocks) % chunks;
             const long n = item / nblocks / chunks;
             const int y0 = (int)((long)H * r / chunks), y1 = (int)((long)H * (r + 1) / chunks);
-            if (block == 16) wgrad_rows(x, g, part + item * taps16, n, y0, y1, H, W, C, kh, kw, d, cb * block, 2);
+            if (wide)
+                overlock_wgrad_rows_avx512(x, g, part + item * taps16, n, y0, y1, H, W, C, kh, kw, d, cb * block);
+            else if (block == 16)
+                wgrad_rows(x, g, part + item * taps16, n, y0, y1, H, W, C, kh, kw, d, cb * block, 2);
             else wgrad_rows(x, g, part + item * taps16, n, y0, y1, H, W, C, kh, kw, d, cb * block, 1);
         }
         #pragma omp for schedule(static)

@@ -8,6 +8,7 @@
  * and twice the pixels per tile (32 registers), so each weight load serves 12 multiply-adds.
  */
 #include <immintrin.h>
+#include <string.h>
 
 #define INLINE512 static inline __attribute__((always_inline, target("avx512f")))
 #define TILE512 12
@@ -38,7 +39,11 @@ INLINE512 void tile16(const float *img, int y0, long rstride, const float *w, co
 
 #define T16(NT, CHECK) tile16(img, y0, rstride, w, bias, out + (long)x0 * C, C, W, kw, pw, d, ky0, ky1, kx0, kx1, \
                               x0, c0, NT, CHECK, add)
-#define T16S(CHECK) switch (nt) { case 12: T16(12, CHECK); break; case 11: T16(11, CHECK); break; case 10: T16(10, CHECK); break; case 9: T16(9, CHECK); break; case 8: T16(8, CHECK); break; case 7: T16(7, CHECK); break; case 6: T16(6, CHECK); break; case 5: T16(5, CHECK); break; case 4: T16(4, CHECK); break; case 3: T16(3, CHECK); break; case 2: T16(2, CHECK); break; default: T16(1, CHECK); }
+#define T16S(CHECK) switch (nt) {                                                                      \
+    case 12: T16(12, CHECK); break; case 11: T16(11, CHECK); break; case 10: T16(10, CHECK); break;    \
+    case 9: T16(9, CHECK); break; case 8: T16(8, CHECK); break; case 7: T16(7, CHECK); break;          \
+    case 6: T16(6, CHECK); break; case 5: T16(5, CHECK); break; case 4: T16(4, CHECK); break;          \
+    case 3: T16(3, CHECK); break; case 2: T16(2, CHECK); break; default: T16(1, CHECK); }
 
 /* 0: the 256-bit loop everywhere (tests compare the two); set through overlock_depthwise_avx512_set. */
 static int use_avx512 = 1;
@@ -66,12 +71,17 @@ INLINE512 void row_block16(const float *img, int y0, long rstride, const float *
     }
 }
 
+/* Whether the 512-bit loops run here: switched on, and a CPU with AVX-512F. */
+int overlock_avx512_usable(void) {
+    return use_avx512 && __builtin_cpu_supports("avx512f");
+}
+
 /* overlock_depthwise_add_avx2's large-kernel case (same arguments, same bits) where C is a multiple of 16 and the
  * CPU has AVX-512F; returns -1 otherwise (the caller then runs the 256-bit loop). */
 __attribute__((target("avx512f")))
 int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *bias, float *y, int N, int H, int W,
                                    int C, int kh, int kw, int d, int add) {
-    if (!use_avx512 || C % 16 || !__builtin_cpu_supports("avx512f")) return -1;
+    if (C % 16 || !overlock_avx512_usable()) return -1;
     const int ph = d * (kh / 2), pw = d * (kw / 2), nblocks = C / 16;
     const long rstride = (long)W * C;
     #pragma omp parallel for schedule(static)
@@ -84,4 +94,61 @@ int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *
                     ky1, cb * 16, add);
     }
     return 0;
+}
+
+/* The weight gradient's loop of depthwise_avx2.c (wgrad_row, wgrad_rows) for a block of 16 channels, one vector per
+ * tap and up to 17 taps of a row per pass instead of 6: each output-gradient load serves more taps. Each tap's
+ * products are added in the same order (increasing output pixel), so the sums have the same bits. */
+#define WTILE512 17
+
+INLINE512 void wgrad_row16(const float *xr, const float *gr, float *acc, int C, int W, int pw, int d, int kx0, int c0,
+                           const int NT) {
+    __m512 a[WTILE512];
+    for (int t = 0; t < NT; t++) a[t] = _mm512_loadu_ps(acc + t * 16);
+    const int first = kx0 * d, last = (kx0 + NT - 1) * d;
+    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
+    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
+    if (lo > hi) lo = hi = any_hi;
+    for (int pass = 0; pass < 3; pass++) {
+        const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
+        const int to = pass == 0 ? lo : pass == 1 ? hi : any_hi;
+        for (int xx = from; xx < to; xx++) {
+            const __m512 gv = _mm512_loadu_ps(gr + (long)xx * C + c0);
+            const int col = xx + first - pw;
+            for (int t = 0; t < NT; t++) {
+                if (pass != 1 && (unsigned)(col + t * d) >= (unsigned)W) continue;
+                a[t] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + (long)(col + t * d) * C + c0), gv, a[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) _mm512_storeu_ps(acc + t * 16, a[t]);
+}
+
+#define W16(NT) wgrad_row16(xr, gr, arow + kx0 * 16, C, W, pw, d, kx0, c0, NT)
+
+/* Every tap of the block of channels c0 .. c0 + 15 over rows [y0, y1) of image n, into acc (kh * kw * 16 floats,
+ * zeroed here): the work item of overlock_depthwise_wgrad_avx2. */
+__attribute__((target("avx512f")))
+void overlock_wgrad_rows_avx512(const float *x, const float *g, float *acc, long n, int y0, int y1, int H, int W,
+                                int C, int kh, int kw, int d, int c0) {
+    const int ph = d * (kh / 2), pw = d * (kw / 2);
+    memset(acc, 0, sizeof(float) * kh * kw * 16);
+    for (int y = y0; y < y1; y++) {
+        const float *gr = g + (n * H + y) * (long)W * C;
+        for (int ky = first_tap512(ph - y, d); ky < kh; ky++) {
+            const int yin = y + ky * d - ph;
+            if (yin >= H) break;
+            const float *xr = x + (n * H + yin) * (long)W * C;
+            float *arow = acc + (long)ky * kw * 16;
+            for (int kx0 = 0; kx0 < kw; kx0 += WTILE512) {
+                switch (kw - kx0 < WTILE512 ? kw - kx0 : WTILE512) {
+                case 17: W16(17); break; case 16: W16(16); break; case 15: W16(15); break; case 14: W16(14); break;
+                case 13: W16(13); break; case 12: W16(12); break; case 11: W16(11); break; case 10: W16(10); break;
+                case 9: W16(9); break; case 8: W16(8); break; case 7: W16(7); break; case 6: W16(6); break;
+                case 5: W16(5); break; case 4: W16(4); break; case 3: W16(3); break; case 2: W16(2); break;
+                default: W16(1);
+                }
+            }
+        }
+    }
 }
