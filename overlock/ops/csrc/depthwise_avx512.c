@@ -223,29 +223,100 @@ INLINE512 void wgrad_row16(const float *xr, const float *gr, float *acc, int C, 
 
 #define W16(NT) wgrad_row16(xr, gr, arow + kx0 * 16, C, W, pw, d, kx0, c0, NT)
 
+/* wgrad_row16 for two output-gradient rows that meet the same input row (dilation 1): taps of tap row A from g
+ * row ga, of tap row B from gb, the input vector loaded once for both. */
+#define WPAIR512 8
+
+INLINE512 void wgrad_row16x2(const float *xr, const float *ga, const float *gb, float *acca, float *accb, int C,
+                             int W, int pw, int kx0, int c0, const int NT) {
+    __m512 a[WPAIR512], b[WPAIR512];
+    for (int t = 0; t < NT; t++) {
+        a[t] = _mm512_loadu_ps(acca + t * 16);
+        b[t] = _mm512_loadu_ps(accb + t * 16);
+    }
+    const int first = kx0, last = kx0 + NT - 1;
+    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
+    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
+    if (lo > hi) lo = hi = any_hi;
+    for (int pass = 0; pass < 3; pass++) {
+        const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
+        const int to = pass == 0 ? lo : pass == 1 ? hi : any_hi;
+        for (int xx = from; xx < to; xx++) {
+            const __m512 gva = _mm512_loadu_ps(ga + (long)xx * C + c0), gvb = _mm512_loadu_ps(gb + (long)xx * C + c0);
+            const int col = xx + first - pw;
+            for (int t = 0; t < NT; t++) {
+                if (pass != 1 && (unsigned)(col + t) >= (unsigned)W) continue;
+                const __m512 v = _mm512_loadu_ps(xr + (long)(col + t) * C + c0);
+                a[t] = _mm512_fmadd_ps(v, gva, a[t]);
+                b[t] = _mm512_fmadd_ps(v, gvb, b[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        _mm512_storeu_ps(acca + t * 16, a[t]);
+        _mm512_storeu_ps(accb + t * 16, b[t]);
+    }
+}
+
+#define WP16(NT) wgrad_row16x2(xr, ga, gb, arow + kx0 * 16, brow + kx0 * 16, C, W, pw, kx0, c0, NT)
+
+/* All tap tiles of one input row xr: tap row arow's from g row ga and, if brow, tap row brow's from gb. */
+INLINE512 void wgrad_input_row(const float *xr, const float *ga, const float *gb, float *arow, float *brow, int C,
+                               int W, int kw, int pw, int d, int c0) {
+    if (brow) {
+        for (int kx0 = 0; kx0 < kw; kx0 += WPAIR512) {
+            switch (kw - kx0 < WPAIR512 ? kw - kx0 : WPAIR512) {
+            case 8: WP16(8); break; case 7: WP16(7); break; case 6: WP16(6); break; case 5: WP16(5); break;
+            case 4: WP16(4); break; case 3: WP16(3); break; case 2: WP16(2); break; default: WP16(1);
+            }
+        }
+        return;
+    }
+    const float *gr = ga;
+    for (int kx0 = 0; kx0 < kw; kx0 += WTILE512) {
+        switch (kw - kx0 < WTILE512 ? kw - kx0 : WTILE512) {
+        case 17: W16(17); break; case 16: W16(16); break; case 15: W16(15); break; case 14: W16(14); break;
+        case 13: W16(13); break; case 12: W16(12); break; case 11: W16(11); break; case 10: W16(10); break;
+        case 9: W16(9); break; case 8: W16(8); break; case 7: W16(7); break; case 6: W16(6); break;
+        case 5: W16(5); break; case 4: W16(4); break; case 3: W16(3); break; case 2: W16(2); break;
+        default: W16(1);
+        }
+    }
+}
+
 /* Every tap of the block of channels c0 .. c0 + 15 over rows [y0, y1) of image n, into acc (kh * kw * 16 floats,
- * zeroed here): the work item of overlock_depthwise_wgrad_avx2. */
+ * zeroed here): the work item of overlock_depthwise_wgrad_avx2. Undilated kernels take the output-gradient rows in
+ * pairs: an input row that meets both serves tap row ky of the first and ky - 1 of the second in one pass. Each tap
+ * still adds its products row by row, pixel by pixel, in the order of the 256-bit loop: the same bits. */
 __attribute__((target("avx512f")))
 void overlock_wgrad_rows_avx512(const float *x, const float *g, float *acc, long n, int y0, int y1, int H, int W,
                                 int C, int kh, int kw, int d, int c0) {
     const int ph = d * (kh / 2), pw = d * (kw / 2);
+    const long rs = (long)W * C;
     memset(acc, 0, sizeof(float) * kh * kw * 16);
-    for (int y = y0; y < y1; y++) {
-        const float *gr = g + (n * H + y) * (long)W * C;
+    int y = y0;
+    if (d == 1)
+        for (; y + 1 < y1; y += 2) {
+            const float *ga = g + (n * H + y) * rs, *gb = ga + rs;
+            const int r0 = y - ph > 0 ? y - ph : 0, r1 = y + 1 + ph < H - 1 ? y + 1 + ph : H - 1;
+            for (int r = r0; r <= r1; r++) {
+                const int ka = r - y + ph, kb = ka - 1;
+                const float *xr = x + (n * H + r) * rs;
+                if (ka < kh && kb >= 0)
+                    wgrad_input_row(xr, ga, gb, acc + (long)ka * kw * 16, acc + (long)kb * kw * 16, C, W, kw, pw, 1,
+                                    c0);
+                else if (ka < kh)
+                    wgrad_input_row(xr, ga, NULL, acc + (long)ka * kw * 16, NULL, C, W, kw, pw, 1, c0);
+                else
+                    wgrad_input_row(xr, gb, NULL, acc + (long)kb * kw * 16, NULL, C, W, kw, pw, 1, c0);
+            }
+        }
+    for (; y < y1; y++) {
+        const float *gr = g + (n * H + y) * rs;
         for (int ky = first_tap512(ph - y, d); ky < kh; ky++) {
             const int yin = y + ky * d - ph;
             if (yin >= H) break;
-            const float *xr = x + (n * H + yin) * (long)W * C;
-            float *arow = acc + (long)ky * kw * 16;
-            for (int kx0 = 0; kx0 < kw; kx0 += WTILE512) {
-                switch (kw - kx0 < WTILE512 ? kw - kx0 : WTILE512) {
-                case 17: W16(17); break; case 16: W16(16); break; case 15: W16(15); break; case 14: W16(14); break;
-                case 13: W16(13); break; case 12: W16(12); break; case 11: W16(11); break; case 10: W16(10); break;
-                case 9: W16(9); break; case 8: W16(8); break; case 7: W16(7); break; case 6: W16(6); break;
-                case 5: W16(5); break; case 4: W16(4); break; case 3: W16(3); break; case 2: W16(2); break;
-                default: W16(1);
-                }
-            }
+            wgrad_input_row(x + (n * H + yin) * rs, gr, NULL, acc + (long)ky * kw * 16, NULL, C, W, kw, pw, d, c0);
         }
     }
 }
