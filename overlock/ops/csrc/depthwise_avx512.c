@@ -2,9 +2,9 @@
  *
  * Why: on an AVX-512 Xeon (2 cores) the 256-bit loop ran 13x13-17x17 kernels at about 80 G taps/s, below oneDNN's
  * 512-bit kernels (17x17 on 8x64x56x56: 5.7 against 3.4 ms), while every other hand-written kernel (weight
- * gradients, ContMix, GRN) beat PyTorch's there. One vector per block of 16 channels; undilated kernels take two
- * output rows per work item, so each input vector loaded serves both (17x17: 3.4 ms, 15x15 on 8x128x28x28 1.3,
- * level with oneDNN; 13x13 and the 5x5-7x7 of the 14x14 maps 1.1-2.7x faster than it). Every output still starts
+ * gradients, ContMix, GRN) beat PyTorch's there. One vector per block of 16 channels, two output rows (yy and
+ * yy + dilation) per work item, so each input vector loaded serves both (17x17: 3.4 ms, 15x15 on 8x128x28x28 1.3,
+ * level with oneDNN; 13x13, the dilated kernels and the 5x5-7x7 of the 14x14 maps up to 2.7x faster than it). Every output still starts
  * from its bias and adds one fused multiply-add per tap in row-major tap order, as the 256-bit loop does: the same
  * bits, so a model gives one answer on both kinds of CPU.
  */
@@ -72,14 +72,14 @@ INLINE512 void row_block16(const float *img, int y0, long rstride, const float *
     }
 }
 
-/* Two output rows at once (dilation 1): out rows yy (a) and yy + 1 (b) read the same input rows, row t of the
- * window of a being row t - 1 of b's, so each input vector loaded serves two multiply-adds. Each output still takes
+/* Two output rows at once: out rows yy (a) and yy + d (b) read the same input rows, row t of the window of a being
+ * row t - 1 of b's, so each input vector loaded serves two multiply-adds. Each output still takes
  * its taps in row-major order: the same bits as tile16. Tap rows [ta0, ta1) of a and [tb0, tb1) of b, numbered in
  * a's window. */
 #define PAIR512 6
 
 INLINE512 void tile16x2(const float *img, int ya, long rstride, const float *w, const float *bias, float *outa,
-                        float *outb, int C, int W, int kw, int pw, int ta0, int ta1, int tb0, int tb1, int kx0,
+                        float *outb, int C, int W, int kw, int pw, int d, int ta0, int ta1, int tb0, int tb1, int kx0,
                         int kx1, int x0, int c0, const int NT, const int CHECK, int add) {
     __m512 a[PAIR512], b[PAIR512];
     const __m512 bv = bias ? _mm512_loadu_ps(bias + c0) : _mm512_setzero_ps();
@@ -92,12 +92,12 @@ INLINE512 void tile16x2(const float *img, int ya, long rstride, const float *w, 
     const int t0 = ta0 < tb0 ? ta0 : tb0, t1 = ta1 > tb1 ? ta1 : tb1;
     for (int t = t0; t < t1; t++) {
         const int ina = t >= ta0 && t < ta1, inb = t >= tb0 && t < tb1;
-        const float *row = img + (long)(ya + t) * rstride + c0;
+        const float *row = img + (long)(ya + t * d) * rstride + c0;
         const float *wa = w + (long)t * kw * C + c0, *wb = w + (long)(t - 1) * kw * C + c0;
         if (ina && inb) {
             for (int kx = kx0; kx < kx1; kx++) {
                 const __m512 va = _mm512_loadu_ps(wa + (long)kx * C), vb = _mm512_loadu_ps(wb + (long)kx * C);
-                const int col = x0 + kx - pw;
+                const int col = x0 + kx * d - pw;
                 for (int i = 0; i < NT; i++) {
                     if (CHECK && (unsigned)(col + i) >= (unsigned)W) continue;
                     const __m512 v = _mm512_loadu_ps(row + (long)(col + i) * C);
@@ -109,7 +109,7 @@ INLINE512 void tile16x2(const float *img, int ya, long rstride, const float *w, 
             const float *wt = ina ? wa : wb;
             for (int kx = kx0; kx < kx1; kx++) {
                 const __m512 vw = _mm512_loadu_ps(wt + (long)kx * C);
-                const int col = x0 + kx - pw;
+                const int col = x0 + kx * d - pw;
                 for (int i = 0; i < NT; i++) {
                     if (CHECK && (unsigned)(col + i) >= (unsigned)W) continue;
                     const __m512 v = _mm512_loadu_ps(row + (long)(col + i) * C);
@@ -126,7 +126,7 @@ INLINE512 void tile16x2(const float *img, int ya, long rstride, const float *w, 
 }
 
 #define P16(NT, CHECK) tile16x2(img, ya, rstride, w, bias, outa + (long)x0 * C, outb + (long)x0 * C, C, W, kw, pw, \
-                                ta0, ta1, tb0, tb1, kx0, kx1, x0, c0, NT, CHECK, add)
+                                d, ta0, ta1, tb0, tb1, kx0, kx1, x0, c0, NT, CHECK, add)
 #define P16S(CHECK) switch (nt) {                                                                      \
     case 12: P16(12, CHECK); break; case 11: P16(11, CHECK); break; case 10: P16(10, CHECK); break;    \
     case 9: P16(9, CHECK); break; case 8: P16(8, CHECK); break; case 7: P16(7, CHECK); break;          \
@@ -134,13 +134,13 @@ INLINE512 void tile16x2(const float *img, int ya, long rstride, const float *w, 
     case 3: P16(3, CHECK); break; case 2: P16(2, CHECK); break; default: P16(1, CHECK); }
 
 INLINE512 void row_pair16(const float *img, int ya, long rstride, const float *w, const float *bias, float *outa,
-                          float *outb, int C, int W, int kw, int pw, int ta0, int ta1, int tb0, int tb1, int c0,
+                          float *outb, int C, int W, int kw, int pw, int d, int ta0, int ta1, int tb0, int tb1, int c0,
                           int add) {
     for (int x0 = 0; x0 < W; x0 += PAIR512) {
         const int nt = W - x0 < PAIR512 ? W - x0 : PAIR512;
-        const int kx0 = first_tap512(pw - x0 - nt + 1, 1), hi = first_tap512(W + pw - x0, 1);
+        const int kx0 = first_tap512(pw - x0 - nt + 1, d), hi = first_tap512(W + pw - x0, d);
         const int kx1 = hi < kw ? hi : kw;
-        if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1) - pw >= W) {
+        if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1) * d - pw >= W) {
             P16S(1)
         } else {
             P16S(0)
@@ -161,34 +161,27 @@ int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *
     if (C % 16 || !overlock_avx512_usable()) return -1;
     const int ph = d * (kh / 2), pw = d * (kw / 2), nblocks = C / 16;
     const long rstride = (long)W * C;
-    if (d == 1) {  /* rows in pairs (tile16x2) */
-        const int P = (H + 1) / 2;
-        #pragma omp parallel for schedule(static)
-        for (long item = 0; item < (long)N * P * nblocks; item++) {
-            const int cb = item % nblocks, yy = 2 * ((item / nblocks) % P);
-            const long n = item / nblocks / P;
-            const float *img = x + n * H * rstride;
-            float *out = y + (n * H + yy) * rstride;
-            const int ta0 = first_tap512(ph - yy, 1), ta_end = H - yy + ph, ta1 = ta_end < kh ? ta_end : kh;
-            if (yy + 1 == H) {
-                row_block16(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, 1, ta0, ta1, cb * 16, add);
-                continue;
-            }
-            /* row b's taps [kb0, kb1) are rows kb0 + 1 .. kb1 of a's window */
-            const int kb0 = first_tap512(ph - yy - 1, 1), kb_end = H - yy - 1 + ph, kb1 = kb_end < kh ? kb_end : kh;
-            row_pair16(img, yy - ph, rstride, w, bias, out, out + rstride, C, W, kw, pw, ta0, ta1, kb0 + 1, kb1 + 1,
-                       cb * 16, add);
-        }
-        return 0;
-    }
+    /* rows yy and yy + d in pairs (tile16x2): blocks of 2d rows, the first d of each paired with the next d */
+    const int blocks = (H + 2 * d - 1) / (2 * d), per_image = blocks * d;
     #pragma omp parallel for schedule(static)
-    for (long item = 0; item < (long)N * H * nblocks; item++) {
-        const int cb = item % nblocks, yy = (item / nblocks) % H;
-        const long n = item / nblocks / H;
-        const int ky0 = first_tap512(ph - yy, d), ky_end = first_tap512(H - yy + ph, d);
-        const int ky1 = ky_end < kh ? ky_end : kh;
-        row_block16(x + n * H * rstride, yy - ph, rstride, w, bias, y + (n * H + yy) * rstride, C, W, kw, pw, d, ky0,
-                    ky1, cb * 16, add);
+    for (long item = 0; item < (long)N * per_image * nblocks; item++) {
+        const int cb = item % nblocks, q = (item / nblocks) % per_image;
+        const long n = item / nblocks / per_image;
+        const int yy = q / d * 2 * d + q % d;
+        if (yy >= H) continue;
+        const float *img = x + n * H * rstride;
+        float *out = y + (n * H + yy) * rstride;
+        const int ta0 = first_tap512(ph - yy, d), ta_end = first_tap512(H - yy + ph, d);
+        const int ta1 = ta_end < kh ? ta_end : kh;
+        if (yy + d >= H) {
+            row_block16(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ta0, ta1, cb * 16, add);
+            continue;
+        }
+        /* row yy + d's taps [kb0, kb1) are taps kb0 + 1 .. kb1 of row yy's window */
+        const int kb0 = first_tap512(ph - yy - d, d), kb_end = first_tap512(H - yy - d + ph, d);
+        const int kb1 = kb_end < kh ? kb_end : kh;
+        row_pair16(img, yy - ph, rstride, w, bias, out, out + d * rstride, C, W, kw, pw, d, ta0, ta1, kb0 + 1, kb1 + 1,
+                   cb * 16, add);
     }
     return 0;
 }
