@@ -39,6 +39,31 @@ def test_backward_matches_float64():
     assert ((got.double() - xd.grad).abs() / g.double().abs().clamp_min(1)).max() < 1e-6
 
 
+def _has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 8-lane code runs")
+@pytest.mark.parametrize("offset", [0, 3, 8])
+def test_16_lane_code_gives_the_bits_of_the_8_lane_code(offset):
+    # groups of 8 lanes with and without a value below -3 (the forward's two forms), in every pairing within a
+    # 16-lane vector, plus whatever the random and special inputs give; offset shifts where the vectors begin
+    torch.manual_seed(1)
+    halves = torch.randn(64, 8).abs() - 1.0
+    halves[1::2, torch.randint(0, 8, (32,))] = -4.0 - torch.rand(32)
+    mixed = torch.cat([halves.flatten(), halves.flip(0).flatten()])
+    x = torch.cat([mixed, _inputs(100_003)])[offset:]
+    g = torch.randn_like(x)
+    wide, dwide = native.gelu(x), native.gelu_backward(g, x)
+    with native.narrow_vectors():
+        narrow, dnarrow = native.gelu(x), native.gelu_backward(g, x)
+    assert torch.equal(wide, narrow) and torch.equal(dwide, dnarrow)
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 15, 17, 40_001])
 def test_lengths_that_are_not_whole_vectors_and_in_place(n):
     x = _inputs(n)[:n].clone()

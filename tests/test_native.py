@@ -76,6 +76,21 @@ def test_512_bit_loops_give_the_bits_of_the_256_bit_ones(shape, kernel, dilation
     assert rel_err(wide, ref) < 1e-6
 
 
+@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
+@pytest.mark.parametrize("C", [32, 40])  # 40: a 16-lane prefix of each tile, then 8 lanes
+def test_512_bit_gelu_epilogues_give_the_bits_of_the_256_bit_ones(C):
+    torch.manual_seed(0)
+    x = cl(torch.randn(2, C, 9, 11) * 4)  # values below -3 too: GELU's other formula
+    g, u = cl(torch.randn(2, C, 9, 11)), cl(torch.randn(2, C, 9, 11) * 4)
+    w, b = torch.randn(C, 1, 3, 3), torch.randn(C)
+    taps = native._taps(w)
+    wide = native.depthwise_conv2d_taps_gelu(x, taps, b, 3, 3), native.depthwise_gelu_grad(g, w, u)
+    with native.narrow_vectors():
+        narrow = native.depthwise_conv2d_taps_gelu(x, taps, b, 3, 3), native.depthwise_gelu_grad(g, w, u)
+    assert all(torch.equal(a, n) for a, n in zip(wide, narrow))
+    assert torch.equal(wide[0], native.gelu(native.depthwise_conv2d_same(x, w, b)))
+
+
 def test_unsupported_shapes_are_declined():
     x = cl(torch.randn(1, 12, 8, 8))
     assert native.depthwise_conv2d_same(x, torch.randn(12, 1, 3, 3)) is None          # 12 channels
@@ -187,8 +202,8 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, se_avx2.c, "
-               "batchnorm_avx2.c")
+    sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, gelu_avx512.c, "
+               "se_avx2.c, batchnorm_avx2.c")
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built

@@ -21,6 +21,11 @@
 
 #include "gelu_avx2.h" /* gelu8: the GELU epilogue, the bits of the GELU kernel */
 
+/* gelu_avx512.c: the same GELU and gradient on a prefix of whole 16-lane vectors (same bits) where the CPU has
+ * AVX-512F; they return its length (0 elsewhere) */
+long overlock_gelu_span_avx512(const float *x, float *out, long n, int parallel);
+long overlock_gelu_grad_span_avx512(const float *g, const float *x, float *out, long n, int parallel);
+
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 #define MAX_TILE 6
 
@@ -161,7 +166,7 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
         if (ln && ln->gelu_of) {  /* the tile is a gradient flowing back through GELU(gelu_of) */
             float *t = out + (long)x0 * C;
             const float *u = ln->gelu_of + (long)x0 * C;
-            for (long i = 0; i < (long)nt * C; i += 8)
+            for (long i = overlock_gelu_grad_span_avx512(t, u, t, (long)nt * C, 0); i < (long)nt * C; i += 8)
                 _mm256_storeu_ps(t + i, gelu_grad8(_mm256_loadu_ps(t + i), _mm256_loadu_ps(u + i)));
         } else if (ln && ln->squares) {  /* four channel vectors at a time: independent FMA chains */
             const float *t = out + (long)x0 * C;
@@ -195,7 +200,8 @@ INLINE void row_all_blocks(const float *img, int y0, long rstride, const float *
             layer_norm_pixels(out + (long)x0 * C, ln->out + (long)x0 * C, nt, C, ln);
         } else if (ln) {
             float *t = out + (long)x0 * C;
-            for (long i = 0; i < (long)nt * C; i += 8) _mm256_storeu_ps(t + i, gelu8(_mm256_loadu_ps(t + i)));
+            for (long i = overlock_gelu_span_avx512(t, t, (long)nt * C, 0); i < (long)nt * C; i += 8)
+                _mm256_storeu_ps(t + i, gelu8(_mm256_loadu_ps(t + i)));
         }
     }
 }

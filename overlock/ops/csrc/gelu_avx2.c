@@ -20,9 +20,15 @@
 
 #include "gelu_avx2.h" /* gelu8, gelu8_fast, gelu_grad8 */
 
+/* gelu_avx512.c: a prefix of whole 16-lane vectors with the same bits, where the CPU has AVX-512F (else 0) */
+long overlock_gelu_span_avx512(const float *x, float *out, long n, int parallel);
+long overlock_gelu_grad_span_avx512(const float *g, const float *x, float *out, long n, int parallel);
+
 /* out[i] = GELU(x[i]); out may be x. */
 __attribute__((target("avx2,fma")))
 int overlock_gelu_avx2(const float *x, float *out, long n) {
+    const long done = overlock_gelu_span_avx512(x, out, n, 1);
+    x += done, out += done, n -= done;
     const long nv = n / 8;
     const long n4 = nv / 4;
 #pragma omp parallel for schedule(static) if (n >= MIN_PARALLEL)
@@ -60,6 +66,8 @@ int overlock_gelu_avx2(const float *x, float *out, long n) {
 /* out[i] = g[i] * GELU'(x[i]); out may be g or x. */
 __attribute__((target("avx2,fma")))
 int overlock_gelu_backward_avx2(const float *g, const float *x, float *out, long n) {
+    const long done = overlock_gelu_grad_span_avx512(g, x, out, n, 1);
+    g += done, x += done, out += done, n -= done;
     const long nv = n / 8;
 #pragma omp parallel for schedule(static) if (n >= MIN_PARALLEL)
     for (long i = 0; i < nv; i++)

@@ -1,0 +1,122 @@
+/* gelu_avx2.h's GELU and GELU gradient on 16 lanes, for CPUs with AVX-512F.
+ *
+ * Why: on an AVX-512 Xeon the 8-lane kernels are bound by arithmetic where PyTorch's 16-lane GELU is not (forward on
+ * 8x256x56x56: 1.76 against 0.93 ms), and GELU's gradient is most of the time of the conv-then-GELU-gradient pass of
+ * the GRN-MLP backward. Every lane goes through the very operations of gelu8 / gelu_grad8 (IEEE divisions, fused
+ * multiply-adds, the same rounding and exponent steps), and the forward's cheap path is still chosen per group of 8
+ * lanes, so the results have the same bits as the 8-lane code. The entry points handle a prefix of 16-lane vectors
+ * and return its length; the 8-lane code does the rest (and everything, where the CPU lacks AVX-512F).
+ */
+#include <immintrin.h>
+
+#define T512 __attribute__((target("avx512f")))
+#define INLINE16 static inline __attribute__((always_inline, target("avx512f")))
+#define MIN_PARALLEL 32768 /* as gelu_avx2.c */
+
+int overlock_avx512_usable(void);
+
+#define AS_P 0.3275911f
+#define AS_A1 0.254829592f
+#define AS_A2 -0.284496736f
+#define AS_A3 1.421413741f
+#define AS_A4 -1.453152027f
+#define AS_A5 1.061405429f
+#define INV_SQRT_2PI 0.3989422804014327f
+
+/* exp_neg_avx2.h's exp_neg */
+INLINE16 __m512 exp_neg16(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.0f);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, lo);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+
+/* gelu_avx2.h's half_erfc */
+INLINE16 __m512 half_erfc16(__m512 x, __m512 *e) {
+    const __m512 ax = _mm512_abs_ps(x);
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                   _mm512_fmadd_ps(_mm512_set1_ps(AS_P * 0.70710678118654752f), ax,
+                                                   _mm512_set1_ps(1.0f)));
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(AS_A5), t, _mm512_set1_ps(AS_A4));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(AS_A3));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(AS_A2));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(AS_A1));
+    *e = exp_neg16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
+    return _mm512_mul_ps(_mm512_mul_ps(poly, t), _mm512_mul_ps(*e, _mm512_set1_ps(0.5f)));
+}
+
+INLINE16 __m512 phi_of16(__m512 x, __m512 q) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+    return _mm512_mask_blend_ps(pos, q, _mm512_sub_ps(_mm512_set1_ps(1.0f), q));
+}
+
+/* gelu_avx2.h's erf_rational */
+INLINE16 __m512 erf_rational16(__m512 u) {
+    u = _mm512_max_ps(_mm512_min_ps(u, _mm512_set1_ps(4.0f)), _mm512_set1_ps(-4.0f));
+    const __m512 u2 = _mm512_mul_ps(u, u);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(-2.72614225801306e-10f), u2, _mm512_set1_ps(2.77068142495902e-08f));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-2.10102402082508e-06f));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-5.69250639462346e-05f));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-7.34990630326855e-04f));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-2.95459980854025e-03f));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-1.60960333262415e-02f));
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(-1.45660718464996e-05f), u2, _mm512_set1_ps(-2.13374055278905e-04f));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-1.68282697438203e-03f));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-7.37332916720468e-03f));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-1.42647390514189e-02f));
+    return _mm512_div_ps(_mm512_mul_ps(u, p), q);
+}
+
+INLINE16 __m512 gelu16_fast(__m512 x) {
+    const __m512 hx = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
+    return _mm512_fmadd_ps(hx, erf_rational16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), hx);
+}
+
+/* gelu8 on each half: the cheap form for a group of 8 lanes all >= -3, the exp-based one for the others. */
+INLINE16 __m512 gelu16(__m512 x) {
+    const __mmask16 low = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-3.0f), _CMP_LT_OQ);
+    if (low == 0) return gelu16_fast(x);
+    __m512 e;
+    const __m512 slow = _mm512_mul_ps(x, phi_of16(x, half_erfc16(x, &e)));
+    if ((low & 0xFF) && (low & 0xFF00)) return slow;
+    return _mm512_mask_blend_ps((low & 0xFF) ? 0x00FF : 0xFF00, gelu16_fast(x), slow);
+}
+
+INLINE16 __m512 gelu_grad16(__m512 g, __m512 x) {
+    __m512 e;
+    const __m512 q = half_erfc16(x, &e);
+    const __m512 d = _mm512_fmadd_ps(_mm512_mul_ps(x, e), _mm512_set1_ps(INV_SQRT_2PI), phi_of16(x, q));
+    return _mm512_mul_ps(g, d);
+}
+
+/* out[i] = GELU(x[i]) for i < the returned length (a multiple of 16; 0 where the 512-bit code does not run). Within
+ * a parallel region or for a tile, pass parallel = 0. */
+T512 long overlock_gelu_span_avx512(const float *x, float *out, long n, int parallel) {
+    if (!overlock_avx512_usable()) return 0;
+    const long nv = n / 16;
+#pragma omp parallel for schedule(static) if (parallel && n >= MIN_PARALLEL)
+    for (long i = 0; i < nv; i++) _mm512_storeu_ps(out + 16 * i, gelu16(_mm512_loadu_ps(x + 16 * i)));
+    return 16 * nv;
+}
+
+/* out[i] = g[i] * GELU'(x[i]) for i < the returned length (as above). */
+T512 long overlock_gelu_grad_span_avx512(const float *g, const float *x, float *out, long n, int parallel) {
+    if (!overlock_avx512_usable()) return 0;
+    const long nv = n / 16;
+#pragma omp parallel for schedule(static) if (parallel && n >= MIN_PARALLEL)
+    for (long i = 0; i < nv; i++)
+        _mm512_storeu_ps(out + 16 * i, gelu_grad16(_mm512_loadu_ps(g + 16 * i), _mm512_loadu_ps(x + 16 * i)));
+    return 16 * nv;
+}
