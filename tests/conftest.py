@@ -25,3 +25,12 @@ def expected():
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Norm of the difference over norm of the reference (the project's exactness measure)."""
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def has_avx512f() -> bool:
+    """The CPU has AVX-512F (the native kernels' 512-bit code runs; tests compare it with the 256-bit code)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False

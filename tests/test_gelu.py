@@ -7,6 +7,8 @@ from overlock.layers import GrnMlp
 from overlock.ops import gelu as gelu_ops
 from overlock.ops import native
 
+from conftest import has_avx512f
+
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.status()}")
 
 
@@ -39,15 +41,7 @@ def test_backward_matches_float64():
     assert ((got.double() - xd.grad).abs() / g.double().abs().clamp_min(1)).max() < 1e-6
 
 
-def _has_avx512f():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 8-lane code runs")
+@pytest.mark.skipif(not has_avx512f(), reason="the CPU lacks AVX-512F: only the 8-lane code runs")
 @pytest.mark.parametrize("offset", [0, 3, 8])
 def test_16_lane_code_gives_the_bits_of_the_8_lane_code(offset):
     # groups of 8 lanes with and without a value below -3 (the forward's two forms), in every pairing within a

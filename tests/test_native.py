@@ -12,7 +12,7 @@ from overlock import OverLoCK, load_into
 from overlock.layers import DilatedReparamBlock, depthwise_conv
 from overlock.ops import depthwise, native
 
-from conftest import DATA, rel_err
+from conftest import DATA, has_avx512f, rel_err
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels {native.status()}")
 
@@ -43,15 +43,7 @@ def test_values_match_float64_conv(shape, kernel, with_bias):
     assert rel_err(out, ref) < 1e-6
 
 
-def _has_avx512f():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
+@pytest.mark.skipif(not has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
 @pytest.mark.parametrize("shape,kernel,dilation", [
     ((2, 64, 56, 56), (17, 17), 1), ((1, 32, 13, 29), (13, 13), 1), ((2, 16, 11, 25), (7, 5), 2),
     ((1, 48, 9, 7), (15, 15), 1), ((1, 16, 30, 30), (5, 5), 3),
@@ -76,7 +68,7 @@ def test_512_bit_loops_give_the_bits_of_the_256_bit_ones(shape, kernel, dilation
     assert rel_err(wide, ref) < 1e-6
 
 
-@pytest.mark.skipif(not _has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
+@pytest.mark.skipif(not has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit loop runs")
 @pytest.mark.parametrize("C", [32, 40])  # 40: a 16-lane prefix of each tile, then 8 lanes
 def test_512_bit_gelu_epilogues_give_the_bits_of_the_256_bit_ones(C):
     torch.manual_seed(0)

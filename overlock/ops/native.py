@@ -38,7 +38,8 @@ SOURCES = [Path(__file__).with_name("csrc") / name for name in ("depthwise_avx2.
                                                                        "se_avx2.c",
                                                                        "batchnorm_avx2.c")]
 # included by the sources (part of the cache key)
-HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h")]
+HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h", "gelu_math.h",
+                                                                   "depthwise_common.h")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise

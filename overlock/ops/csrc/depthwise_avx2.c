@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "gelu_avx2.h" /* gelu8: the GELU epilogue, the bits of the GELU kernel */
+#include "depthwise_common.h" /* first_tap, wgrad_passes */
 
 /* gelu_avx512.c: the same GELU and gradient on a prefix of whole 16-lane vectors (same bits) where the CPU has
  * AVX-512F; they return its length (0 elsewhere) */
@@ -66,8 +67,6 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
     case 6: TILE(6, CHECK); break; case 5: TILE(5, CHECK); break; case 4: TILE(4, CHECK); break; \
     case 3: TILE(3, CHECK); break; case 2: TILE(2, CHECK); break; default: TILE(1, CHECK); }
 
-/* The first tap index t >= 0 with t * d >= n (n may be negative). */
-static inline int first_tap(int n, int d) { return n <= 0 ? 0 : (n + d - 1) / d; }
 
 INLINE void row_block(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C,
                       int W, int kw, int pw, int d, int ky0, int ky1, int c0, const int CV, int add) {
@@ -384,15 +383,11 @@ INLINE void wgrad_row(const float *xr, const float *gr, float *acc, int C, int W
     __m256 a[MAX_TILE][2];
     for (int t = 0; t < NT; t++)
         for (int v = 0; v < CV; v++) a[t][v] = _mm256_loadu_ps(acc + (t * 2 + v) * 8);
-    /* output pixels xx that read inside the map for some tap of the tile [any_lo, any_hi), for all of them [lo, hi) */
     const int first = kx0 * d, last = (kx0 + NT - 1) * d;
-    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
-    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
-    if (lo > hi) lo = hi = any_hi;
+    int from[3], to[3];
+    wgrad_passes(W, pw, first, last, from, to);
     for (int pass = 0; pass < 3; pass++) {
-        const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
-        const int to = pass == 0 ? lo : pass == 1 ? hi : any_hi;
-        for (int xx = from; xx < to; xx++) {
+        for (int xx = from[pass]; xx < to[pass]; xx++) {
             __m256 gv[2];
             for (int v = 0; v < CV; v++) gv[v] = _mm256_loadu_ps(gr + (long)xx * C + c0 + 8 * v);
             const int col = xx + first - pw;

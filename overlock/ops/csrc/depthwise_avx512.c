@@ -1,15 +1,18 @@
-/* The large-kernel loop of depthwise_avx2.c's forward with 512-bit vectors, for CPUs with AVX-512F.
+/* The large-kernel loop of depthwise_avx2.c's forward, and its weight gradient, with 512-bit vectors, for CPUs with
+ * AVX-512F.
  *
  * Why: on an AVX-512 Xeon (2 cores) the 256-bit loop ran 13x13-17x17 kernels at about 80 G taps/s, below oneDNN's
  * 512-bit kernels (17x17 on 8x64x56x56: 5.7 against 3.4 ms), while every other hand-written kernel (weight
  * gradients, ContMix, GRN) beat PyTorch's there. One vector per block of 16 channels, two output rows (yy and
  * yy + dilation) per work item, so each input vector loaded serves both (17x17: 3.4 ms, 15x15 on 8x128x28x28 1.3,
- * level with oneDNN; 13x13, the dilated kernels and the 5x5-7x7 of the 14x14 maps up to 2.7x faster than it). Every output still starts
- * from its bias and adds one fused multiply-add per tap in row-major tap order, as the 256-bit loop does: the same
- * bits, so a model gives one answer on both kinds of CPU.
+ * level with oneDNN; 13x13, the dilated kernels and the 5x5-7x7 of the 14x14 maps up to 2.7x faster than it).
+ * Every output still starts from its bias and adds one fused multiply-add per tap in row-major tap order, as the
+ * 256-bit loop does: the same bits, so a model gives one answer on both kinds of CPU.
  */
 #include <immintrin.h>
 #include <string.h>
+
+#include "depthwise_common.h" /* first_tap, wgrad_passes: the cuts of depthwise_avx2.c */
 
 #define INLINE512 static inline __attribute__((always_inline, target("avx512f")))
 #define TILE512 12
@@ -56,13 +59,12 @@ int overlock_depthwise_avx512_set(int on) {
     return was;
 }
 
-static inline int first_tap512(int n, int d) { return n <= 0 ? 0 : (n + d - 1) / d; }
 
 INLINE512 void row_block16(const float *img, int y0, long rstride, const float *w, const float *bias, float *out,
                            int C, int W, int kw, int pw, int d, int ky0, int ky1, int c0, int add) {
     for (int x0 = 0; x0 < W; x0 += TILE512) {
         const int nt = W - x0 < TILE512 ? W - x0 : TILE512;
-        const int kx0 = first_tap512(pw - x0 - nt + 1, d), hi = first_tap512(W + pw - x0, d);
+        const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d);
         const int kx1 = hi < kw ? hi : kw;
         if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1) * d - pw >= W) {
             T16S(1)
@@ -138,7 +140,7 @@ INLINE512 void row_pair16(const float *img, int ya, long rstride, const float *w
                           int add) {
     for (int x0 = 0; x0 < W; x0 += PAIR512) {
         const int nt = W - x0 < PAIR512 ? W - x0 : PAIR512;
-        const int kx0 = first_tap512(pw - x0 - nt + 1, d), hi = first_tap512(W + pw - x0, d);
+        const int kx0 = first_tap(pw - x0 - nt + 1, d), hi = first_tap(W + pw - x0, d);
         const int kx1 = hi < kw ? hi : kw;
         if (x0 - pw < 0 || x0 + nt - 1 + (kw - 1) * d - pw >= W) {
             P16S(1)
@@ -171,14 +173,14 @@ int overlock_depthwise_rows_avx512(const float *x, const float *w, const float *
         if (yy >= H) continue;
         const float *img = x + n * H * rstride;
         float *out = y + (n * H + yy) * rstride;
-        const int ta0 = first_tap512(ph - yy, d), ta_end = first_tap512(H - yy + ph, d);
+        const int ta0 = first_tap(ph - yy, d), ta_end = first_tap(H - yy + ph, d);
         const int ta1 = ta_end < kh ? ta_end : kh;
         if (yy + d >= H) {
             row_block16(img, yy - ph, rstride, w, bias, out, C, W, kw, pw, d, ta0, ta1, cb * 16, add);
             continue;
         }
         /* row yy + d's taps [kb0, kb1) are taps kb0 + 1 .. kb1 of row yy's window */
-        const int kb0 = first_tap512(ph - yy - d, d), kb_end = first_tap512(H - yy - d + ph, d);
+        const int kb0 = first_tap(ph - yy - d, d), kb_end = first_tap(H - yy - d + ph, d);
         const int kb1 = kb_end < kh ? kb_end : kh;
         row_pair16(img, yy - ph, rstride, w, bias, out, out + d * rstride, C, W, kw, pw, d, ta0, ta1, kb0 + 1, kb1 + 1,
                    cb * 16, add);
@@ -196,13 +198,10 @@ INLINE512 void wgrad_row16(const float *xr, const float *gr, float *acc, int C, 
     __m512 a[WTILE512];
     for (int t = 0; t < NT; t++) a[t] = _mm512_loadu_ps(acc + t * 16);
     const int first = kx0 * d, last = (kx0 + NT - 1) * d;
-    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
-    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
-    if (lo > hi) lo = hi = any_hi;
+    int from[3], to[3];
+    wgrad_passes(W, pw, first, last, from, to);
     for (int pass = 0; pass < 3; pass++) {
-        const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
-        const int to = pass == 0 ? lo : pass == 1 ? hi : any_hi;
-        for (int xx = from; xx < to; xx++) {
+        for (int xx = from[pass]; xx < to[pass]; xx++) {
             const __m512 gv = _mm512_loadu_ps(gr + (long)xx * C + c0);
             const int col = xx + first - pw;
             for (int t = 0; t < NT; t++) {
@@ -228,13 +227,10 @@ INLINE512 void wgrad_row16x2(const float *xr, const float *ga, const float *gb, 
         b[t] = _mm512_loadu_ps(accb + t * 16);
     }
     const int first = kx0, last = kx0 + NT - 1;
-    const int any_lo = pw - last > 0 ? pw - last : 0, any_hi = W + pw - first < W ? W + pw - first : W;
-    int lo = pw - first > 0 ? pw - first : 0, hi = W + pw - last < W ? W + pw - last : W;
-    if (lo > hi) lo = hi = any_hi;
+    int from[3], to[3];
+    wgrad_passes(W, pw, first, last, from, to);
     for (int pass = 0; pass < 3; pass++) {
-        const int from = pass == 0 ? any_lo : pass == 1 ? lo : (hi > any_lo ? hi : any_lo);
-        const int to = pass == 0 ? lo : pass == 1 ? hi : any_hi;
-        for (int xx = from; xx < to; xx++) {
+        for (int xx = from[pass]; xx < to[pass]; xx++) {
             const __m512 gva = _mm512_loadu_ps(ga + (long)xx * C + c0), gvb = _mm512_loadu_ps(gb + (long)xx * C + c0);
             const int col = xx + first - pw;
             for (int t = 0; t < NT; t++) {
@@ -306,7 +302,7 @@ void overlock_wgrad_rows_avx512(const float *x, const float *g, float *acc, long
         }
     for (; y < y1; y++) {
         const float *gr = g + (n * H + y) * rs;
-        for (int ky = first_tap512(ph - y, d); ky < kh; ky++) {
+        for (int ky = first_tap(ph - y, d); ky < kh; ky++) {
             const int yin = y + ky * d - ph;
             if (yin >= H) break;
             wgrad_input_row(x + (n * H + yin) * rs, gr, NULL, acc + (long)ky * kw * 16, NULL, C, W, kw, pw, d, c0);

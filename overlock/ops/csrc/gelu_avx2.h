@@ -6,13 +6,8 @@
 #include <immintrin.h>
 #include <math.h>
 
-#define AS_P 0.3275911f
-#define AS_A1 0.254829592f
-#define AS_A2 -0.284496736f
-#define AS_A3 1.421413741f
-#define AS_A4 -1.453152027f
-#define AS_A5 1.061405429f
-#define INV_SQRT_2PI 0.3989422804014327f
+#include "gelu_math.h" /* the constants, shared with gelu_avx512.c */
+
 
 #include "exp_neg_avx2.h" /* exp_neg: e^x for x <= 0 */
 
@@ -21,7 +16,7 @@ __attribute__((target("avx2,fma")))
 static inline __m256 half_erfc(__m256 x, __m256 *e) {
     const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
     const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
-                                   _mm256_fmadd_ps(_mm256_set1_ps(AS_P * 0.70710678118654752f), ax,
+                                   _mm256_fmadd_ps(_mm256_set1_ps(AS_P * INV_SQRT_2), ax,
                                                    _mm256_set1_ps(1.0f)));
     __m256 poly = _mm256_fmadd_ps(_mm256_set1_ps(AS_A5), t, _mm256_set1_ps(AS_A4));
     poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(AS_A3));
@@ -43,16 +38,16 @@ __attribute__((target("avx2,fma")))
 static inline __m256 erf_rational(__m256 u) {
     u = _mm256_max_ps(_mm256_min_ps(u, _mm256_set1_ps(4.0f)), _mm256_set1_ps(-4.0f));
     const __m256 u2 = _mm256_mul_ps(u, u);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(-2.72614225801306e-10f), u2, _mm256_set1_ps(2.77068142495902e-08f));
-    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(-2.10102402082508e-06f));
-    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(-5.69250639462346e-05f));
-    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(-7.34990630326855e-04f));
-    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(-2.95459980854025e-03f));
-    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(-1.60960333262415e-02f));
-    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(-1.45660718464996e-05f), u2, _mm256_set1_ps(-2.13374055278905e-04f));
-    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(-1.68282697438203e-03f));
-    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(-7.37332916720468e-03f));
-    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(-1.42647390514189e-02f));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(ERF_P0), u2, _mm256_set1_ps(ERF_P1));
+    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(ERF_P2));
+    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(ERF_P3));
+    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(ERF_P4));
+    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(ERF_P5));
+    p = _mm256_fmadd_ps(p, u2, _mm256_set1_ps(ERF_P6));
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(ERF_Q0), u2, _mm256_set1_ps(ERF_Q1));
+    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(ERF_Q2));
+    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(ERF_Q3));
+    q = _mm256_fmadd_ps(q, u2, _mm256_set1_ps(ERF_Q4));
     return _mm256_div_ps(_mm256_mul_ps(u, p), q);
 }
 
@@ -62,7 +57,7 @@ static inline __m256 erf_rational(__m256 u) {
 __attribute__((target("avx2,fma")))
 static inline __m256 gelu8_fast(__m256 x) {  /* every lane >= -3 */
     const __m256 hx = _mm256_mul_ps(x, _mm256_set1_ps(0.5f));
-    return _mm256_fmadd_ps(hx, erf_rational(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f))), hx);
+    return _mm256_fmadd_ps(hx, erf_rational(_mm256_mul_ps(x, _mm256_set1_ps(INV_SQRT_2))), hx);
 }
 
 __attribute__((target("avx2,fma")))

@@ -13,31 +13,26 @@
 #define INLINE16 static inline __attribute__((always_inline, target("avx512f")))
 #define MIN_PARALLEL 32768 /* as gelu_avx2.c */
 
+#include "gelu_math.h" /* the constants of gelu_avx2.h and exp_neg_avx2.h */
+
 int overlock_avx512_usable(void);
 
-#define AS_P 0.3275911f
-#define AS_A1 0.254829592f
-#define AS_A2 -0.284496736f
-#define AS_A3 1.421413741f
-#define AS_A4 -1.453152027f
-#define AS_A5 1.061405429f
-#define INV_SQRT_2PI 0.3989422804014327f
 
 /* exp_neg_avx2.h's exp_neg */
 INLINE16 __m512 exp_neg16(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(x, lo);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EXP_P0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P5));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mov_ps((__mmask16)~under, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
@@ -47,7 +42,7 @@ INLINE16 __m512 exp_neg16(__m512 x) {
 INLINE16 __m512 half_erfc16(__m512 x, __m512 *e) {
     const __m512 ax = _mm512_abs_ps(x);
     const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                   _mm512_fmadd_ps(_mm512_set1_ps(AS_P * 0.70710678118654752f), ax,
+                                   _mm512_fmadd_ps(_mm512_set1_ps(AS_P * INV_SQRT_2), ax,
                                                    _mm512_set1_ps(1.0f)));
     __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(AS_A5), t, _mm512_set1_ps(AS_A4));
     poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(AS_A3));
@@ -66,22 +61,22 @@ INLINE16 __m512 phi_of16(__m512 x, __m512 q) {
 INLINE16 __m512 erf_rational16(__m512 u) {
     u = _mm512_max_ps(_mm512_min_ps(u, _mm512_set1_ps(4.0f)), _mm512_set1_ps(-4.0f));
     const __m512 u2 = _mm512_mul_ps(u, u);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(-2.72614225801306e-10f), u2, _mm512_set1_ps(2.77068142495902e-08f));
-    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-2.10102402082508e-06f));
-    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-5.69250639462346e-05f));
-    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-7.34990630326855e-04f));
-    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-2.95459980854025e-03f));
-    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(-1.60960333262415e-02f));
-    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(-1.45660718464996e-05f), u2, _mm512_set1_ps(-2.13374055278905e-04f));
-    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-1.68282697438203e-03f));
-    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-7.37332916720468e-03f));
-    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(-1.42647390514189e-02f));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(ERF_P0), u2, _mm512_set1_ps(ERF_P1));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(ERF_P2));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(ERF_P3));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(ERF_P4));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(ERF_P5));
+    p = _mm512_fmadd_ps(p, u2, _mm512_set1_ps(ERF_P6));
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(ERF_Q0), u2, _mm512_set1_ps(ERF_Q1));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(ERF_Q2));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(ERF_Q3));
+    q = _mm512_fmadd_ps(q, u2, _mm512_set1_ps(ERF_Q4));
     return _mm512_div_ps(_mm512_mul_ps(u, p), q);
 }
 
 INLINE16 __m512 gelu16_fast(__m512 x) {
     const __m512 hx = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
-    return _mm512_fmadd_ps(hx, erf_rational16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f))), hx);
+    return _mm512_fmadd_ps(hx, erf_rational16(_mm512_mul_ps(x, _mm512_set1_ps(INV_SQRT_2))), hx);
 }
 
 /* gelu8 on each half: the cheap form for a group of 8 lanes all >= -3, the exp-based one for the others. */
