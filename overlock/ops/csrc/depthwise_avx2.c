@@ -67,7 +67,6 @@ INLINE void tile(const float *img, int y0, long rstride, const float *w, const f
     case 6: TILE(6, CHECK); break; case 5: TILE(5, CHECK); break; case 4: TILE(4, CHECK); break; \
     case 3: TILE(3, CHECK); break; case 2: TILE(2, CHECK); break; default: TILE(1, CHECK); }
 
-
 INLINE void row_block(const float *img, int y0, long rstride, const float *w, const float *bias, float *out, int C,
                       int W, int kw, int pw, int d, int ky0, int ky1, int c0, const int CV, int add) {
     for (int x0 = 0; x0 < W; x0 += MAX_TILE) {
