@@ -22,8 +22,8 @@ there: 1.5 s of a 9.4 s single-thread overlock_t training step (b8, 224) went to
 On the CPUs listed in ``native.NATIVE_ISAS`` (AVX2, AVX-512), the forward, the input gradient (the forward conv of
 ``dY`` with the kernel turned 180 degrees) and the weight gradient run in hand-written kernels
 (:mod:`overlock.ops.native`) wherever they apply; PyTorch's kernels everywhere else. Dilated convs run there too,
-directly on the map (weight gradient included, any kernel size): no sub-map copies, and an overlock_t training step (b8, 224, AVX2 EPYC)
-4.85 -> 4.36 s; the sub-map route stays for the other CPUs.
+directly on the map (weight gradient included, any kernel size): no sub-map copies, and an overlock_t training step
+(b8, 224, AVX2 EPYC) 4.85 -> 4.36 s; the sub-map route stays for the other CPUs.
 
 On GPUs, ``OVERLOCK_GPU_DEPTHWISE=triton`` runs every same-size depthwise conv in Triton kernels
 (:mod:`overlock.ops.depthwise_triton`; opt-in until measured: cuDNN's channels_last bf16 kernels are slow for

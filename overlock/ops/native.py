@@ -44,8 +44,8 @@ _reason = "not loaded yet"
 # forward 1.8-2.4x oneDNN at 13x13-17x17 and 1.2-1.6x at 3x3, ContMix aggregation 2.1-3x, GRN's scale 2.5-4x,
 # GELU 1.1-1.4x forward and 1.6x gradient (benchmarks/README.md).
 # AVX-512 Xeon (2 cores, 2026-12-05): whole model with them against oneDNN's 512-bit kernels, alternated in one
-# process: training step b8 2.83 -> 2.21 s, batch-1 forward 97 -> 72 ms, batch 16 857 -> 779 ms; the large-kernel
-# depthwise forward runs 512-bit vectors there (csrc/depthwise_avx512.c, same bits).
+# process: training step b8 2.83 -> 2.21 s, batch-1 forward 97 -> 72 ms, batch 16 857 -> 779 ms. There the large
+# depthwise forward, the depthwise weight gradient and GELU run 512-bit vectors (csrc/*_avx512.c, same bits).
 NATIVE_ISAS = {"AVX2", "AVX512"}
 _disabled = 0  # > 0 inside `disabled()`
 

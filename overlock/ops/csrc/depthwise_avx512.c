@@ -59,7 +59,6 @@ int overlock_depthwise_avx512_set(int on) {
     return was;
 }
 
-
 INLINE512 void row_block16(const float *img, int y0, long rstride, const float *w, const float *bias, float *out,
                            int C, int W, int kw, int pw, int d, int ky0, int ky1, int c0, int add) {
     for (int x0 = 0; x0 < W; x0 += TILE512) {
