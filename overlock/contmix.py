@@ -120,7 +120,7 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
 
 
 def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
-    """Both aggregations by the fused hand-written kernel (ops/native.py) into one ``(B, H, W, 2, G, cv)``
+    """Both aggregations by the fused hand-written kernel (ops/native.py, one call) into one ``(B, H, W, 2, G, cv)``
     buffer, on the CPUs where the hand-written kernels are used; ``None`` where it does not apply."""
     from .ops import native
     if v.device.type != "cpu" or not native.used_here():
@@ -133,10 +133,9 @@ def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
     # the previous one (1 KB in overlock_t's Focus-Net), so a 13x13 window's rows fell into a few L1 cache sets;
     # one copy of the map makes the kernel 1.3-1.4x faster there (same bits).
     v = v.contiguous()
-    q = q.contiguous()  # once for both calls (the kernel reads it as a dense (B, G, H*W, c) block)
-    if not native.na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size, halves[0]):
-        return None
-    if not native.na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size, halves[1]):
+    # q and keys as they are: the kernel takes their strides (a copy of each cost more than its reads)
+    if not native.na2d_softmax_av_pair(q, keys[..., :ss], keys[..., ss:], biases[0], biases[1], v, smk_size,
+                                       kernel_size, halves):
         return None
     return out
 

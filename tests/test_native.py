@@ -207,13 +207,35 @@ def test_fused_aggregation_matches_float64(B, G, H, W, c, C, k):
     """softmax(q @ keys + bias) over each pixel's NATTEN window (shifted at the borders), times the values."""
     from overlock.ops.neighborhood import na2d_av
     torch.manual_seed(0)
-    q, keys = torch.randn(B, G, H * W, c), torch.randn(B, G, c, k * k)
+    q = torch.randn(B, H * W, G, c).transpose(1, 2)  # strided as ContMix's NHWC queries
+    keys = torch.randn(B, G, c, 9 + k * k)[..., 9:]  # a slice of a wider product
     bias, v = torch.randn(G, H * W, k * k), torch.randn(B, H, W, G, C).permute(0, 3, 1, 2, 4)  # strided heads
     out = torch.full((B, G, H, W, C), float("nan"))
     assert native.na2d_softmax_av(q, keys, bias, v, k, out)
     attn = (q.double() @ keys.double() + bias.double()).softmax(-1).reshape(B, G, H, W, k * k)
     assert rel_err(out, na2d_av(attn, v.double(), k, "naive")) < 1e-6
+    same = torch.full_like(out, float("nan"))
+    assert native.na2d_softmax_av(q.contiguous(), keys.contiguous(), bias, v.contiguous(), k, same)
+    assert torch.equal(out, same)  # strides change the addresses, not the arithmetic
     assert not native.na2d_softmax_av(q, keys, bias, v[..., :4], k, out[..., :4])  # 4 channels: declined
+
+
+def test_both_aggregations_in_one_call_give_the_bits_of_two():
+    """``na2d_softmax_av_pair`` (ContMix's small and large windows in one parallel pass) against one call each."""
+    torch.manual_seed(0)
+    B, G, H, W, c, C, ks, kl = 2, 3, 13, 14, 16, 16, 5, 13
+    q = torch.randn(B, H * W, G, c).transpose(1, 2)
+    keys = torch.randn(B, G, c, ks * ks + kl * kl)
+    biases = torch.randn(G, H * W, ks * ks), torch.randn(G, H * W, kl * kl)
+    v = torch.randn(B, H, W, 2, G, C).permute(3, 0, 4, 1, 2, 5)
+    out = torch.full((B, H, W, 2, G, C), float("nan")).permute(3, 0, 4, 1, 2, 5)
+    assert native.na2d_softmax_av_pair(q, keys[..., :ks * ks], keys[..., ks * ks:], *biases, v, ks, kl, out)
+    for half, (k, keys_half) in enumerate([(ks, keys[..., :ks * ks]), (kl, keys[..., ks * ks:])]):
+        one = torch.full_like(out[half], float("nan"))
+        assert native.na2d_softmax_av(q, keys_half, biases[half], v[half], k, one)
+        assert torch.equal(out[half], one)
+    assert not native.na2d_softmax_av_pair(q, keys[..., :ks * ks], keys[..., ks * ks:].contiguous(), *biases, v, ks,
+                                           kl, out)  # the two keys must share strides
 
 
 def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
@@ -222,8 +244,8 @@ def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
 
     from overlock import ContMixBlock
     calls = []
-    real = native.na2d_softmax_av
-    monkeypatch.setattr(native, "na2d_softmax_av", lambda *a: calls.append(1) or real(*a))
+    real = native.na2d_softmax_av_pair
+    monkeypatch.setattr(native, "na2d_softmax_av_pair", lambda *a: calls.append(1) or real(*a))
     block = ContMixBlock(**json.loads((DATA / "contmix_config.json").read_text())).eval()
     block.load_state_dict(torch.load(DATA / "contmix_block.pth", weights_only=True)["state_dict"])
     block = block.to(memory_format=torch.channels_last)

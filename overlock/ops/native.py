@@ -28,8 +28,9 @@ import torch
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
            "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
-           "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu",
-           "gelu_backward", "silu_mul_", "status", "describe", "disabled", "narrow_vectors"]
+           "na2d_softmax_av_pair", "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums",
+           "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_", "status", "describe", "disabled",
+           "narrow_vectors"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
@@ -147,7 +148,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_grn_backward_apply_avx2.restype = ctypes.c_int
     lib.overlock_grn_backward_apply_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
-    lib.overlock_na2d_softmax_av_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int] * 7 + [ctypes.c_long] * 6
+    lib.overlock_na2d_softmax_av_avx2.argtypes = ([_ADDRESS] + [ctypes.c_long] * 3 + [_ADDRESS] * 2 + [ctypes.c_long] * 3
+                                                  + [_ADDRESS] * 3 + [ctypes.c_long] * 4 + [_ADDRESS]
+                                                  + [ctypes.c_long] * 4 + [ctypes.c_int] * 8)
     lib.overlock_na2d_softmax_av_backward_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_backward_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7 + [ctypes.c_long] * 9
     lib.overlock_gelu_avx2.restype = ctypes.c_int
@@ -437,24 +440,44 @@ def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
     """``out = na2d_av(softmax(query @ keys + bias), value)`` fused per pixel (no autograd), written into ``out``.
 
     ``query`` ``(B, G, H*W, c)``, ``keys`` ``(B, G, c, k*k)``, ``bias`` ``(G, H*W, k*k)``, ``value`` and ``out``
-    ``(B, G, H, W, C)`` with contiguous channels (any other strides). Returns ``False`` (``out`` untouched) where
-    the kernel does not apply: kernels off, not float32 CPU, ``C`` not a multiple of 8, a map smaller than the
-    window, or more than 1024 taps.
+    ``(B, G, H, W, C)``, each with a contiguous last dimension (any other strides). Returns ``False`` (``out``
+    untouched) where the kernel does not apply: kernels off, not float32 CPU, ``C`` not a multiple of 8, a map
+    smaller than the window, or more than 1024 taps.
     """
+    return _softmax_av(query, (keys,), (bias,), value[None], (kernel_size,), out[None])
+
+
+def na2d_softmax_av_pair(query: torch.Tensor, keys_small: torch.Tensor, keys_large: torch.Tensor,
+                         bias_small: torch.Tensor, bias_large: torch.Tensor, value: torch.Tensor, smk_size: int,
+                         kernel_size: int, out: torch.Tensor) -> bool:
+    """Both halves of ContMix's aggregation in one call: :func:`na2d_softmax_av` of ``value[0]`` with the small
+    kernel and of ``value[1]`` with the large one, into ``out[0]`` and ``out[1]`` (``value``, ``out``:
+    ``(2, B, G, H, W, C)``); the two keys tensors with the same strides (two slices of one product)."""
+    if keys_small.stride() != keys_large.stride():
+        return False
+    return _softmax_av(query, (keys_small, keys_large), (bias_small, bias_large), value, (smk_size, kernel_size),
+                       out)
+
+
+def _softmax_av(query, keys, biases, value, sizes, out) -> bool:
     lib = _library() if _disabled == 0 else None
-    if lib is None or not _real(query, keys, bias, value, out):
+    if lib is None or not _real(query, *keys, *biases, value, out):
         return False
-    B, G, H, W, C = value.shape
-    k = kernel_size
-    tensors = (query, keys, bias, value, out)
-    if (any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors) or C % 8 or k * k > 1024
-            or H < k or W < k or value.stride(-1) != 1 or out.stride(-1) != 1 or out.shape != value.shape
-            or value.stride(2) != W * value.stride(3) or out.stride(2) != W * out.stride(3)):
+    _, B, G, H, W, C = value.shape
+    k = max(sizes)
+    tensors = (query, *keys, *biases, value, out)
+    if (any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors)
+            or C % 8 or k * k > 1024 or H < k or W < k or out.shape != value.shape
+            or value.stride(3) != W * value.stride(4) or out.stride(3) != W * out.stride(4)
+            or query.shape[:3] != (B, G, H * W) or any(t.shape != (B, G, query.shape[3], s * s)
+                                                      for t, s in zip(keys, sizes))):
         return False
-    q, kk, b = query.contiguous(), keys.contiguous(), bias.contiguous()
+    biases = [t.contiguous() for t in biases]
+    k1 = sizes[1] if len(sizes) > 1 else 0
     rc = lib.overlock_na2d_softmax_av_avx2(
-        _ptr(q), _ptr(kk), _ptr(b), _ptr(value), _ptr(out), B, G, H, W, q.shape[-1], C, k,
-        value.stride(0), value.stride(1), value.stride(3), out.stride(0), out.stride(1), out.stride(3))
+        query.data_ptr(), *query.stride()[:3], keys[0].data_ptr(), keys[-1].data_ptr(), *keys[0].stride()[:3],
+        biases[0].data_ptr(), biases[-1].data_ptr(), value.data_ptr(), *value.stride()[:3], value.stride(4),
+        out.data_ptr(), *out.stride()[:3], out.stride(4), B, G, H, W, query.shape[3], C, sizes[0], k1)
     return rc == 0
 
 

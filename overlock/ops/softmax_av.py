@@ -53,15 +53,13 @@ class _SoftmaxAV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, keys_small, keys_large, bias_small, bias_large, value, smk_size, kernel_size, heads):
         B, C, H, W = value.shape
-        q, ks, kl = q.contiguous(), keys_small.contiguous(), keys_large.contiguous()
         bs, bl = bias_small.contiguous(), bias_large.contiguous()
         v = _heads(value.permute(0, 2, 3, 1), heads).contiguous()  # compact heads (contmix._native_context_mix)
         out = value.new_empty(B, H, W, C)
-        o = _heads(out, heads)
-        if not (native.na2d_softmax_av(q, ks, bs, v[0], smk_size, o[0])
-                and native.na2d_softmax_av(q, kl, bl, v[1], kernel_size, o[1])):
+        if not native.na2d_softmax_av_pair(q, keys_small, keys_large, bs, bl, v, smk_size, kernel_size,
+                                           _heads(out, heads)):
             raise RuntimeError("overlock: the fused ContMix kernel declined tensors that applies() accepted")
-        ctx.save_for_backward(q, ks, kl, bs, bl, value)
+        ctx.save_for_backward(q, keys_small, keys_large, bs, bl, value)
         ctx.sizes = smk_size, kernel_size, heads
         return out
 
@@ -69,6 +67,7 @@ class _SoftmaxAV(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, ks, kl, bs, bl, value = ctx.saved_tensors
+        q, ks, kl = q.contiguous(), ks.contiguous(), kl.contiguous()  # the backward kernel's layout
         smk_size, kernel_size, heads = ctx.sizes
         B, C, H, W = value.shape
         v = _heads(value.permute(0, 2, 3, 1).contiguous(), heads)

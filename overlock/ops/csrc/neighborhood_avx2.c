@@ -7,8 +7,9 @@
  * are read. Same function as ops/neighborhood.na2d_av(softmax(q @ keys + bias)) (NATTEN's window rule: the
  * window is centred on the pixel and shifted to stay inside the map near a border, never padded).
  *
- * Layout (float32): q (B, G, H*W, c) contiguous; keys (B, G, c, k*k) contiguous; bias (G, H*W, k*k)
- * contiguous; v and out addressed by element strides (sample, head, pixel; channels contiguous, C of them).
+ * Layout (float32): q (B, G, H*W, c), keys (B, G, c, k*k), v and out (B, G, H, W, C) addressed by element
+ * strides (the last dimension contiguous); bias (G, H*W, k*k) contiguous. The backward takes q and keys
+ * contiguous.
  *
  * Training uses the same forward and the hand-written backward at the end of this file (the gradients of q, keys,
  * bias and v), which rebuilds each pixel's softmax weights instead of keeping them: in PyTorch the logits, the
@@ -77,7 +78,7 @@ INLINE float exp_shifted(float *w, int nv, __m256 mx) {
 
 /* One pixel's window: w[0 .. kk) = exp(logit - max logit), padding lanes up to a multiple of 8 = 0; returns their
  * sum (the softmax weights are w / sum). */
-INLINE float window_exp(const float *qp, const float *keys, const float *bp, int c, int kk, float *w) {
+INLINE float window_exp(const float *qp, const float *keys, long kst, const float *bp, int c, int kk, float *w) {
     const int nv = (kk + 7) / 8, full = kk / 8;
     __m256 mx = _mm256_set1_ps(-INFINITY);
     int a = 0;
@@ -85,7 +86,7 @@ INLINE float window_exp(const float *qp, const float *keys, const float *bp, int
         const float *kp = keys + a * 8;
         __m256 s0 = _mm256_loadu_ps(bp + a * 8), s1 = _mm256_loadu_ps(bp + a * 8 + 8);
         __m256 s2 = _mm256_loadu_ps(bp + a * 8 + 16), s3 = _mm256_loadu_ps(bp + a * 8 + 24);
-        for (int j = 0; j < c; j++, kp += kk) {
+        for (int j = 0; j < c; j++, kp += kst) {
             const __m256 qj = _mm256_set1_ps(qp[j]);
             s0 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp), s0);
             s1 = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kp + 8), s1);
@@ -104,14 +105,14 @@ INLINE float window_exp(const float *qp, const float *keys, const float *bp, int
         if (a0 + 8 <= kk) {
             acc = _mm256_loadu_ps(bp + a0);
             for (int j = 0; j < c; j++)
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(qp[j]), _mm256_loadu_ps(keys + (long)j * kk + a0), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(qp[j]), _mm256_loadu_ps(keys + j * kst + a0), acc);
         } else {  /* tail: padding lanes get -inf (weight 0) */
             float tmp[8];
             for (int t = 0; t < 8; t++) {
                 float s = -INFINITY;
                 if (a0 + t < kk) {
                     s = bp[a0 + t];
-                    for (int j = 0; j < c; j++) s = fmaf(qp[j], keys[(long)j * kk + a0 + t], s);
+                    for (int j = 0; j < c; j++) s = fmaf(qp[j], keys[j * kst + a0 + t], s);
                 }
                 tmp[t] = s;
             }
@@ -124,9 +125,9 @@ INLINE float window_exp(const float *qp, const float *keys, const float *bp, int
 }
 
 /* One pixel: logits into w[0 .. kk), softmax, weighted sum of the window's values into o (C channels). */
-INLINE void pixel(const float *qp, const float *keys, const float *bp, const float *vg, long vpix, float *o,
+INLINE void pixel(const float *qp, const float *keys, long kst, const float *bp, const float *vg, long vpix, float *o,
                   int c, int kk, int k, int W, int sy, int sx, int C, float *w) {
-    const float inv = 1.0f / window_exp(qp, keys, bp, c, kk, w);
+    const float inv = 1.0f / window_exp(qp, keys, kst, bp, c, kk, w);
     const __m256 sc = _mm256_set1_ps(inv);
     for (int c0 = 0; c0 < C; c0 += 16) {
         /* four accumulator pairs (taps dx mod 4): independent FMA chains instead of one long one */
@@ -145,8 +146,8 @@ INLINE void pixel(const float *qp, const float *keys, const float *bp, const flo
 
 /* The logits of two pixels (queries q0, q1; bias rows b0, b1) into w0, w1 (padding lanes -inf): each logit the
  * same chain of FMAs as window_exp's, but every keys vector loaded once for both pixels. */
-INLINE void logits_pair(const float *q0, const float *q1, const float *keys, const float *b0, const float *b1,
-                        int c, int kk, float *w0, float *w1) {
+INLINE void logits_pair(const float *q0, const float *q1, const float *keys, long kst, const float *b0,
+                        const float *b1, int c, int kk, float *w0, float *w1) {
     const int full = kk / 8;
     int a = 0;
     for (; a + 4 <= full; a += 4) {
@@ -156,7 +157,7 @@ INLINE void logits_pair(const float *q0, const float *q1, const float *keys, con
             s[u] = _mm256_loadu_ps(b0 + a * 8 + 8 * u);
             t[u] = _mm256_loadu_ps(b1 + a * 8 + 8 * u);
         }
-        for (int j = 0; j < c; j++, kp += kk) {
+        for (int j = 0; j < c; j++, kp += kst) {
             const __m256 x0 = _mm256_set1_ps(q0[j]), x1 = _mm256_set1_ps(q1[j]);
             for (int u = 0; u < 4; u++) {
                 const __m256 kv = _mm256_loadu_ps(kp + 8 * u);
@@ -172,7 +173,7 @@ INLINE void logits_pair(const float *q0, const float *q1, const float *keys, con
     for (; a < full; a++) {
         __m256 s = _mm256_loadu_ps(b0 + a * 8), t = _mm256_loadu_ps(b1 + a * 8);
         for (int j = 0; j < c; j++) {
-            const __m256 kv = _mm256_loadu_ps(keys + (long)j * kk + a * 8);
+            const __m256 kv = _mm256_loadu_ps(keys + j * kst + a * 8);
             s = _mm256_fmadd_ps(_mm256_set1_ps(q0[j]), kv, s);
             t = _mm256_fmadd_ps(_mm256_set1_ps(q1[j]), kv, t);
         }
@@ -187,8 +188,8 @@ INLINE void logits_pair(const float *q0, const float *q1, const float *keys, con
                 s = b0[i];
                 t = b1[i];
                 for (int j = 0; j < c; j++) {
-                    s = fmaf(q0[j], keys[(long)j * kk + i], s);
-                    t = fmaf(q1[j], keys[(long)j * kk + i], t);
+                    s = fmaf(q0[j], keys[j * kst + i], s);
+                    t = fmaf(q1[j], keys[j * kst + i], t);
                 }
             }
             w0[full * 8 + e] = s;
@@ -245,10 +246,10 @@ INLINE void window_sum_pair(const float *vg, long vpix, const float *w0, const f
 }
 
 /* Two horizontally adjacent pixels (windows at sx and sx + shift, shift 0 or 1) into o0, o1. */
-INLINE void pixel_pair(const float *q0, const float *q1, const float *keys, const float *b0, const float *b1,
-                       const float *vg, long vpix, float *o0, float *o1, int c, int kk, int k, int W, int sy, int sx,
-                       int shift, int C, float *w0, float *w1) {
-    logits_pair(q0, q1, keys, b0, b1, c, kk, w0, w1);
+INLINE void pixel_pair(const float *q0, const float *q1, const float *keys, long kst, const float *b0,
+                       const float *b1, const float *vg, long vpix, float *o0, float *o1, int c, int kk, int k, int W,
+                       int sy, int sx, int shift, int C, float *w0, float *w1) {
+    logits_pair(q0, q1, keys, kst, b0, b1, c, kk, w0, w1);
     const __m256 sc0 = _mm256_set1_ps(1.0f / softmax_exp(w0, kk)), sc1 = _mm256_set1_ps(1.0f / softmax_exp(w1, kk));
     for (int c0 = 0; c0 < C; c0 += 16) {
         const int cv = c0 + 16 <= C ? 2 : 1;
@@ -266,36 +267,54 @@ INLINE void pixel_pair(const float *q0, const float *q1, const float *keys, cons
     }
 }
 
-/* Returns 0, or -1 for an unsupported shape (C not a multiple of 8, more than MAX_TAPS taps, map < k). */
-TARGET int overlock_na2d_softmax_av_avx2(const float *q, const float *keys, const float *bias, const float *v,
-                                         float *out, int B, int G, int H, int W, int c, int C, int k,
-                                         long vs_b, long vs_g, long vs_p, long os_b, long os_g, long os_p) {
-    const int kk = k * k;
-    if (C % 8 || kk > MAX_TAPS || H < k || W < k) return -1;
+/* One row y of one (sample, head) with a k x k window: queries q (pixel stride qs_p), keys (row stride kst), the
+ * row's biases brow (k*k per pixel), values vg and outputs orow (pixel strides vs_p, os_p). */
+INLINE void softmax_av_row(const float *q, long qs_p, const float *keys, long kst, const float *brow,
+                           const float *vg, long vs_p, float *orow, long os_p, int y, int H, int W, int c, int C,
+                           int k, float *w, float *w1) {
+    const int kk = k * k, sy = window_start(y, k, H);
+    int x = 0;
+    for (; x + 2 <= W; x += 2) {  /* pixel pairs: the keys and the window's values read once for both */
+        const int sx = window_start(x, k, W);
+        pixel_pair(q + x * qs_p, q + (x + 1) * qs_p, keys, kst, brow + (long)x * kk, brow + (long)(x + 1) * kk, vg,
+                   vs_p, orow + x * os_p, orow + (x + 1) * os_p, c, kk, k, W, sy, sx,
+                   window_start(x + 1, k, W) - sx, C, w, w1);
+    }
+    if (x < W)
+        pixel(q + x * qs_p, keys, kst, brow + (long)x * kk, vg, vs_p, orow + x * os_p, c, kk, k, W, sy,
+              window_start(x, k, W), C, w);
+}
+
+/* Both halves of ContMix's aggregation in one parallel pass (k1 = 0: the first only): half h aggregates values
+ * v + h * vs_h with kernel k_h, keys keys_h and biases bias_h (G, H*W, k_h^2, contiguous) into out + h * os_h.
+ * q (B, G, H*W, c), keys_h (B, G, c, k_h^2), v and out (B, G, H, W, C) are addressed by element strides (the
+ * last dimension contiguous), so the NHWC views of the query GEMM's output and of the keys product need no copy.
+ * A work item is one row of one head, both halves: the threads get equal shares of the small and large windows.
+ * Returns 0, or -1 for an unsupported shape (C not a multiple of 8, more than MAX_TAPS taps, map < k). */
+TARGET int overlock_na2d_softmax_av_avx2(const float *q, long qs_b, long qs_g, long qs_p, const float *keys0,
+                                         const float *keys1, long ks_b, long ks_g, long ks_j, const float *bias0,
+                                         const float *bias1, const float *v, long vs_h, long vs_b, long vs_g,
+                                         long vs_p, float *out, long os_h, long os_b, long os_g, long os_p, int B,
+                                         int G, int H, int W, int c, int C, int k0, int k1) {
+    const int km = k0 > k1 ? k0 : k1;
+    if (C % 8 || k0 < 1 || km * km > MAX_TAPS || H < km || W < km) return -1;
     const long HW = (long)H * W;
     #pragma omp parallel
     {
         float w[MAX_TAPS + 8] __attribute__((aligned(32))), w1[MAX_TAPS + 8] __attribute__((aligned(32)));
         #pragma omp for schedule(static)
-        for (long item = 0; item < (long)B * G * H; item++) {  /* one row of pixels of one head */
+        for (long item = 0; item < (long)B * G * H; item++) {
             const int y = item % H, g = (item / H) % G;
             const long b = item / H / G;
-            const float *kb = keys + (b * G + g) * (long)c * kk;
-            const float *vg = v + b * vs_b + g * vs_g;
-            const int sy = window_start(y, k, H);
-            const float *qrow = q + ((b * G + g) * HW + (long)y * W) * c;
-            const float *brow = bias + ((long)g * HW + (long)y * W) * kk;
-            float *orow = out + b * os_b + g * os_g + (long)y * W * os_p;
-            int x = 0;
-            for (; x + 2 <= W; x += 2) {  /* pixel pairs: the keys and the window's values read once for both */
-                const int sx = window_start(x, k, W);
-                pixel_pair(qrow + (long)x * c, qrow + (long)(x + 1) * c, kb, brow + (long)x * kk,
-                           brow + (long)(x + 1) * kk, vg, vs_p, orow + x * os_p, orow + (x + 1) * os_p, c, kk, k, W,
-                           sy, sx, window_start(x + 1, k, W) - sx, C, w, w1);
-            }
-            if (x < W)
-                pixel(qrow + (long)x * c, kb, brow + (long)x * kk, vg, vs_p, orow + x * os_p, c, kk, k, W, sy,
-                      window_start(x, k, W), C, w);
+            const float *qrow = q + b * qs_b + g * qs_g + (long)y * W * qs_p;
+            const long vo = b * vs_b + g * vs_g, oo = b * os_b + g * os_g + (long)y * W * os_p;
+            softmax_av_row(qrow, qs_p, keys0 + b * ks_b + g * ks_g, ks_j,
+                           bias0 + ((long)g * HW + (long)y * W) * k0 * k0, v + vo, vs_p, out + oo, os_p, y, H, W, c,
+                           C, k0, w, w1);
+            if (k1)
+                softmax_av_row(qrow, qs_p, keys1 + b * ks_b + g * ks_g, ks_j,
+                               bias1 + ((long)g * HW + (long)y * W) * k1 * k1, v + vs_h + vo, vs_p, out + os_h + oo,
+                               os_p, y, H, W, c, C, k1, w, w1);
         }
     }
     return 0;
@@ -327,7 +346,7 @@ INLINE void backward_item(const float *q, const float *keys, const float *bias, 
             const long p = (long)y * W + x;
             const int sx = window_start(x, k, W);
             float *dlp = dl + p * kk;
-            const float inv = 1.0f / window_exp(q + p * c, keys, bias + p * kk, c, kk, w);
+            const float inv = 1.0f / window_exp(q + p * c, keys, kk, bias + p * kk, c, kk, w);
             __m256 gv[4];
             for (int h = 0; h < NV; h++) gv[h] = _mm256_loadu_ps(gg + p * gpix + 8 * h);
             /* dp[a] = go . v[window pixel a] into dlp, eight taps at a time (their dot products reduced together) */
