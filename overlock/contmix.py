@@ -19,6 +19,7 @@ kernels the ``tiled`` backend runs the softmax and aggregation fused, at inferen
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -79,7 +80,8 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
         weight_proj: the 1x1 conv mapping 49 affinities to ``smk^2 + k^2`` kernel logits.
         rpb_small, rpb_large: ``(G, 2s-1, 2s-1)`` and ``(G, 2k-1, 2k-1)`` relative position biases.
         backend: aggregation kernel (default: the one chosen by ``set_backend``).
-        biases: ``window_biases(...)`` of these parameters and map size, if already computed.
+        biases: ``window_biases(...)`` of these parameters and map size if already computed, or a function
+            giving them or ``None`` (called only where they are needed: the CPU kernels sum them from the tables).
     Returns:
         ``(B, C, H, W)`` laid out as ``value``'s NHWC view (channels_last when the input is).
     """
@@ -90,15 +92,18 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     ss, kk = smk_size * smk_size, kernel_size * kernel_size
     q = query.permute(0, 2, 3, 1).reshape(B, H * W, G, c).transpose(1, 2)  # (B, G, HW, c)
     keys = torch.matmul(key.reshape(B, G, c, n_ctx), weight_proj.weight.reshape(ss + kk, n_ctx).t())
-    if biases is None:
-        biases = window_biases(rpb_small, rpb_large, weight_proj.bias, H, W, smk_size, kernel_size)
     backend = backend or _backend
     cv = value.shape[1] // (2 * G)
     v = value.permute(0, 2, 3, 1).reshape(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv)
-    if backend == "tiled" and _per_sample_ok(q, keys, v):
-        out = _native_context_mix(q, keys, biases, v, smk_size, kernel_size)
+    per_sample = backend == "tiled" and _per_sample_ok(q, keys, v)
+    if per_sample:
+        out = _native_context_mix(q, keys, (rpb_small, rpb_large, weight_proj.bias), v, smk_size, kernel_size)
         if out is not None:
             return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
+    biases = biases() if callable(biases) else biases
+    if biases is None:
+        biases = window_biases(rpb_small, rpb_large, weight_proj.bias, H, W, smk_size, kernel_size)
+    if per_sample:
         # a map that is one tile for the small kernel is one for the large kernel too (default_tile)
         x1 = na2d_softmax_av(q, keys[..., :ss], biases[0], v[0], smk_size)
         x2 = None if x1 is None else na2d_softmax_av(q, keys[..., ss:], biases[1], v[1], kernel_size)
@@ -119,14 +124,18 @@ def context_mix(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, wei
     return out.reshape(B, H, W, 2 * G * cv).permute(0, 3, 1, 2)
 
 
-def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
+def _native_context_mix(q, keys, tables, v, smk_size: int, kernel_size: int):
     """Both aggregations by the fused hand-written kernel (ops/native.py, one call) into one ``(B, H, W, 2, G, cv)``
-    buffer, on the CPUs where the hand-written kernels are used; ``None`` where it does not apply."""
+    buffer, on the CPUs where the hand-written kernels are used; ``None`` where it does not apply. ``tables``:
+    the two position-bias tables and the projection's bias, from which the kernel sums each pixel's biases."""
     from .ops import native
     if v.device.type != "cpu" or not native.used_here():
         return None
     _, B, G, H, W, cv = v.shape
     ss = smk_size * smk_size
+    rpb_small, rpb_large, proj_bias = tables
+    if proj_bias is None:
+        proj_bias = keys.new_zeros(keys.shape[-1])
     out = v.new_empty(B, H, W, 2, G, cv)
     halves = out.permute(3, 0, 4, 1, 2, 5)  # (2, B, G, H, W, cv) like v
     # Each head's values as a compact (H, W, cv) block: in the NHWC map one pixel's head lies 2*G*cv floats past
@@ -134,8 +143,8 @@ def _native_context_mix(q, keys, biases, v, smk_size: int, kernel_size: int):
     # one copy of the map makes the kernel 1.3-1.4x faster there (same bits).
     v = v.contiguous()
     # q and keys as they are: the kernel takes their strides (a copy of each cost more than its reads)
-    if not native.na2d_softmax_av_pair(q, keys[..., :ss], keys[..., ss:], biases[0], biases[1], v, smk_size,
-                                       kernel_size, halves):
+    if not native.na2d_softmax_av_pair(q, keys[..., :ss], keys[..., ss:], rpb_small, rpb_large, v, smk_size,
+                                       kernel_size, halves, proj_bias=(proj_bias[:ss], proj_bias[ss:])):
         return None
     return out
 
@@ -245,7 +254,7 @@ class ContMixCore(nn.Module):
             value = value_proj(value)
         out = context_mix(self.query(query_src), self.weight_key(key_src), value,
                           self.weight_proj, self.rpb1, self.rpb2, self.smk_size, self.kernel_size, self.num_heads,
-                          biases=self._cached_biases(*value.shape[-2:]))
+                          biases=functools.partial(self._cached_biases, *value.shape[-2:]))
         return F.adaptive_avg_pool2d(out, (H, W)) if small else out
 
     def query(self, query_src: torch.Tensor) -> torch.Tensor:

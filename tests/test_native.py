@@ -194,8 +194,8 @@ def _fresh_status(env):
 def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
-    sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, grn_avx2.c, gelu_avx2.c, gelu_avx512.c, "
-               "se_avx2.c, batchnorm_avx2.c")
+    sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, neighborhood_avx512.c, grn_avx2.c, "
+               "gelu_avx2.c, gelu_avx512.c, se_avx2.c, batchnorm_avx2.c")
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built
@@ -220,6 +220,34 @@ def test_fused_aggregation_matches_float64(B, G, H, W, c, C, k):
     assert not native.na2d_softmax_av(q, keys, bias, v[..., :4], k, out[..., :4])  # 4 channels: declined
 
 
+@pytest.mark.skipif(not has_avx512f(), reason="the CPU lacks AVX-512F: only the 256-bit code runs")
+@pytest.mark.parametrize("H,W,c,C,ks,kl", [
+    (14, 14, 16, 16, 5, 13),  # overlock_t's stride-16 maps: windows clamped at both borders, shifts 0 and 1
+    (7, 7, 16, 16, 5, 7),  # stride 32: every large window the whole map; two pixels, two more, one alone
+    (9, 18, 5, 32, 3, 9),  # odd query channels, two 16-channel blocks, interior quads (shifts 1, 1, 2)
+    (17, 19, 16, 24, 7, 17),  # 24 channels: the 256-bit code alone; 17x17 windows
+])
+def test_512_bit_aggregation_gives_the_bits_of_the_256_bit_one(H, W, c, C, ks, kl):
+    """The 16-lane ContMix aggregation (two pixel pairs at a time) against the 8-lane one, bit for bit."""
+    from overlock.ops.neighborhood import na2d_av
+    torch.manual_seed(0)
+    B, G = 2, 3
+    q = torch.randn(B, H * W, G, c).transpose(1, 2) * 2  # logits spread widely: exponentials down to underflow
+    keys = torch.randn(B, G, c, ks * ks + kl * kl)
+    biases = torch.randn(G, H * W, ks * ks), torch.randn(G, H * W, kl * kl)
+    v = torch.randn(B, H, W, 2, G, C).permute(3, 0, 4, 1, 2, 5)
+    args = q, keys[..., :ks * ks], keys[..., ks * ks:], *biases, v, ks, kl
+    wide, narrow = (torch.full((2, B, G, H, W, C), float("nan")) for _ in range(2))
+    assert native.na2d_softmax_av_pair(*args, wide)
+    with native.narrow_vectors():
+        assert native.na2d_softmax_av_pair(*args, narrow)
+    assert torch.equal(wide, narrow)
+    for half, k in enumerate((ks, kl)):
+        keys_half = args[1 + half].double()
+        attn = (q.double() @ keys_half + biases[half].double()).softmax(-1).reshape(B, G, H, W, k * k)
+        assert rel_err(wide[half], na2d_av(attn, v[half].double(), k, "naive")) < 1e-6
+
+
 def test_both_aggregations_in_one_call_give_the_bits_of_two():
     """``na2d_softmax_av_pair`` (ContMix's small and large windows in one parallel pass) against one call each."""
     torch.manual_seed(0)
@@ -238,6 +266,26 @@ def test_both_aggregations_in_one_call_give_the_bits_of_two():
                                            kl, out)  # the two keys must share strides
 
 
+@pytest.mark.parametrize("H,W,ks,kl", [(14, 14, 5, 13), (7, 9, 3, 7), (20, 17, 7, 17)])
+def test_biases_summed_from_the_tables_give_the_bits_of_the_per_pixel_array(H, W, ks, kl):
+    """At inference the kernel sums each pixel's window biases from the position tables and the projection's bias
+    (no (G, H*W, k*k) array per block): the bits of ``contmix.window_biases`` read per pixel."""
+    from overlock.contmix import window_biases
+    torch.manual_seed(0)
+    B, G, c, C = 2, 3, 16, 16
+    q = torch.randn(B, H * W, G, c).transpose(1, 2)
+    keys = torch.randn(B, G, c, ks * ks + kl * kl)
+    tables = torch.randn(G, 2 * ks - 1, 2 * ks - 1), torch.randn(G, 2 * kl - 1, 2 * kl - 1)
+    proj_bias = torch.randn(ks * ks + kl * kl)
+    v = torch.randn(B, H, W, 2, G, C).permute(3, 0, 4, 1, 2, 5)
+    args = q, keys[..., :ks * ks], keys[..., ks * ks:]
+    summed, read = (torch.full((2, B, G, H, W, C), float("nan")) for _ in range(2))
+    assert native.na2d_softmax_av_pair(*args, *tables, v, ks, kl, summed,
+                                       proj_bias=(proj_bias[:ks * ks], proj_bias[ks * ks:]))
+    assert native.na2d_softmax_av_pair(*args, *window_biases(*tables, proj_bias, H, W, ks, kl), v, ks, kl, read)
+    assert torch.equal(summed, read)
+
+
 def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
     """The official tiny ContMix block's outputs with the fused aggregation (channels_last maps, inference)."""
     import json
@@ -245,7 +293,7 @@ def test_context_mix_block_uses_the_fused_kernel(forced, expected, monkeypatch):
     from overlock import ContMixBlock
     calls = []
     real = native.na2d_softmax_av_pair
-    monkeypatch.setattr(native, "na2d_softmax_av_pair", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "na2d_softmax_av_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
     block = ContMixBlock(**json.loads((DATA / "contmix_config.json").read_text())).eval()
     block.load_state_dict(torch.load(DATA / "contmix_block.pth", weights_only=True)["state_dict"])
     block = block.to(memory_format=torch.channels_last)

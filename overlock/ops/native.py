@@ -34,11 +34,11 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("depthwise_avx2.c", "depthwise_avx512.c", "neighborhood_avx2.c", "grn_avx2.c", "gelu_avx2.c",
-                        "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c")]
+           for name in ("depthwise_avx2.c", "depthwise_avx512.c", "neighborhood_avx2.c", "neighborhood_avx512.c",
+                        "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c")]
 # included by the sources (part of the cache key)
-HEADERS = [Path(__file__).with_name("csrc") / name for name in ("exp_neg_avx2.h", "gelu_avx2.h", "gelu_math.h",
-                                                                   "depthwise_common.h")]
+HEADERS = [Path(__file__).with_name("csrc") / name for name in (
+    "exp_neg_avx2.h", "exp_neg_avx512.h", "gelu_avx2.h", "gelu_math.h", "depthwise_common.h", "neighborhood_common.h")]
 _ADDRESS = ctypes.c_void_p  # float buffers, passed as plain addresses (data_ptr()): no ctypes object per call
 _reason = "not loaded yet"
 # CPU vector ISAs on which the model runs these kernels instead of PyTorch's. Real AVX2 EPYC, 2 threads: depthwise
@@ -46,7 +46,8 @@ _reason = "not loaded yet"
 # GELU 1.1-1.4x forward and 1.6x gradient (benchmarks/README.md).
 # AVX-512 Xeon (2 cores, 2026-12-05): whole model with them against oneDNN's 512-bit kernels, alternated in one
 # process: training step b8 2.83 -> 2.21 s, batch-1 forward 97 -> 72 ms, batch 16 857 -> 779 ms. There the large
-# depthwise forward, the depthwise weight gradient and GELU run 512-bit vectors (csrc/*_avx512.c, same bits).
+# depthwise forward, the depthwise weight gradient, GELU and ContMix's forward aggregation run 512-bit vectors
+# (csrc/*_avx512.c, same bits).
 NATIVE_ISAS = {"AVX2", "AVX512"}
 _disabled = 0  # > 0 inside `disabled()`
 
@@ -148,9 +149,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_grn_backward_apply_avx2.restype = ctypes.c_int
     lib.overlock_grn_backward_apply_avx2.argtypes = [_ADDRESS] * 5 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_na2d_softmax_av_avx2.restype = ctypes.c_int
-    lib.overlock_na2d_softmax_av_avx2.argtypes = ([_ADDRESS] + [ctypes.c_long] * 3 + [_ADDRESS] * 2 + [ctypes.c_long] * 3
-                                                  + [_ADDRESS] * 3 + [ctypes.c_long] * 4 + [_ADDRESS]
-                                                  + [ctypes.c_long] * 4 + [ctypes.c_int] * 8)
+    lib.overlock_na2d_softmax_av_avx2.argtypes = (  # q, keys x 2, biases x 2, projection biases x 2, v, out, sizes
+        [_ADDRESS] + [ctypes.c_long] * 3 + [_ADDRESS] * 2 + [ctypes.c_long] * 3 + [_ADDRESS] * 5
+        + [ctypes.c_long] * 4 + [_ADDRESS] + [ctypes.c_long] * 4 + [ctypes.c_int] * 8)
     lib.overlock_na2d_softmax_av_backward_avx2.restype = ctypes.c_int
     lib.overlock_na2d_softmax_av_backward_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7 + [ctypes.c_long] * 9
     lib.overlock_gelu_avx2.restype = ctypes.c_int
@@ -207,8 +208,8 @@ class disabled:
 
 
 class narrow_vectors:
-    """Context manager: the depthwise kernels' 256-bit loops even on a CPU with AVX-512 (their 512-bit loops give the
-    same bits: tests compare the two). No effect where the kernels are not built."""
+    """Context manager: the kernels' 256-bit code even on a CPU with AVX-512 (their 512-bit code gives the same bits:
+    tests compare the two). No effect where the kernels are not built."""
 
     def __enter__(self):
         lib = _library()
@@ -449,35 +450,46 @@ def na2d_softmax_av(query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
 
 def na2d_softmax_av_pair(query: torch.Tensor, keys_small: torch.Tensor, keys_large: torch.Tensor,
                          bias_small: torch.Tensor, bias_large: torch.Tensor, value: torch.Tensor, smk_size: int,
-                         kernel_size: int, out: torch.Tensor) -> bool:
+                         kernel_size: int, out: torch.Tensor, proj_bias: Optional[Tuple[torch.Tensor, ...]] = None
+                         ) -> bool:
     """Both halves of ContMix's aggregation in one call: :func:`na2d_softmax_av` of ``value[0]`` with the small
     kernel and of ``value[1]`` with the large one, into ``out[0]`` and ``out[1]`` (``value``, ``out``:
-    ``(2, B, G, H, W, C)``); the two keys tensors with the same strides (two slices of one product)."""
+    ``(2, B, G, H, W, C)``); the two keys tensors with the same strides (two slices of one product).
+
+    With ``proj_bias`` (the projection's biases of each kernel, ``(s*s,)`` and ``(k*k,)``) the two biases are the
+    relative position tables ``(G, 2s-1, 2s-1)`` and ``(G, 2k-1, 2k-1)``: the kernel sums each pixel's window
+    biases itself (the bits of :func:`overlock.contmix.window_biases`) instead of reading them per pixel.
+    """
     if keys_small.stride() != keys_large.stride():
         return False
     return _softmax_av(query, (keys_small, keys_large), (bias_small, bias_large), value, (smk_size, kernel_size),
-                       out)
+                       out, proj_bias)
 
 
-def _softmax_av(query, keys, biases, value, sizes, out) -> bool:
+def _softmax_av(query, keys, biases, value, sizes, out, proj_bias=None) -> bool:
     lib = _library() if _disabled == 0 else None
-    if lib is None or not _real(query, *keys, *biases, value, out):
+    if lib is None or not _real(query, *keys, *biases, value, out, *(proj_bias or ())):
         return False
     _, B, G, H, W, C = value.shape
     k = max(sizes)
-    tensors = (query, *keys, *biases, value, out)
+    tensors = (query, *keys, *biases, value, out, *(proj_bias or ()))
     if (any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors)
             or C % 8 or k * k > 1024 or H < k or W < k or out.shape != value.shape
             or value.stride(3) != W * value.stride(4) or out.stride(3) != W * out.stride(4)
             or query.shape[:3] != (B, G, H * W) or any(t.shape != (B, G, query.shape[3], s * s)
                                                       for t, s in zip(keys, sizes))):
         return False
+    if proj_bias is not None and any(t.shape != (G, 2 * s - 1, 2 * s - 1) or p.shape != (s * s,)
+                                     for t, p, s in zip(biases, proj_bias, sizes)):
+        return False
     biases = [t.contiguous() for t in biases]
+    pb = [None, None] if proj_bias is None else [p.contiguous() for p in proj_bias]
     k1 = sizes[1] if len(sizes) > 1 else 0
     rc = lib.overlock_na2d_softmax_av_avx2(
         query.data_ptr(), *query.stride()[:3], keys[0].data_ptr(), keys[-1].data_ptr(), *keys[0].stride()[:3],
-        biases[0].data_ptr(), biases[-1].data_ptr(), value.data_ptr(), *value.stride()[:3], value.stride(4),
-        out.data_ptr(), *out.stride()[:3], out.stride(4), B, G, H, W, query.shape[3], C, sizes[0], k1)
+        biases[0].data_ptr(), biases[-1].data_ptr(), _ptr(pb[0]), _ptr(pb[-1]), value.data_ptr(),
+        *value.stride()[:3], value.stride(4), out.data_ptr(), *out.stride()[:3], out.stride(4), B, G, H, W,
+        query.shape[3], C, sizes[0], k1)
     return rc == 0
 
 

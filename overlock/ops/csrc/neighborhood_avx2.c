@@ -8,8 +8,8 @@
  * window is centred on the pixel and shifted to stay inside the map near a border, never padded).
  *
  * Layout (float32): q (B, G, H*W, c), keys (B, G, c, k*k), v and out (B, G, H, W, C) addressed by element
- * strides (the last dimension contiguous); bias (G, H*W, k*k) contiguous. The backward takes q and keys
- * contiguous.
+ * strides (the last dimension contiguous); bias (G, H*W, k*k) contiguous, or at inference the position-bias
+ * table and the projection's biases it is summed from. The backward takes q and keys contiguous.
  *
  * Training uses the same forward and the hand-written backward at the end of this file (the gradients of q, keys,
  * bias and v), which rebuilds each pixel's softmax weights instead of keeping them: in PyTorch the logits, the
@@ -17,20 +17,14 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TARGET __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
-#define MAX_TAPS 1024
 
-#include "exp_neg_avx2.h" /* exp_neg: e^x for the softmax's shifted logits (x <= 0) */
-
-static inline int window_start(int i, int k, int len) {
-    int s = i - k / 2;
-    if (s < 0) s = 0;
-    if (s > len - k) s = len - k;
-    return s;
-}
+#include "exp_neg_avx2.h"         /* exp_neg: e^x for the softmax's shifted logits (x <= 0) */
+#include "neighborhood_common.h" /* window_start, hsum, MAX_TAPS */
 
 /* acc[dx mod 4][h] += w[tap] * v[window pixel, c0 + 8h ..] over the k x k window at (sy, sx), CV halves of 8
  * channels; the columns past the last multiple of 4 go to acc[0]. */
@@ -52,13 +46,6 @@ INLINE void window_sum(const float *vg, long vpix, const float *w, int k, int W,
                 acc[0][h] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(row + (long)dx * vpix + 8 * h), acc[0][h]);
         }
     }
-}
-
-/* The sum of a vector's 8 lanes. */
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
 /* w[0 .. 8 nv) = exp(w - max), the max being that of the lanes of mx; returns the sum of the exponentials. */
@@ -267,13 +254,19 @@ INLINE void pixel_pair(const float *q0, const float *q1, const float *keys, long
     }
 }
 
+/* neighborhood_avx512.c: the pixel pairs of softmax_av_row with 512-bit vectors (same bits), where C is a multiple
+ * of 16 and the CPU has AVX-512F; returns the number of pixels done (0: none). */
+int overlock_softmax_av_pairs_avx512(const float *q, long qs_p, const float *keys, long kst, const float *brow,
+                                     const float *vg, long vs_p, float *orow, long os_p, int y, int H, int W, int c,
+                                     int C, int k, float *w0, float *w1);
+
 /* One row y of one (sample, head) with a k x k window: queries q (pixel stride qs_p), keys (row stride kst), the
  * row's biases brow (k*k per pixel), values vg and outputs orow (pixel strides vs_p, os_p). */
 INLINE void softmax_av_row(const float *q, long qs_p, const float *keys, long kst, const float *brow,
                            const float *vg, long vs_p, float *orow, long os_p, int y, int H, int W, int c, int C,
                            int k, float *w, float *w1) {
     const int kk = k * k, sy = window_start(y, k, H);
-    int x = 0;
+    int x = overlock_softmax_av_pairs_avx512(q, qs_p, keys, kst, brow, vg, vs_p, orow, os_p, y, H, W, c, C, k, w, w1);
     for (; x + 2 <= W; x += 2) {  /* pixel pairs: the keys and the window's values read once for both */
         const int sx = window_start(x, k, W);
         pixel_pair(q + x * qs_p, q + (x + 1) * qs_p, keys, kst, brow + (long)x * kk, brow + (long)(x + 1) * kk, vg,
@@ -285,39 +278,75 @@ INLINE void softmax_av_row(const float *q, long qs_p, const float *keys, long ks
               window_start(x, k, W), C, w);
 }
 
+/* Table mode: the k*k logit biases of every pixel of row y of one head, the relative position bias of each window
+ * offset plus the projection's bias, table[sy + dy - y + k - 1][sx + dx - x + k - 1] + pb[dy * k + dx] (the sum
+ * contmix.window_biases keeps per pixel: same bits), into out (W * k * k). */
+TARGET static void row_biases(const float *table, const float *pb, float *out, int y, int H, int W, int k) {
+    const int span = 2 * k - 1, kk = k * k, sy = window_start(y, k, H);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(k % 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int x = 0; x < W; x++) {
+        const int sx = window_start(x, k, W);
+        for (int dy = 0; dy < k; dy++) {
+            const float *t = table + (long)(sy + dy - y + k - 1) * span + (sx - x + k - 1), *p = pb + dy * k;
+            float *o = out + (long)x * kk + dy * k;
+            int dx = 0;
+            for (; dx + 8 <= k; dx += 8)
+                _mm256_storeu_ps(o + dx, _mm256_add_ps(_mm256_loadu_ps(t + dx), _mm256_loadu_ps(p + dx)));
+            if (dx < k)
+                _mm256_maskstore_ps(o + dx, tail, _mm256_add_ps(_mm256_maskload_ps(t + dx, tail),
+                                                                _mm256_maskload_ps(p + dx, tail)));
+        }
+    }
+}
+
 /* Both halves of ContMix's aggregation in one parallel pass (k1 = 0: the first only): half h aggregates values
  * v + h * vs_h with kernel k_h, keys keys_h and biases bias_h (G, H*W, k_h^2, contiguous) into out + h * os_h.
+ * Table mode (pb0 not NULL): bias_h is the position-bias table (G, 2 k_h - 1, 2 k_h - 1) and pb_h the projection's
+ * k_h^2 biases; each row's biases are summed here (row_biases) instead of read from a per-pixel array that is
+ * k_h^2 floats per pixel and head (1.2 MB per overlock_t block at 224, most of the bytes the kernel read).
  * q (B, G, H*W, c), keys_h (B, G, c, k_h^2), v and out (B, G, H, W, C) are addressed by element strides (the
  * last dimension contiguous), so the NHWC views of the query GEMM's output and of the keys product need no copy.
  * A work item is one row of one head, both halves: the threads get equal shares of the small and large windows.
  * Returns 0, or -1 for an unsupported shape (C not a multiple of 8, more than MAX_TAPS taps, map < k). */
 TARGET int overlock_na2d_softmax_av_avx2(const float *q, long qs_b, long qs_g, long qs_p, const float *keys0,
                                          const float *keys1, long ks_b, long ks_g, long ks_j, const float *bias0,
-                                         const float *bias1, const float *v, long vs_h, long vs_b, long vs_g,
-                                         long vs_p, float *out, long os_h, long os_b, long os_g, long os_p, int B,
-                                         int G, int H, int W, int c, int C, int k0, int k1) {
+                                         const float *bias1, const float *pb0, const float *pb1, const float *v,
+                                         long vs_h, long vs_b, long vs_g, long vs_p, float *out, long os_h, long os_b,
+                                         long os_g, long os_p, int B, int G, int H, int W, int c, int C, int k0,
+                                         int k1) {
     const int km = k0 > k1 ? k0 : k1;
     if (C % 8 || k0 < 1 || km * km > MAX_TAPS || H < km || W < km) return -1;
     const long HW = (long)H * W;
+    int failed = 0;
     #pragma omp parallel
     {
         float w[MAX_TAPS + 8] __attribute__((aligned(32))), w1[MAX_TAPS + 8] __attribute__((aligned(32)));
+        float *rb = pb0 ? malloc(sizeof(float) * W * km * km) : NULL;  /* table mode: one row's biases */
+        if (pb0 && !rb) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (long item = 0; item < (long)B * G * H; item++) {
+            if (pb0 && !rb) continue;
             const int y = item % H, g = (item / H) % G;
             const long b = item / H / G;
             const float *qrow = q + b * qs_b + g * qs_g + (long)y * W * qs_p;
             const long vo = b * vs_b + g * vs_g, oo = b * os_b + g * os_g + (long)y * W * os_p;
-            softmax_av_row(qrow, qs_p, keys0 + b * ks_b + g * ks_g, ks_j,
-                           bias0 + ((long)g * HW + (long)y * W) * k0 * k0, v + vo, vs_p, out + oo, os_p, y, H, W, c,
-                           C, k0, w, w1);
-            if (k1)
-                softmax_av_row(qrow, qs_p, keys1 + b * ks_b + g * ks_g, ks_j,
-                               bias1 + ((long)g * HW + (long)y * W) * k1 * k1, v + vs_h + vo, vs_p, out + os_h + oo,
-                               os_p, y, H, W, c, C, k1, w, w1);
+            for (int h = 0; h < (k1 ? 2 : 1); h++) {
+                const int k = h ? k1 : k0, span = 2 * k - 1;
+                const float *bias = h ? bias1 : bias0, *brow = bias + ((long)g * HW + (long)y * W) * k * k;
+                if (pb0) {
+                    row_biases(bias + (long)g * span * span, h ? pb1 : pb0, rb, y, H, W, k);
+                    brow = rb;
+                }
+                softmax_av_row(qrow, qs_p, (h ? keys1 : keys0) + b * ks_b + g * ks_g, ks_j, brow, v + h * vs_h + vo,
+                               vs_p, out + h * os_h + oo, os_p, y, H, W, c, C, k, w, w1);
+            }
         }
+        free(rb);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* go . v over NV vectors of 8 channels, as 8 partial sums */
