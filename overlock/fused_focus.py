@@ -116,11 +116,7 @@ class FusedDynamicConvBlock(ContMixCore):
         return _linear_nhwc(query_src, self.query_weight, self.query_bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
-        if not self.is_first:
-            ctx = torch.addcmul(self.ctx_bias, ctx, self.ctx_weight)
-            ctx = ctx.addcmul_(ctx_prior, self.prior_weight) if _inplace_ok(ctx) else \
-                torch.addcmul(ctx, ctx_prior, self.prior_weight)
-        fused, y = _conv_then_norm(self.dwconv1, self.norm1, torch.cat([x, ctx], dim=1))
+        fused, y = _conv_then_norm(self.dwconv1, self.norm1, self._input(x, ctx, ctx_prior))
         query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)
         x = self._mixer(y, query_src, key_src, fused)
         x, y = _conv_then_norm(self.dwconv2, self.norm2, x)
@@ -129,6 +125,20 @@ class FusedDynamicConvBlock(ContMixCore):
             return x, None
         x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
         return x, ctx
+
+    def _input(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor) -> torch.Tensor:
+        """``[x, ctx]``, the context first updated to ``x_scale(ctx) + h_scale(ctx_prior)`` (not in the first block):
+        one native pass where it runs."""
+        if self.is_first:
+            return torch.cat([x, ctx], dim=1)
+        if not _tracing() and x.device.type == "cpu" and native.used_here():
+            out = native.context_concat(x, ctx, ctx_prior, self.ctx_weight, self.prior_weight, self.ctx_bias)
+            if out is not None:
+                return out
+        ctx = torch.addcmul(self.ctx_bias, ctx, self.ctx_weight)
+        ctx = ctx.addcmul_(ctx_prior, self.prior_weight) if _inplace_ok(ctx) else \
+            torch.addcmul(ctx, ctx_prior, self.prior_weight)
+        return torch.cat([x, ctx], dim=1)
 
     def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor, identity: torch.Tensor
                ) -> torch.Tensor:

@@ -195,7 +195,7 @@ def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
     sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, neighborhood_avx512.c, grn_avx2.c, "
-               "gelu_avx2.c, gelu_avx512.c, se_avx2.c, batchnorm_avx2.c")
+               "gelu_avx2.c, gelu_avx512.c, se_avx2.c, batchnorm_avx2.c, concat_avx2.c")
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built
@@ -703,3 +703,17 @@ def test_batch_norm_branch_backward_matches_float64(shape, kernel, dilation, add
                                         cl(torch.empty(shape)), grad_x, add, True)
     assert rel_err(grad_x - (start if add else 0), want_x) < 1e-5
     assert rel_err(dw, want_w) < 1e-5 and rel_err(dot * invstd, want_gamma) < 1e-5
+
+
+@pytest.mark.parametrize("B,Cx,Cc,H,W", [(1, 256, 128, 14, 14), (3, 16, 8, 5, 7)])
+def test_context_concat_gives_the_bits_of_addcmul_twice_then_cat(B, Cx, Cc, H, W):
+    """The Focus-Net block's input ``[x, b + ctx * w1 + prior * w2]`` in one pass, ``x`` and ``ctx`` two channel
+    slices of the previous block's output as in the model."""
+    torch.manual_seed(0)
+    x, ctx = cl(torch.randn(B, Cx + Cc, H, W)).split([Cx, Cc], dim=1)
+    prior = cl(torch.randn(B, Cc, H, W))
+    w1, w2, b = (torch.randn(1, Cc, 1, 1) for _ in range(3))
+    got = native.context_concat(x, ctx, prior, w1, w2, b)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, torch.cat([x, torch.addcmul(b, ctx, w1).addcmul_(prior, w2)], dim=1))
+    assert native.context_concat(x, ctx, prior[..., 1:], w1, w2, b) is None  # mismatched sizes: declined

@@ -30,12 +30,12 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
            "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
            "na2d_softmax_av_pair", "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums",
            "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_", "status", "describe", "disabled",
-           "narrow_vectors"]
+           "narrow_vectors", "context_concat"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("depthwise_avx2.c", "depthwise_avx512.c", "neighborhood_avx2.c", "neighborhood_avx512.c",
-                        "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c")]
+                        "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c", "concat_avx2.c")]
 # included by the sources (part of the cache key)
 HEADERS = [Path(__file__).with_name("csrc") / name for name in (
     "exp_neg_avx2.h", "exp_neg_avx512.h", "gelu_avx2.h", "gelu_math.h", "depthwise_common.h", "neighborhood_common.h")]
@@ -158,6 +158,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_silu_mul_avx2.restype = ctypes.c_int
     lib.overlock_silu_mul_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
+    lib.overlock_context_concat_avx2.restype = ctypes.c_int
+    lib.overlock_context_concat_avx2.argtypes = [_ADDRESS, ctypes.c_long, ctypes.c_int, _ADDRESS, ctypes.c_long,
+                                                 _ADDRESS, ctypes.c_long, ctypes.c_int] + [_ADDRESS] * 4 + [ctypes.c_long]
     lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
     lib.overlock_gelu_backward_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long]
     _reason = f"on ({target})"
@@ -658,3 +661,32 @@ def silu_mul_(a: torch.Tensor, b: torch.Tensor) -> bool:
     if lib is None or a.dim() == 0 or not _dense_alike(a, b):
         return False
     return lib.overlock_silu_mul_avx2(_ptr(a), _ptr(b), a.numel()) == 0
+
+
+def context_concat(x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   bias: torch.Tensor) -> Optional[torch.Tensor]:
+    """``torch.cat([x, bias + ctx * w1 + prior * w2], dim=1)`` in one pass (the bits of PyTorch's addcmul twice,
+    then the concatenation): the Focus-Net block's input at inference. Float32 channels_last CPU maps of one batch
+    and size (``x``, ``ctx`` may be channel slices of one map), per-channel ``w1``, ``w2``, ``bias`` of ``ctx``'s
+    channels, multiples of 8 channels, no autograd; ``None`` where it does not apply."""
+    lib = _library() if _disabled == 0 else None
+    vectors = (w1, w2, bias)
+    if lib is None or not _real(x, ctx, prior, *vectors) or x.dim() != 4 or ctx.dim() != 4:
+        return None
+    B, Cx, H, W = x.shape
+    Cc = ctx.shape[1]
+    maps = (x, ctx, prior)
+    if (Cx % 8 or Cc % 8 or ctx.shape != (B, Cc, H, W) or prior.shape != ctx.shape
+            or any(t.numel() != Cc for t in vectors)
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (*maps, *vectors))
+            or any(t.stride(1) != 1 or t.stride(2) != W * t.stride(3) or t.stride(0) != H * W * t.stride(3)
+                   for t in maps)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (*maps, *vectors)))):
+        return None
+    w1, w2, bias = (t.contiguous() for t in vectors)
+    out = torch.empty(B, Cx + Cc, H, W, dtype=x.dtype, memory_format=torch.channels_last)
+    if lib.overlock_context_concat_avx2(x.data_ptr(), x.stride(3), Cx, ctx.data_ptr(), ctx.stride(3),
+                                        prior.data_ptr(), prior.stride(3), Cc, w1.data_ptr(), w2.data_ptr(),
+                                        bias.data_ptr(), out.data_ptr(), B * H * W) != 0:
+        return None
+    return out
