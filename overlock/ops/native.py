@@ -159,8 +159,9 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_silu_mul_avx2.restype = ctypes.c_int
     lib.overlock_silu_mul_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_context_concat_avx2.restype = ctypes.c_int
-    lib.overlock_context_concat_avx2.argtypes = [_ADDRESS, ctypes.c_long, ctypes.c_int, _ADDRESS, ctypes.c_long,
-                                                 _ADDRESS, ctypes.c_long, ctypes.c_int] + [_ADDRESS] * 4 + [ctypes.c_long]
+    lib.overlock_context_concat_avx2.argtypes = (  # x, ctx, prior with pixel strides, w1, w2, b, out, pixels
+        [_ADDRESS, ctypes.c_long, ctypes.c_int, _ADDRESS, ctypes.c_long, _ADDRESS, ctypes.c_long, ctypes.c_int]
+        + [_ADDRESS] * 4 + [ctypes.c_long])
     lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
     lib.overlock_gelu_backward_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long]
     _reason = f"on ({target})"
