@@ -129,6 +129,19 @@ class DepthwiseConv(nn.Conv2d):
         y = self(x)
         return y, norm(y)
 
+    def forward_norm_identity(self, x: torch.Tensor, norm: nn.Module, scale, shift):
+        """``(y * scale + shift, norm(y))`` with ``y = self(x)`` in the one native call of :meth:`forward_norm` (a
+        residual identity and the branch's input), or ``None`` where that call does not run: then ``y`` is left
+        to the caller. ``scale``/``shift``: per-channel ``C`` floats or ``None``."""
+        vectors = [t for t in (scale, shift) if t is not None]
+        if (self.kernel_size[0] * self.kernel_size[1] <= 9 and type(norm) is LayerNorm2d and self._direct(x)
+                and _norm_direct(norm, x) and not _hooked(self, norm)
+                and not any(torch.is_grad_enabled() and t.requires_grad for t in vectors)):
+            return native.depthwise_conv2d_taps_norm(
+                x, self._taps(), self.bias, *self.kernel_size, norm.weight, norm.bias, norm.eps,
+                None if scale is None else scale.reshape(-1), None if shift is None else shift.reshape(-1))
+        return None
+
     def forward_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         """``GELU(self(x))`` (a fresh output, so in place without autograd); for an exact GELU after a 3x3 conv
         that the kernel runs directly, one native call with the very bits of the two. Hooks: the plain call."""
@@ -520,10 +533,13 @@ class FusedGrnMlp(nn.Module):
         h, scale = self.hidden(x)
         return pointwise_scaled(self.fc2_weight, self.fc2_bias, h, scale=scale)
 
-    def forward_add(self, x: torch.Tensor, identity: torch.Tensor, identity_weight=None, gate=None) -> torch.Tensor:
+    def forward_add(self, x: torch.Tensor, identity: torch.Tensor, identity_weight=None, gate=None,
+                    prepared: bool = False) -> torch.Tensor:
         """``identity * identity_weight + self(x * gate)`` (:func:`pointwise_scaled_add`): the MLP and its
-        residual."""
+        residual. ``prepared``: ``identity`` is already ``identity * identity_weight + fc2_bias``."""
         h, scale = self.hidden(x, gate)
+        if prepared:
+            return pointwise_scaled_add(self.fc2_weight, None, h, identity, scale=scale)
         return pointwise_scaled_add(self.fc2_weight, self.fc2_bias, h, identity, scale=scale,
                                     identity_weight=identity_weight)
 
@@ -550,6 +566,19 @@ def _conv_then_norm(conv: nn.Module, norm: nn.Module, x: torch.Tensor):
         return conv.forward_norm(x, norm)
     y = conv(x)
     return y, norm(y)
+
+
+def _conv_then_norm_identity(conv: nn.Module, norm: nn.Module, x: torch.Tensor, scale, shift):
+    """``(identity, norm(conv(x)), prepared)``: where one native call can (:meth:`DepthwiseConv.forward_norm_identity`)
+    the identity is ``conv(x) * scale + shift`` already (``prepared``), else plain ``conv(x)``: the residual block's
+    identity and the branch's input, the identity's LayerScale and the branch's last bias applied in the same pass
+    (:func:`pointwise_scaled_add` then takes neither)."""
+    if isinstance(conv, DepthwiseConv):
+        got = conv.forward_norm_identity(x, norm, scale, shift)
+        if got is not None:
+            return got[0], got[1], True
+    y, z = _conv_then_norm(conv, norm, x)
+    return y, z, False
 
 
 class FusedRepConvBlock(nn.Module):
@@ -580,9 +609,9 @@ class FusedRepConvBlock(nn.Module):
             self.ls_weight = None
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, y = _conv_then_norm(self.dwconv, self.norm, x)
+        x, y, prepared = _conv_then_norm_identity(self.dwconv, self.norm, x, self.ls_weight, self.mlp.fc2_bias)
         y = self.large_kernel(y)
-        return self.mlp.forward_add(y, x, self.ls_weight, gate=self.se.scale(y))
+        return self.mlp.forward_add(y, x, self.ls_weight, gate=self.se.scale(y), prepared=prepared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_sample = x[:1].numel() * x.element_size() * self.hidden_dim // x.shape[1]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm, _fuse_children, _inplace_ok, _param,
+from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm_identity, _fuse_children, _inplace_ok, _param,
                     _records_grad, _tracing, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
 from .ops import native
@@ -116,11 +116,12 @@ class FusedDynamicConvBlock(ContMixCore):
         return _linear_nhwc(query_src, self.query_weight, self.query_bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
-        fused, y = _conv_then_norm(self.dwconv1, self.norm1, self._input(x, ctx, ctx_prior))
+        fused, y, prepared = _conv_then_norm_identity(self.dwconv1, self.norm1, self._input(x, ctx, ctx_prior),
+                                                      self.ls1_weight, self.proj_bias)
         query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)
-        x = self._mixer(y, query_src, key_src, fused)
-        x, y = _conv_then_norm(self.dwconv2, self.norm2, x)
-        x = self.mlp.forward_add(y, x, self.ls2_weight)
+        x = self._mixer(y, query_src, key_src, fused, prepared)
+        x, y, prepared = _conv_then_norm_identity(self.dwconv2, self.norm2, x, self.ls2_weight, self.mlp.fc2_bias)
+        x = self.mlp.forward_add(y, x, self.ls2_weight, prepared=prepared)
         if self.is_last:
             return x, None
         x, ctx = x.split([self.dim, self.ctx_dim], dim=1)
@@ -140,15 +141,18 @@ class FusedDynamicConvBlock(ContMixCore):
             torch.addcmul(ctx, ctx_prior, self.prior_weight)
         return torch.cat([x, ctx], dim=1)
 
-    def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor, identity: torch.Tensor
-               ) -> torch.Tensor:
-        """``identity * ls1 + proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``."""
+    def _mixer(self, y: torch.Tensor, query_src: torch.Tensor, key_src: torch.Tensor, identity: torch.Tensor,
+               prepared: bool = False) -> torch.Tensor:
+        """``identity * ls1 + proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``;
+        ``prepared``: ``identity`` is already ``identity * ls1 + proj's bias``."""
         h = _conv_then_gelu(self.fusion_dw, y, self.approximate)
         h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
         h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
         gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)
         mixed = _linear_add(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.lepe(h))
         scale = self.se.scale(mixed)
+        if prepared:
+            return pointwise_scaled_add(self.proj_weight, None, _silu_mul(gate, mixed), identity, scale=scale)
         return pointwise_scaled_add(self.proj_weight, self.proj_bias, _silu_mul(gate, mixed), identity, scale=scale,
                                     identity_weight=self.ls1_weight)
 

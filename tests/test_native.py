@@ -438,6 +438,27 @@ def test_fused_conv_then_layer_norm_in_one_call(forced, monkeypatch, C, size):
     assert not calls and z.grad_fn is not None and torch.allclose(z, norm(conv(x)))
 
 
+@pytest.mark.parametrize("affine", ["both", "scale", "shift"])
+def test_conv_then_norm_prepares_the_identity_with_pytorchs_bits(forced, affine):
+    """The residual identity ``y * scale + shift`` written in the conv-then-norm call (LayerScale and the branch's
+    last bias): the norm of the plain ``y``, and the bits of ``addcmul`` / ``mul`` / ``add`` on ``y``."""
+    from overlock.fused import DepthwiseConv
+    from overlock.layers import LayerNorm2d
+    torch.manual_seed(0)
+    C = 24
+    conv, norm = DepthwiseConv(C, C, 3, padding=1, groups=C).eval(), LayerNorm2d(C)
+    x = cl(torch.randn(2, C, 9, 12))
+    scale = torch.randn(C) if affine != "shift" else None
+    shift = torch.randn(C) if affine != "scale" else None
+    with torch.no_grad():
+        y, z = conv.forward_norm(x, norm)
+        got, z2 = conv.forward_norm_identity(x, norm, scale, shift)
+        want = {"both": lambda: torch.addcmul(shift.view(1, C, 1, 1), y, scale.view(1, C, 1, 1)),
+                "scale": lambda: y * scale.view(1, C, 1, 1), "shift": lambda: y + shift.view(1, C, 1, 1)}[affine]()
+        assert torch.equal(z2, z) and torch.equal(got, want)
+    assert conv.forward_norm_identity(x, norm, scale, shift) is None  # autograd on: left to the caller
+
+
 def test_fused_conv_then_gelu_in_one_call(forced, monkeypatch):
     """The Focus-Net block's 3x3 conv + exact GELU: one kernel call with the very bits of the conv kernel followed by
     the GELU kernel (including values below -3, which take GELU's other formula); the two calls otherwise."""

@@ -90,6 +90,8 @@ struct norm {
     float eps;
     float *squares;  /* non-NULL: neither; add each channel's sum of squares over the tile here instead */
     const float *gelu_of;  /* non-NULL: none of those; multiply by GELU'(gelu_of) instead (GELU's backward) */
+    const float *id_scale, *id_shift;  /* with out: then the conv output y <- y * id_scale + id_shift (either may
+                                          be NULL), the residual branch's identity prepared in the same pass */
 };
 
 /* LayerNorm of n pixels of C channels (C a multiple of 8) from src (still in L1) into dst: mean, then the mean
@@ -138,6 +140,16 @@ INLINE void layer_norm_pixels(const float *src, float *dst, int n, int C, const 
         for (int c = 0; c < C; c += 8) {
             const __m256 xn = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(p + c), m), r);
             _mm256_storeu_ps(q + c, _mm256_fmadd_ps(xn, _mm256_loadu_ps(ln->weight + c), _mm256_loadu_ps(ln->bias + c)));
+        }
+        if (ln->id_scale || ln->id_shift) {  /* as PyTorch's addcmul / mul_ / add_ on the identity: the same bits */
+            float *y = (float *)p;
+            for (int c = 0; c < C; c += 8) {
+                const __m256 v = _mm256_loadu_ps(y + c);
+                const __m256 b = ln->id_shift ? _mm256_loadu_ps(ln->id_shift + c) : _mm256_setzero_ps();
+                _mm256_storeu_ps(y + c, !ln->id_scale ? _mm256_add_ps(v, b)
+                                        : ln->id_shift ? _mm256_fmadd_ps(v, _mm256_loadu_ps(ln->id_scale + c), b)
+                                                       : _mm256_mul_ps(v, _mm256_loadu_ps(ln->id_scale + c)));
+            }
         }
     }
 }
@@ -340,12 +352,13 @@ int overlock_depthwise_gelu_grad_avx2(const float *g, const float *w, const floa
 }
 
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
- * bias, eps). */
+ * bias, eps); then, if id_scale or id_shift is given, y <- y * id_scale + id_shift (a fused block's residual
+ * identity: LayerScale and the branch's last bias, one pass less). */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias, float *y, float *z,
-                               const float *ln_weight, const float *ln_bias, float eps, int N, int H, int W, int C,
-                               int kh, int kw) {
-    const struct norm ln = {z, ln_weight, ln_bias, eps, NULL, NULL};
+                               const float *ln_weight, const float *ln_bias, float eps, const float *id_scale,
+                               const float *id_shift, int N, int H, int W, int C, int kh, int kw) {
+    const struct norm ln = {z, ln_weight, ln_bias, eps, NULL, NULL, id_scale, id_shift};
     return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &ln);
 }
 
