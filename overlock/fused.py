@@ -153,14 +153,15 @@ class DepthwiseConv(nn.Conv2d):
         y = self(x)
         return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
 
-    def forward_grn(self, x: torch.Tensor, gamma: torch.Tensor):
+    def forward_grn(self, x: torch.Tensor, gamma: torch.Tensor, apply: bool = False):
         """``(y, grn_scale(gamma, y))`` with ``y = self(x)``; for a 3x3 conv that the kernel runs directly, one
         native call summing GRN's squares while each output row is in cache (same ``y`` bits; the scale within
-        float rounding of :func:`grn_scale`'s). Hooks: the plain calls."""
+        float rounding of :func:`grn_scale`'s). With ``apply`` that call may return ``(y * scale, None)`` instead
+        (the scale applied). Hooks: the plain calls."""
         if (self.kernel_size[0] * self.kernel_size[1] <= 9 and self._direct(x) and gamma.dtype == torch.float32
                 and gamma.numel() == x.shape[1] and gamma.is_contiguous() and gamma.device.type == "cpu"
                 and not (torch.is_grad_enabled() and gamma.requires_grad) and not _hooked(self)):
-            got = native.depthwise_conv2d_taps_grn(x, self._taps(), self.bias, *self.kernel_size, gamma)
+            got = native.depthwise_conv2d_taps_grn(x, self._taps(), self.bias, *self.kernel_size, gamma, apply)
             if got is not None:
                 return got
         y = self(x)
@@ -525,9 +526,12 @@ class FusedGrnMlp(nn.Module):
         self.fc2_bias = _param(b2, fc2.weight)
 
     def hidden(self, x: torch.Tensor, gate=None):
-        """``(h, scale)``: the 3x3 conv's output on the GELU'd first 1x1 of ``x * gate`` and GRN's scale of it."""
+        """``(h, scale)``: the 3x3 conv's output on the GELU'd first 1x1 of ``x * gate`` and GRN's scale of it (for
+        the second 1x1 to apply), or ``(h * scale, None)`` where the scale is applied to the map anyway (a map of
+        fewer pixels than the second 1x1's outputs, :func:`pointwise_scaled`) and the conv's call can do it."""
         h = pointwise_scaled(self.fc1_weight, self.fc1_bias, x, scale=gate, gelu=self.approximate)
-        return _conv_then_grn(self.dwconv, self.grn_gamma, h)
+        apply = h.shape[2] * h.shape[3] < self.fc2_weight.shape[0]
+        return _conv_then_grn(self.dwconv, self.grn_gamma, h, apply)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, scale = self.hidden(x)
@@ -552,10 +556,11 @@ def _conv_then_gelu(conv: nn.Module, x: torch.Tensor, approximate: str) -> torch
     return gelu_ops.gelu_(y, approximate) if _inplace_ok(y) else gelu_ops.gelu(y, approximate)
 
 
-def _conv_then_grn(conv: nn.Module, gamma: torch.Tensor, x: torch.Tensor):
-    """``(conv(x), grn_scale(gamma, conv(x)))``, in one native call where :meth:`DepthwiseConv.forward_grn` can."""
+def _conv_then_grn(conv: nn.Module, gamma: torch.Tensor, x: torch.Tensor, apply: bool = False):
+    """``(conv(x), grn_scale(gamma, conv(x)))``, in one native call where :meth:`DepthwiseConv.forward_grn` can
+    (with ``apply``, possibly ``(conv(x) * scale, None)``)."""
     if isinstance(conv, DepthwiseConv):
-        return conv.forward_grn(x, gamma)
+        return conv.forward_grn(x, gamma, apply)
     y = conv(x)
     return y, grn_scale(gamma, y)
 

@@ -497,6 +497,8 @@ def test_fused_conv_then_grn_scale_in_one_call(forced, monkeypatch, C):
         gx = y.double().square().sum((2, 3), keepdim=True).sqrt()
         assert rel_err(scale, 1 + gamma.double().view(1, -1, 1, 1) * gx / (gx.mean(1, keepdim=True) + 1e-6)) < 1e-6
         assert torch.equal(conv.forward_grn(x[1:2], gamma)[1], scale[1:2])
+        applied, none = conv.forward_grn(x, gamma, apply=True)  # the scale applied in the same call
+        assert none is None and torch.equal(applied, y * scale)
         calls.clear()
         handle = conv.register_forward_hook(lambda *a: None)
         y2, scale2 = conv.forward_grn(x, gamma)

@@ -365,10 +365,11 @@ int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias
 /* y = the same conv as overlock_depthwise_avx2 (same bits), and GRN's per-sample channel scale of y,
  * scale[n, c] = 1 + gamma[c] * gx[n, c] / (mean_c gx[n, :] + 1e-6), gx the spatial L2 norm (grn_avx2.c's formula):
  * the squares are summed per output row while the row is in cache (in float, rows then added in double, so the
- * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. */
+ * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. With apply, y is
+ * then multiplied by the scale (as PyTorch's y * scale), while each thread's share is still in its cache. */
 __attribute__((target("avx2,fma")))
 int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
-                                float *scale, float *rows, int N, int H, int W, int C, int kh, int kw) {
+                                float *scale, float *rows, int apply, int N, int H, int W, int C, int kh, int kw) {
     const struct norm acc = {NULL, NULL, NULL, 0.0f, rows, NULL};
     if (conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &acc) != 0) return -1;
     #pragma omp parallel for schedule(static)
@@ -383,6 +384,17 @@ int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bia
         }
         const float denom = (float)(total / C) + 1e-6f;
         for (int c = 0; c < C; c++) s[c] = 1.0f + gamma[c] * (s[c] / denom);
+    }
+    if (apply) {  /* rows in the order conv_rows_then gave them to the threads */
+        #pragma omp parallel for schedule(static)
+        for (long r = 0; r < (long)N * H; r++) {
+            const float *s = scale + r / H * C;
+            float *yr = y + r * W * C;
+            for (int x = 0; x < W; x++)
+                for (int c = 0; c < C; c += 8)
+                    _mm256_storeu_ps(yr + (long)x * C + c,
+                                     _mm256_mul_ps(_mm256_loadu_ps(yr + (long)x * C + c), _mm256_loadu_ps(s + c)));
+        }
     }
     return 0;
 }
