@@ -99,63 +99,39 @@ INLINE512 float softmax_exp16(float *w, int kk) {
     return hsum(sum);
 }
 
-/* window_sum_pair of neighborhood_avx2.c for two pairs of pixels at once, 16 channels at c0: pair A (pixels 0, 1;
- * the second's window SA columns right of the first's) and pair B (pixels 2, 3: D and D + SB columns right). Each
- * value vector is loaded once for all four; each pixel's taps go to the chains the pair code gives them (the parity
- * of the column within its pair's span), in the same order: the same bits, with eight independent chains. */
-INLINE512 void window_sum_quad16(const float *vg, long vpix, float *const *w, int k, int W, int sy, int sx, int c0,
-                                 __m512 acc[4][2], const int SA, const int SB, const int D) {
+/* window_sum_pair of neighborhood_avx2.c for NP = 2 or 4 pixels, 16 channels at c0: pair A (pixels 0, 1; the
+ * second's window SA columns right of the first's) and with NP = 4 pair B (pixels 2, 3: D and D + SB columns right).
+ * Each value vector is loaded once for all of them; each pixel's taps go to the chains the pair code gives them (the
+ * parity of the column within its pair's span), in the same order: the same bits, with four independent chains per
+ * pair (one pair alone is bound by the multiply-adds' latency). */
+INLINE512 void window_sums16(const float *vg, long vpix, float *const *w, int k, int W, int sy, int sx, int c0,
+                             __m512 acc[4][2], const int NP, const int SA, const int SB, const int D) {
     __m512 a[2] = {acc[0][0], acc[0][1]}, b[2] = {acc[1][0], acc[1][1]};
     __m512 e[2] = {acc[2][0], acc[2][1]}, f[2] = {acc[3][0], acc[3][1]};
-    const int n = D + k + SB;
+    const int n = NP == 4 ? D + k + SB : k + SA;
     for (int dy = 0; dy < k; dy++) {
         const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
-        const float *r0 = w[0] + dy * k, *r1 = w[1] + dy * k - SA, *r2 = w[2] + dy * k - D;
-        const float *r3 = w[3] + dy * k - D - SB;
-#define OVERLOCK_COLUMN4(u, PA)                                                                                     \
+        const float *r0 = w[0] + dy * k, *r1 = w[1] + dy * k - SA;
+        const float *r2 = NP == 4 ? w[2] + dy * k - D : NULL, *r3 = NP == 4 ? w[3] + dy * k - D - SB : NULL;
+#define OVERLOCK_COLUMN(u, PA)                                                                                      \
         {                                                                                                           \
             const __m512 v = _mm512_loadu_ps(row + (long)(u) * vpix);                                               \
             const int pb = ((PA) + D) & 1;                                                                          \
             if ((u) < k) a[PA] = _mm512_fmadd_ps(_mm512_set1_ps(r0[u]), v, a[PA]);                                  \
             if ((u) >= SA && (u) < k + SA) b[PA] = _mm512_fmadd_ps(_mm512_set1_ps(r1[u]), v, b[PA]);                \
-            if ((u) >= D && (u) < D + k) e[pb] = _mm512_fmadd_ps(_mm512_set1_ps(r2[u]), v, e[pb]);                  \
-            if ((u) >= D + SB) f[pb] = _mm512_fmadd_ps(_mm512_set1_ps(r3[u]), v, f[pb]);                            \
+            if (NP == 4 && (u) >= D && (u) < D + k) e[pb] = _mm512_fmadd_ps(_mm512_set1_ps(r2[u]), v, e[pb]);       \
+            if (NP == 4 && (u) >= D + SB) f[pb] = _mm512_fmadd_ps(_mm512_set1_ps(r3[u]), v, f[pb]);                 \
         }
         int u = 0;
         for (; u + 2 <= n; u += 2) {
-            OVERLOCK_COLUMN4(u, 0)
-            OVERLOCK_COLUMN4(u + 1, 1)
+            OVERLOCK_COLUMN(u, 0)
+            OVERLOCK_COLUMN(u + 1, 1)
         }
-        if (u < n) OVERLOCK_COLUMN4(u, 0)
-#undef OVERLOCK_COLUMN4
+        if (u < n) OVERLOCK_COLUMN(u, 0)
+#undef OVERLOCK_COLUMN
     }
     acc[0][0] = a[0], acc[0][1] = a[1], acc[1][0] = b[0], acc[1][1] = b[1];
     acc[2][0] = e[0], acc[2][1] = e[1], acc[3][0] = f[0], acc[3][1] = f[1];
-}
-
-/* window_sum_pair of neighborhood_avx2.c for 16 channels at c0 (pair A of the above alone). */
-INLINE512 void window_sum_pair16(const float *vg, long vpix, float *const *w, int k, int W, int sy, int sx, int c0,
-                                 __m512 acc[4][2], const int SA) {
-    __m512 a[2] = {acc[0][0], acc[0][1]}, b[2] = {acc[1][0], acc[1][1]};
-    const int n = k + SA;
-    for (int dy = 0; dy < k; dy++) {
-        const float *row = vg + ((long)(sy + dy) * W + sx) * vpix + c0;
-        const float *r0 = w[0] + dy * k, *r1 = w[1] + dy * k - SA;
-#define OVERLOCK_COLUMN2(u, PA)                                                                                     \
-        {                                                                                                           \
-            const __m512 v = _mm512_loadu_ps(row + (long)(u) * vpix);                                               \
-            if ((u) < k) a[PA] = _mm512_fmadd_ps(_mm512_set1_ps(r0[u]), v, a[PA]);                                  \
-            if ((u) >= SA) b[PA] = _mm512_fmadd_ps(_mm512_set1_ps(r1[u]), v, b[PA]);                                \
-        }
-        int u = 0;
-        for (; u + 2 <= n; u += 2) {
-            OVERLOCK_COLUMN2(u, 0)
-            OVERLOCK_COLUMN2(u + 1, 1)
-        }
-        if (u < n) OVERLOCK_COLUMN2(u, 0)
-#undef OVERLOCK_COLUMN2
-    }
-    acc[0][0] = a[0], acc[0][1] = a[1], acc[1][0] = b[0], acc[1][1] = b[1];
 }
 
 /* NP = 2 or 4 pixels from x of row y: logits, softmax, and the weighted sums of their windows into o[i]. */
@@ -180,10 +156,10 @@ INLINE512 void pixels16(const float *q, long qs_p, const float *keys, long kst, 
         __m512 acc[4][2];
         for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
         if (NP == 2) {
-            if (sa) window_sum_pair16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, 1);
-            else window_sum_pair16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, 0);
+            if (sa) window_sums16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, 2, 1, 0, 0);
+            else window_sums16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, 2, 0, 0, 0);
         } else {  /* window starts rise by at most one column per pixel: sa, sb in {0, 1}, d in {sa .. sa + 1} */
-#define QUAD(SA, SB, D) window_sum_quad16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, SA, SB, D)
+#define QUAD(SA, SB, D) window_sums16(vg, vs_p, w, k, W, sy, sx[0], c0, acc, 4, SA, SB, D)
             switch (sa * 100 + sb * 10 + d) {
                 case 0: QUAD(0, 0, 0); break;
                 case 1: QUAD(0, 0, 1); break;
