@@ -304,8 +304,6 @@ int overlock_depthwise_avx2(const float *x, const float *w, const float *bias, f
     return overlock_depthwise_add_avx2(x, w, bias, y, N, H, W, C, kh, kw, d, 0);
 }
 
-/* y = the same conv as overlock_depthwise_avx2 (same bits), and z = LayerNorm over the channels of y (weight,
- * bias, eps), for kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1. Returns 0, or -1 for other shapes. */
 /* The small-kernel conv of overlock_depthwise_avx2 (same bits) with an epilogue on each tile (struct norm): `each`
  * holds the epilogue's base pointers, advanced here to the row of every work item (out: a row of the map; squares:
  * C floats per row, zeroed first). Kernels of at most ROW_ALL_BLOCKS_TAPS taps, dilation 1; -1 for other shapes. */
