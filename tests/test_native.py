@@ -740,3 +740,27 @@ def test_context_concat_gives_the_bits_of_addcmul_twice_then_cat(B, Cx, Cc, H, W
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, torch.cat([x, torch.addcmul(b, ctx, w1).addcmul_(prior, w2)], dim=1))
     assert native.context_concat(x, ctx, prior[..., 1:], w1, w2, b) is None  # mismatched sizes: declined
+
+
+@pytest.mark.parametrize("shape,kernel", [((1, 24, 14, 13), 3), ((3, 16, 5, 7), 3), ((2, 8, 1, 9), 3),
+                                          ((2, 8, 2, 3), 3), ((1, 16, 6, 6), 1)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv_then_grn_written_over_its_input_gives_the_same_bits(shape, kernel, threads):
+    """The GRN-MLP's conv + GRN written over its input (bands of rows per thread, the rows just outside each band
+    saved first, every output row written back one row later): the bits of the call into a new buffer, for bands
+    that start and end inside an image or between images, and for any thread count."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x = cl(torch.randn(shape))
+    taps, b, gamma = torch.randn(kernel * kernel, C), torch.randn(C), torch.rand(C)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for apply in (False, True):
+            want = native.depthwise_conv2d_taps_grn(x, taps, b, kernel, kernel, gamma, apply)
+            own = x.clone(memory_format=torch.channels_last)
+            got = native.depthwise_conv2d_taps_grn(own, taps, b, kernel, kernel, gamma, apply, inplace=True)
+            assert got[0].data_ptr() == own.data_ptr()
+            assert torch.equal(got[0], want[0]) and (apply or torch.equal(got[1], want[1]))
+    finally:
+        torch.set_num_threads(was)

@@ -127,6 +127,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_gelu_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int] * 6
     lib.overlock_depthwise_grn_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_grn_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7
+    lib.overlock_depthwise_grn_inplace_avx2.restype = ctypes.c_int
+    lib.overlock_depthwise_grn_inplace_avx2.argtypes = [_ADDRESS] * 6 + [ctypes.c_int] * 7
     lib.overlock_depthwise_ln_avx2.restype = ctypes.c_int
     lib.overlock_depthwise_ln_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_float] + [_ADDRESS] * 2 + [ctypes.c_int] * 6
     lib.overlock_depthwise_wgrad_avx2.restype = ctypes.c_int
@@ -318,21 +320,29 @@ def depthwise_conv2d_taps_gelu(x: torch.Tensor, taps: torch.Tensor, bias: Option
 
 
 def depthwise_conv2d_taps_grn(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
-                              gamma: torch.Tensor, apply: bool = False):
+                              gamma: torch.Tensor, apply: bool = False, inplace: bool = False):
     """``(y, grn_scale(y, gamma))`` with ``y`` :func:`depthwise_conv2d_taps` (same bits) and GRN's per-sample
     channel scale ``(B, C, 1, 1)`` summed while each output row is in cache (the fused GRN-MLPs' conv, then GRN).
-    With ``apply``, ``(y * scale, None)`` instead (the product's bits), the scale applied in the same call.
+    With ``apply``, ``(y * scale, None)`` instead (the product's bits), the scale applied in the same call. With
+    ``inplace`` (kernels of at most 3x3) ``y`` is written over ``x``, which the caller must own (no other views).
     Kernels of at most 3x3, float32 contiguous ``gamma`` of ``C``; ``None`` where it does not apply."""
     lib = _library() if _disabled == 0 else None
     N, C, H, W = x.shape
     if lib is None or kh * kw > 9 or H * W == 0:  # an empty map: GRN's own route defines its scale
         return None
-    y = torch.empty_like(x, memory_format=torch.channels_last)
     scale = x.new_empty(N, C, 1, 1)
     rows = x.new_empty(N * H * C)
-    if N * H * W and lib.overlock_depthwise_grn_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(),
-                                                     gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(),
-                                                     int(apply), N, H, W, C, kh, kw) != 0:
+    if inplace and kh <= 3 and kw <= 3:  # x, a fresh map, overwritten (its bytes are in cache; a new buffer's not)
+        y = x
+        rc = lib.overlock_depthwise_grn_inplace_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), gamma.data_ptr(),
+                                                     scale.data_ptr(), rows.data_ptr(), int(apply), N, H, W, C, kh,
+                                                     kw)
+    else:
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        rc = lib.overlock_depthwise_grn_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(),
+                                             gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(), int(apply), N, H,
+                                             W, C, kh, kw)
+    if rc != 0:  # a refused shape or no memory: nothing written
         return None
     return (y, None) if apply else (y, scale)
 

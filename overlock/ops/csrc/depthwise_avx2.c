@@ -15,6 +15,7 @@
  * at most 9 taps (memory-bound) take one output row per item instead, every channel block of each tile in turn.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -360,16 +361,10 @@ int overlock_depthwise_ln_avx2(const float *x, const float *w, const float *bias
     return conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &ln);
 }
 
-/* y = the same conv as overlock_depthwise_avx2 (same bits), and GRN's per-sample channel scale of y,
- * scale[n, c] = 1 + gamma[c] * gx[n, c] / (mean_c gx[n, :] + 1e-6), gx the spatial L2 norm (grn_avx2.c's formula):
- * the squares are summed per output row while the row is in cache (in float, rows then added in double, so the
- * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. With apply, y is
- * then multiplied by the scale (as PyTorch's y * scale), while each thread's share is still in its cache. */
+/* GRN's scale from the per-row sums of squares (the conv-then-GRN calls), then y *= scale if apply. */
 __attribute__((target("avx2,fma")))
-int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
-                                float *scale, float *rows, int apply, int N, int H, int W, int C, int kh, int kw) {
-    const struct norm acc = {NULL, NULL, NULL, 0.0f, rows, NULL};
-    if (conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &acc) != 0) return -1;
+static int grn_scale_from_rows(float *y, const float *gamma, float *scale, const float *rows, int apply, int N,
+                               int H, int W, int C) {
     #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
         float *s = scale + n * C;
@@ -395,6 +390,78 @@ int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bia
         }
     }
     return 0;
+}
+
+/* y = the same conv as overlock_depthwise_avx2 (same bits), and GRN's per-sample channel scale of y,
+ * scale[n, c] = 1 + gamma[c] * gx[n, c] / (mean_c gx[n, :] + 1e-6), gx the spatial L2 norm (grn_avx2.c's formula):
+ * the squares are summed per output row while the row is in cache (in float, rows then added in double, so the
+ * result does not depend on the thread count or the batch). rows: N * H * C floats of scratch. With apply, y is
+ * then multiplied by the scale (as PyTorch's y * scale), while each thread's share is still in its cache. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_grn_avx2(const float *x, const float *w, const float *bias, float *y, const float *gamma,
+                                float *scale, float *rows, int apply, int N, int H, int W, int C, int kh, int kw) {
+    const struct norm acc = {NULL, NULL, NULL, 0.0f, rows, NULL};
+    if (conv_rows_then(x, w, bias, y, N, H, W, C, kh, kw, &acc) != 0) return -1;
+    return grn_scale_from_rows(y, gamma, scale, rows, apply, N, H, W, C);
+}
+
+/* overlock_depthwise_grn_avx2 with the output written over its input x (kh, kw <= 3): the GRN-MLP's conv at
+ * inference, whose input (the first 1x1's GELU'd output) was just written and is still in cache, while a fresh
+ * output buffer is not (1x256x56x56: 0.20 ms writing into a hot buffer, 0.58 into a cold one). Each thread takes a
+ * band of rows, saves the input rows just outside it (its neighbours overwrite them), computes each output row into
+ * a row buffer and writes it over its input row one row later, when no output row still needs that input. Same
+ * tiles, same sums: the bits of the out-of-place call. Returns 0, -1 for other shapes, -2 without memory. */
+__attribute__((target("avx2,fma")))
+int overlock_depthwise_grn_inplace_avx2(float *x, const float *w, const float *bias, const float *gamma,
+                                        float *scale, float *rows, int apply, int N, int H, int W, int C, int kh,
+                                        int kw) {
+    if (C % 8 || !(kh & 1) || !(kw & 1) || kh > 3 || kw > 3) return -1;
+    const int ph = kh / 2, pw = kw / 2, block = C % 16 ? 8 : 16;
+    const long rstride = (long)W * C, R = (long)N * H;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const long r0 = R * t / T, r1 = R * (t + 1) / T;  /* this thread's rows */
+        float *buf = r1 > r0 ? malloc(sizeof(float) * 7 * rstride) : NULL;
+        float *above = buf, *below = buf ? buf + rstride : NULL, *out[2] = {NULL, NULL}, *win = NULL;
+        if (buf) {
+            out[0] = buf + 2 * rstride, out[1] = buf + 3 * rstride, win = buf + 4 * rstride;
+            if (ph && r0 % H) memcpy(above, x + (r0 - 1) * rstride, sizeof(float) * rstride);
+            if (ph && r1 % H && r1 < R) memcpy(below, x + r1 * rstride, sizeof(float) * rstride);
+        } else if (r1 > r0) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp barrier
+        if (buf && !failed) {
+            for (long item = r0; item < r1; item++) {
+                const int yy = item % H;
+                const long n = item / H;
+                const int ky0 = first_tap(ph - yy, 1), ky_end = first_tap(H - yy + ph, 1);
+                const int ky1 = ky_end < kh ? ky_end : kh;
+                const float *img = x + n * H * rstride;
+                int y0 = yy - ph;
+                if (ph && ((item == r0 && ky0 == 0) || (item == r1 - 1 && ky1 == kh))) {
+                    /* a row outside the band: the three input rows from the saved copies into win */
+                    memcpy(win + rstride, x + item * rstride, sizeof(float) * rstride);
+                    if (ky0 == 0) memcpy(win, item == r0 ? above : x + (item - 1) * rstride, sizeof(float) * rstride);
+                    if (ky1 == kh) memcpy(win + 2 * rstride, item == r1 - 1 ? below : x + (item + 1) * rstride,
+                                          sizeof(float) * rstride);
+                    img = win, y0 = 0;
+                }
+                struct norm ep = {NULL, NULL, NULL, 0.0f, rows + item * C, NULL, NULL, NULL};
+                memset(ep.squares, 0, sizeof(float) * C);
+                row_all_blocks(img, y0, rstride, w, bias, out[item & 1], C, W, kw, pw, 1, ky0, ky1, block, &ep, 0);
+                if (item > r0)  /* the row above: no output row of this band reads its input any more */
+                    memcpy(x + (item - 1) * rstride, out[(item - 1) & 1], sizeof(float) * rstride);
+            }
+            if (r1 > r0) memcpy(x + (r1 - 1) * rstride, out[(r1 - 1) & 1], sizeof(float) * rstride);
+        }
+        free(buf);
+    }
+    if (failed) return -2;
+    return grn_scale_from_rows(x, gamma, scale, rows, apply, N, H, W, C);
 }
 
 /* Weight gradient: dw[ky, kx, c] = sum over n, y, x of x[n, y + ky*d - ph, x + kx*d - pw, c] * g[n, y, x, c].
