@@ -764,3 +764,36 @@ def test_conv_then_grn_written_over_its_input_gives_the_same_bits(shape, kernel,
             assert torch.equal(got[0], want[0]) and (apply or torch.equal(got[1], want[1]))
     finally:
         torch.set_num_threads(was)
+
+
+def test_fused_model_with_every_inference_kernel_matches_the_exact_one(forced, tiny_config, monkeypatch):
+    """The fused tiny model at 112 px, where each kernel of the fused inference path runs (the GRN-MLP's conv
+    written over its input on the 28x28 map, ContMix's two windows in one call with the biases from the tables, the
+    Focus-Net block's input in one pass, the residual identities prepared in the conv-then-norm calls): the exact
+    model's outputs to float rounding, and the caller's input left as it was."""
+    from timm.utils import reparameterize_model
+    seen = {"inplace": 0, "pair_tables": 0, "concat": 0, "identity": 0}
+
+    def spy(name, count, real):
+        def call(*a, **k):
+            out = real(*a, **k)
+            if out is not None and out is not False and count(a, k):
+                seen[name] += 1
+            return out
+        monkeypatch.setattr(native, real.__name__, call)
+
+    spy("inplace", lambda a, k: k.get("inplace", a[7] if len(a) > 7 else False), native.depthwise_conv2d_taps_grn)
+    spy("pair_tables", lambda a, k: k.get("proj_bias") is not None, native.na2d_softmax_av_pair)
+    spy("concat", lambda a, k: True, native.context_concat)
+    spy("identity", lambda a, k: any(t is not None for t in a[8:10]), native.depthwise_conv2d_taps_norm)
+    model = OverLoCK(**tiny_config).eval()
+    load_into(model, DATA / "classification.pth")
+    fused = reparameterize_model(model, inplace=False).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    x = cl(torch.randn(2, 3, 112, 112))
+    before = x.clone()
+    with torch.inference_mode():
+        want, got = model(x), fused(x)
+    assert torch.equal(x, before)
+    assert rel_err(got, want) < 1e-5
+    assert all(seen.values()), seen
