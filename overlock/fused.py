@@ -457,13 +457,21 @@ def pointwise_scaled(weight: torch.Tensor, bias, x: torch.Tensor, scale=None, ge
         # small map: per-sample weights would outweigh the activations; scale the map instead
         xs = xs * scale.reshape(B, 1, C)
         scale = None
+    # GELU's pass adds the bias (native.bias_gelu_): the GEMM then skips addmm's copy of the bias into its output
+    late_bias = (bias is not None and gelu is not None and gelu_ops.native_applies(xs, gelu)
+                 and not _records_grad(xs, weight, bias, scale) and not _tracing())
+    gemm_bias = None if late_bias else bias
     if scale is None:
-        out = F.linear(xs, weight, bias)
+        out = F.linear(xs, weight, gemm_bias)
     elif B == 1:  # scaled weights in linear's (Cout, Cin) layout: 3136x64 @ 64x256 0.85 -> 0.66 ms
-        out = F.linear(xs, weight * scale.reshape(1, C), bias)
+        out = F.linear(xs, weight * scale.reshape(1, C), gemm_bias)
     else:
         wb = weight.t().unsqueeze(0) * scale.reshape(B, C, 1)  # (B, Cin, Cout)
-        out = torch.bmm(xs, wb) if bias is None else torch.baddbmm(bias.view(1, 1, -1), xs, wb)
+        out = torch.bmm(xs, wb) if gemm_bias is None else torch.baddbmm(gemm_bias.view(1, 1, -1), xs, wb)
+    if late_bias and native.bias_gelu_(out.view(-1, out.shape[-1]), bias):
+        gelu = None
+    elif late_bias:
+        out = out.add_(bias)
     if gelu is not None:
         out = gelu_ops.gelu_(out, gelu) if _inplace_ok(out) else gelu_ops.gelu(out, gelu)
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)

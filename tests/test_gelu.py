@@ -84,12 +84,14 @@ def test_layouts_and_refusals():
 def used(monkeypatch):
     """The model's GELUs use the kernel on this CPU whatever its ISA; counts the kernel calls."""
     calls = []
-    real_f, real_b, real_cb = native.gelu, native.gelu_backward, native.depthwise_gelu_grad
+    real_f, real_b, real_cb, real_bf = native.gelu, native.gelu_backward, native.depthwise_gelu_grad, native.bias_gelu_
     monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
     monkeypatch.setattr(native, "gelu", lambda *a, **k: calls.append("f") or real_f(*a, **k))
     monkeypatch.setattr(native, "gelu_backward", lambda *a, **k: calls.append("b") or real_b(*a, **k))
     # GELU's backward folded into the input gradient of the conv after it (the GRN-MLP tail)
     monkeypatch.setattr(native, "depthwise_gelu_grad", lambda *a, **k: calls.append("cb") or real_cb(*a, **k))
+    # GELU with the bias of the GEMM before it (the fused MLP's first 1x1)
+    monkeypatch.setattr(native, "bias_gelu_", lambda *a, **k: calls.append("bf") or real_bf(*a, **k))
     return calls
 
 
@@ -121,5 +123,5 @@ def test_grn_mlp_uses_the_kernel_in_every_path(used, monkeypatch):
     used.clear()
     with torch.no_grad():
         fused = mlp.fuse()(x)
-    assert "f" in used
+    assert used == ["bf"]
     torch.testing.assert_close(fused, out.detach(), rtol=1e-5, atol=1e-5)

@@ -728,6 +728,55 @@ def test_batch_norm_branch_backward_matches_float64(shape, kernel, dilation, add
     assert rel_err(dw, want_w) < 1e-5 and rel_err(dot * invstd, want_gamma) < 1e-5
 
 
+@pytest.mark.parametrize("rows,cols,ld", [(196, 768, 768), (37, 40, 40), (9, 27, 33), (70000 // 64, 64, 80)])
+def test_bias_gelu_gives_the_bits_of_gelu_of_the_sum(rows, cols, ld):
+    """A GEMM output and its bias: one in-place pass, the bits of ``gelu(x + bias)`` (rows ``ld`` floats apart, the
+    padding between them untouched; a 27-wide row ends in a partial vector; 256-bit code alike)."""
+    g = torch.Generator().manual_seed(rows)
+    base = torch.randn(rows, ld, generator=g) * 4  # values below -3 too: GELU's other formula
+    bias = torch.randn(cols, generator=g)
+    # GELU's cheap formula is chosen per group of 8 values: per row here, so the reference runs row by row
+    want = torch.stack([native.gelu(row + bias) for row in base[:, :cols]])
+    assert rel_err(want, F.gelu((base[:, :cols] + bias).double())) < 1e-6
+    for narrow in (False, True):
+        x = base.clone()
+        if narrow:
+            with native.narrow_vectors():
+                assert native.bias_gelu_(x[:, :cols], bias)
+        else:
+            assert native.bias_gelu_(x[:, :cols], bias)
+        assert torch.equal(x[:, :cols], want) and torch.equal(x[:, cols:], base[:, cols:])
+    assert not native.bias_gelu_(base[:, :cols].t(), bias[:1].expand(rows))  # columns not dense: declined
+    assert not native.bias_gelu_(base[:, :cols], bias[:-1])                    # wrong bias length
+
+
+def test_fused_mlp_first_1x1_leaves_its_bias_to_gelu(monkeypatch):
+    """The fused GRN-MLP's first 1x1 runs as a GEMM without bias and ``native.bias_gelu_`` adds it (skipping
+    addmm's copy of the bias into the output): the same bits as the biased GEMM then GELU, with and without SE's
+    per-sample scale (batch 1 and 3)."""
+    from overlock.fused import pointwise_scaled
+    calls = []
+    real = native.bias_gelu_
+    monkeypatch.setattr(native, "bias_gelu_", lambda x, b: calls.append(x.shape) or real(x, b))
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 32, generator=g) * 0.2, torch.randn(96, generator=g)
+    for B in (1, 3):
+        x = cl(torch.randn(B, 32, 6, 5, generator=g))
+        s = torch.rand(B, 32, 1, 1, generator=g)
+        with torch.no_grad():
+            for scale in (None, s):
+                got = pointwise_scaled(w, b, x, scale=scale, gelu="none")
+                xs = (x * (1 if scale is None else scale)).permute(0, 2, 3, 1).reshape(-1, 32)
+                want = native.gelu(torch.addmm(b, xs, w.t())).view(B, 6, 5, 96).permute(0, 3, 1, 2)
+                assert rel_err(got, want) < 1e-6
+                if scale is None:
+                    assert torch.equal(got, want)
+    assert len(calls) == 4
+    xg = cl(torch.randn(1, 32, 6, 5, generator=g)).requires_grad_()
+    pointwise_scaled(w, b, xg, gelu="none").sum().backward()  # autograd: the plain biased GEMM, no kernel call
+    assert len(calls) == 4 and xg.grad is not None
+
+
 @pytest.mark.parametrize("B,Cx,Cc,H,W", [(1, 256, 128, 14, 14), (3, 16, 8, 5, 7)])
 def test_context_concat_gives_the_bits_of_addcmul_twice_then_cat(B, Cx, Cc, H, W):
     """The Focus-Net block's input ``[x, b + ctx * w1 + prior * w2]`` in one pass, ``x`` and ``ctx`` two channel

@@ -29,8 +29,8 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
            "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
            "na2d_softmax_av_pair", "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums",
-           "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "silu_mul_", "status", "describe", "disabled",
-           "narrow_vectors", "context_concat"]
+           "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "bias_gelu_", "silu_mul_", "status", "describe",
+           "disabled", "narrow_vectors", "context_concat"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
@@ -158,6 +158,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_na2d_softmax_av_backward_avx2.argtypes = [_ADDRESS] * 7 + [ctypes.c_int] * 7 + [ctypes.c_long] * 9
     lib.overlock_gelu_avx2.restype = ctypes.c_int
     lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
+    lib.overlock_bias_gelu_avx2.restype = ctypes.c_int
+    lib.overlock_bias_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long] * 3  # x, bias, rows, cols, row stride
     lib.overlock_silu_mul_avx2.restype = ctypes.c_int
     lib.overlock_silu_mul_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_context_concat_avx2.restype = ctypes.c_int
@@ -659,6 +661,18 @@ def gelu(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.
     if not _dense_alike(x, out) or lib.overlock_gelu_avx2(_ptr(x), _ptr(out), x.numel()) != 0:
         return None
     return out
+
+
+def bias_gelu_(x: torch.Tensor, bias: torch.Tensor) -> bool:
+    """``x = GELU(x + bias)`` in place (exact GELU, the bits of :func:`gelu` of ``x + bias``) on a float32 CPU
+    matrix ``(rows, cols)`` whose rows are dense (any row stride) and a dense ``(cols,)`` bias: a GEMM output and
+    the bias it was computed without. ``False`` (nothing written) where the kernel does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or bias.dtype != torch.float32
+            or x.device.type != "cpu" or bias.device.type != "cpu" or bias.shape != (x.shape[1],)
+            or x.stride(1) != 1 or x.stride(0) < x.shape[1] or not bias.is_contiguous()):
+        return False
+    return lib.overlock_bias_gelu_avx2(_ptr(x), _ptr(bias), x.shape[0], x.shape[1], x.stride(0)) == 0
 
 
 def gelu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional[torch.Tensor] = None

@@ -23,6 +23,7 @@
 /* gelu_avx512.c: a prefix of whole 16-lane vectors with the same bits, where the CPU has AVX-512F (else 0) */
 long overlock_gelu_span_avx512(const float *x, float *out, long n, int parallel);
 long overlock_gelu_grad_span_avx512(const float *g, const float *x, float *out, long n, int parallel);
+long overlock_bias_gelu_rows_avx512(float *x, const float *bias, long rows, long cols, long ld);
 
 /* out[i] = GELU(x[i]); out may be x. */
 __attribute__((target("avx2,fma")))
@@ -59,6 +60,33 @@ int overlock_gelu_avx2(const float *x, float *out, long n) {
         for (long i = 8 * nv; i < n; i++) buf[i - 8 * nv] = x[i];
         _mm256_storeu_ps(buf, gelu8(_mm256_loadu_ps(buf)));
         for (long i = 8 * nv; i < n; i++) out[i] = buf[i - 8 * nv];
+    }
+    return 0;
+}
+
+/* x[r, c] = GELU(x[r, c] + bias[c]) in place, for a (rows, cols) matrix with rows ld floats apart: a GEMM's
+ * output before its bias. The bias rides along with GELU's pass instead of being copied into the GEMM's output
+ * first (addmm's way: a whole extra write of the output), and x + bias rounds as addmm's sum does. */
+__attribute__((target("avx2,fma")))
+int overlock_bias_gelu_avx2(float *x, const float *bias, long rows, long cols, long ld) {
+    const long block = cols >= MIN_PARALLEL ? 1 : (MIN_PARALLEL + cols - 1) / cols; /* rows per work item */
+    const long items = (rows + block - 1) / block;
+#pragma omp parallel for schedule(static) if (items > 1)
+    for (long it = 0; it < items; it++) {
+        const long r0 = it * block, r1 = r0 + block < rows ? r0 + block : rows;
+        const long done = overlock_bias_gelu_rows_avx512(x + r0 * ld, bias, r1 - r0, cols, ld);
+        for (long r = r0; r < r1; r++) {
+            float *xr = x + r * ld;
+            long c = done;
+            for (; c + 8 <= cols; c += 8)
+                _mm256_storeu_ps(xr + c, gelu8(_mm256_add_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(bias + c))));
+            if (c < cols) {
+                float buf[8] = {0};
+                for (long j = c; j < cols; j++) buf[j - c] = xr[j] + bias[j];
+                _mm256_storeu_ps(buf, gelu8(_mm256_loadu_ps(buf)));
+                for (long j = c; j < cols; j++) xr[j] = buf[j - c];
+            }
+        }
     }
     return 0;
 }

@@ -95,3 +95,17 @@ T512 long overlock_gelu_grad_span_avx512(const float *g, const float *x, float *
         _mm512_storeu_ps(out + 16 * i, gelu_grad16(_mm512_loadu_ps(g + 16 * i), _mm512_loadu_ps(x + 16 * i)));
     return 16 * nv;
 }
+
+/* x[r, c] = GELU(x[r, c] + bias[c]) for the columns c below the returned length (a multiple of 16; 0 where the
+ * 512-bit code does not run) of every row; rows are ld floats apart. Called by one thread per block of rows. */
+T512 long overlock_bias_gelu_rows_avx512(float *x, const float *bias, long rows, long cols, long ld) {
+    if (!overlock_avx512_usable()) return 0;
+    const long nv = cols / 16;
+    for (long r = 0; r < rows; r++) {
+        float *xr = x + r * ld;
+        for (long i = 0; i < nv; i++)
+            _mm512_storeu_ps(xr + 16 * i, gelu16(_mm512_add_ps(_mm512_loadu_ps(xr + 16 * i),
+                                                               _mm512_loadu_ps(bias + 16 * i))));
+    }
+    return 16 * nv;
+}
