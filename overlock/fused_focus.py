@@ -44,13 +44,35 @@ def _linear_add(x: torch.Tensor, weight: torch.Tensor, acc: torch.Tensor) -> tor
     return acc + _linear_nhwc(x, weight, None)
 
 
-def _silu_mul(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``SiLU(gate) * x``: in place on a fresh ``gate``, in one native pass where the kernel runs."""
-    if _records_grad(gate, x):
-        return F.silu(gate) * x
-    if not _tracing() and gate.device.type == "cpu" and native.used_here() and native.silu_mul_(gate, x):
+def _native_here(x: torch.Tensor) -> bool:
+    return not _tracing() and x.device.type == "cpu" and native.used_here()
+
+
+def _silu_mul(gate: torch.Tensor, x: torch.Tensor, bias=None) -> torch.Tensor:
+    """``SiLU(gate + bias) * x`` (``bias`` per channel, or None): in place on a fresh ``gate``, in one native pass
+    where the kernel runs."""
+    if _records_grad(gate, x, bias):
+        return F.silu(gate if bias is None else gate + bias.view(1, -1, 1, 1)) * x
+    if _native_here(gate) and native.silu_mul_(gate, x, bias):
         return gate
+    if bias is not None:
+        gate = gate.add_(bias.view(1, -1, 1, 1))
     return F.silu(gate, inplace=True).mul_(x)
+
+
+def _grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, bias=None) -> torch.Tensor:
+    """``GRN(x + bias)`` (``bias`` per channel, or None), on a fresh ``x`` in place without autograd: where the kernel
+    runs, the bias is added in the pass that takes GRN's statistics."""
+    if not _records_grad(x, gamma, beta, bias) and _inplace_ok(x):
+        scale = native.grn_scale(x, gamma, bias) if _native_here(x) else None
+        if scale is None:
+            if bias is not None:
+                x = x.add_(bias.view(1, -1, 1, 1))
+            scale = grn_scale(gamma, x)
+        return torch.addcmul(beta, x, scale, out=x)
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1)
+    return torch.addcmul(beta, x, grn_scale(gamma, x))
 
 
 def _pointwise(seq: nn.Module):
@@ -132,7 +154,7 @@ class FusedDynamicConvBlock(ContMixCore):
         one native pass where it runs."""
         if self.is_first:
             return torch.cat([x, ctx], dim=1)
-        if not _tracing() and x.device.type == "cpu" and native.used_here():
+        if _native_here(x):
             out = native.context_concat(x, ctx, ctx_prior, self.ctx_weight, self.prior_weight, self.ctx_bias)
             if out is not None:
                 return out
@@ -146,13 +168,14 @@ class FusedDynamicConvBlock(ContMixCore):
         """``identity * ls1 + proj(gate(h) * SE(dyconv_proj(ContMix(h)) + LePE(h)))`` with ``h = fusion(y)``;
         ``prepared``: ``identity`` is already ``identity * ls1 + proj's bias``."""
         h = _conv_then_gelu(self.fusion_dw, y, self.approximate)
-        h = _linear_nhwc(h, self.fusion_weight, self.fusion_bias)
-        h = torch.addcmul(self.grn_beta, h, grn_scale(self.grn_gamma, h))
-        gate = _linear_nhwc(h, self.gate_weight, self.gate_bias)
+        # the fusion and gate 1x1s' biases are added by the passes after their GEMMs (no bias copy into the output)
+        h = _grn(_linear_nhwc(h, self.fusion_weight, None), self.grn_gamma, self.grn_beta, self.fusion_bias)
+        gate = _linear_nhwc(h, self.gate_weight, None)
         mixed = _linear_add(self.context_mix(query_src, key_src, h), self.dyconv_weight, self.lepe(h))
         scale = self.se.scale(mixed)
+        gated = _silu_mul(gate, mixed, self.gate_bias)
         if prepared:
-            return pointwise_scaled_add(self.proj_weight, None, _silu_mul(gate, mixed), identity, scale=scale)
-        return pointwise_scaled_add(self.proj_weight, self.proj_bias, _silu_mul(gate, mixed), identity, scale=scale,
+            return pointwise_scaled_add(self.proj_weight, None, gated, identity, scale=scale)
+        return pointwise_scaled_add(self.proj_weight, self.proj_bias, gated, identity, scale=scale,
                                     identity_weight=self.ls1_weight)
 

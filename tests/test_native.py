@@ -686,6 +686,33 @@ def test_silu_mul_matches_float64():
     assert not native.silu_mul_(a.double(), b.double())
 
 
+def test_biases_added_after_the_gemm_give_the_bits_of_the_biased_one():
+    """The Focus-Net block's fusion and gate 1x1s leave their biases to the next pass: GRN's scale of ``x + bias``
+    (``x + bias`` written over ``x``) and ``SiLU(a + bias) * b`` have the bits of PyTorch's sum then the bias-free
+    kernel; other layouts and lengths are declined."""
+    g = torch.Generator().manual_seed(0)
+    x = cl(torch.randn(2, 40, 5, 7, generator=g) * 3)
+    bias, gamma = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    summed = x + bias.view(1, -1, 1, 1)
+    got = x.clone()
+    scale = native.grn_scale(got, gamma, bias)
+    assert torch.equal(got, summed) and torch.equal(scale, native.grn_scale(summed, gamma))
+    unbiased = x.clone()
+    assert torch.equal(native.grn_scale(unbiased, gamma), native.grn_scale(x, gamma)) and torch.equal(unbiased, x)
+    assert native.grn_scale(x.clone(), gamma, bias[:-8]) is None
+
+    a, b = cl(torch.randn(2, 40, 5, 7, generator=g) * 8), cl(torch.randn(2, 40, 5, 7, generator=g))
+    want = (a + bias.view(1, -1, 1, 1)).contiguous(memory_format=torch.channels_last)
+    assert native.silu_mul_(want, b)
+    got = a.clone()
+    assert native.silu_mul_(got, b, bias) and torch.equal(got, want)
+    assert rel_err(got, F.silu(a.double() + bias.double().view(1, -1, 1, 1)) * b.double()) < 1e-6
+    assert not native.silu_mul_(a.contiguous(), b.contiguous(), bias)        # NCHW: no channel rows
+    assert not native.silu_mul_(a.clone(), b, bias[:-8])                      # wrong bias length
+    odd = cl(torch.randn(1, 12, 3, 3, generator=g))
+    assert not native.silu_mul_(odd, odd.clone(), torch.randn(12, generator=g))  # 12 channels
+
+
 @pytest.mark.parametrize("shape,kernel", [((2, 16, 9, 7), (3, 3)), ((1, 24, 5, 6), (3, 1)), ((3, 8, 1, 4), (3, 3))])
 def test_conv_input_gradient_through_gelu_matches_float64(shape, kernel):
     """``depthwise_gelu_grad``: the gradient reaching a GELU's input through the small conv after it, one pass."""
@@ -818,10 +845,12 @@ def test_conv_then_grn_written_over_its_input_gives_the_same_bits(shape, kernel,
 def test_fused_model_with_every_inference_kernel_matches_the_exact_one(forced, tiny_config, monkeypatch):
     """The fused tiny model at 112 px, where each kernel of the fused inference path runs (the GRN-MLP's conv
     written over its input on the 28x28 map, ContMix's two windows in one call with the biases from the tables, the
-    Focus-Net block's input in one pass, the residual identities prepared in the conv-then-norm calls): the exact
-    model's outputs to float rounding, and the caller's input left as it was."""
+    Focus-Net block's input in one pass, the residual identities prepared in the conv-then-norm calls, the 1x1s'
+    biases added by the GELU, GRN and SiLU passes after them): the exact model's outputs to float rounding, and the
+    caller's input left as it was."""
     from timm.utils import reparameterize_model
-    seen = {"inplace": 0, "pair_tables": 0, "concat": 0, "identity": 0}
+    seen = {"inplace": 0, "pair_tables": 0, "concat": 0, "identity": 0, "bias_gelu": 0, "bias_grn": 0,
+            "bias_silu": 0}
 
     def spy(name, count, real):
         def call(*a, **k):
@@ -835,6 +864,9 @@ def test_fused_model_with_every_inference_kernel_matches_the_exact_one(forced, t
     spy("pair_tables", lambda a, k: k.get("proj_bias") is not None, native.na2d_softmax_av_pair)
     spy("concat", lambda a, k: True, native.context_concat)
     spy("identity", lambda a, k: any(t is not None for t in a[8:10]), native.depthwise_conv2d_taps_norm)
+    spy("bias_gelu", lambda a, k: True, native.bias_gelu_)
+    spy("bias_grn", lambda a, k: len(a) > 2 and a[2] is not None, native.grn_scale)
+    spy("bias_silu", lambda a, k: len(a) > 2 and a[2] is not None, native.silu_mul_)
     model = OverLoCK(**tiny_config).eval()
     load_into(model, DATA / "classification.pth")
     fused = reparameterize_model(model, inplace=False).to(memory_format=torch.channels_last)

@@ -160,6 +160,10 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_bias_gelu_avx2.restype = ctypes.c_int
     lib.overlock_bias_gelu_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long] * 3  # x, bias, rows, cols, row stride
+    lib.overlock_bias_silu_mul_avx2.restype = ctypes.c_int
+    lib.overlock_bias_silu_mul_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long] * 2  # a, bias, b, rows, cols
+    lib.overlock_grn_scale_bias_avx2.restype = ctypes.c_int
+    lib.overlock_grn_scale_bias_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_int, ctypes.c_long, ctypes.c_int]
     lib.overlock_silu_mul_avx2.restype = ctypes.c_int
     lib.overlock_silu_mul_avx2.argtypes = [_ADDRESS] * 2 + [ctypes.c_long]
     lib.overlock_context_concat_avx2.restype = ctypes.c_int
@@ -547,9 +551,11 @@ def na2d_softmax_av_backward(query: torch.Tensor, keys: torch.Tensor, bias: torc
     return grad_logits @ keys.transpose(-1, -2), query.transpose(-1, -2) @ grad_logits, grad_logits.sum(0)
 
 
-def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
+def grn_scale(x: torch.Tensor, gamma: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """GRN's per-sample channel scale ``1 + gamma * nx`` as ``(B, C, 1, 1)``, in one pass over a float32
-    channels_last CPU map (no autograd); ``None`` where the kernel does not apply (then compute it in PyTorch)."""
+    channels_last CPU map (no autograd); ``None`` where the kernel does not apply (then compute it in PyTorch).
+    With a per-channel ``bias``: the scale of ``x + bias``, which the same pass writes over ``x`` (a 1x1's output
+    and the bias left out of its GEMM)."""
     lib = _library() if _disabled == 0 else None
     if lib is None or not _real(x, gamma) or x.dim() != 4:
         return None
@@ -559,9 +565,11 @@ def grn_scale(x: torch.Tensor, gamma: torch.Tensor) -> Optional[torch.Tensor]:
             or not x.is_contiguous(memory_format=torch.channels_last)
             or (torch.is_grad_enabled() and (x.requires_grad or gamma.requires_grad))):
         return None
-    g = gamma.contiguous()
+    if bias is not None and (bias.shape != (C,) or bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    g, bias = gamma.contiguous(), None if bias is None else bias.contiguous()
     out = x.new_empty(B, C, 1, 1)
-    if B and lib.overlock_grn_scale_avx2(_ptr(x), _ptr(g), _ptr(out), B, H * W, C) != 0:
+    if B and lib.overlock_grn_scale_bias_avx2(_ptr(x), _ptr(bias), _ptr(g), _ptr(out), B, H * W, C) != 0:
         return None
     return out
 
@@ -689,13 +697,22 @@ def gelu_backward(grad: torch.Tensor, x: torch.Tensor, out: Optional[torch.Tenso
     return out
 
 
-def silu_mul_(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a = SiLU(a) * b`` in place, one pass (no autograd: ``a`` must be a fresh buffer); ``False`` (nothing
-    written) where the kernel does not apply (as :func:`gelu`: same shape and dense layout, float32 CPU)."""
+def silu_mul_(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """``a = SiLU(a) * b`` in place, one pass (no autograd: ``a`` must be a fresh buffer); with ``bias`` (per
+    channel), ``a = SiLU(a + bias) * b`` on channels_last maps. ``False`` (nothing written) where the kernel does not
+    apply (as :func:`gelu`: same shape and dense layout, float32 CPU; with a bias, 4-d channels_last maps with a
+    multiple of 8 channels)."""
     lib = _library() if _disabled == 0 else None
     if lib is None or a.dim() == 0 or not _dense_alike(a, b):
         return False
-    return lib.overlock_silu_mul_avx2(_ptr(a), _ptr(b), a.numel()) == 0
+    if bias is None:
+        return lib.overlock_silu_mul_avx2(_ptr(a), _ptr(b), a.numel()) == 0
+    if (a.dim() != 4 or a.shape[1] % 8 or not a.is_contiguous(memory_format=torch.channels_last)
+            or bias.shape != (a.shape[1],) or bias.dtype != torch.float32 or bias.device.type != "cpu"
+            or not bias.is_contiguous()):
+        return False
+    C = a.shape[1]
+    return lib.overlock_bias_silu_mul_avx2(_ptr(a), _ptr(bias), _ptr(b), a.numel() // C, C) == 0
 
 
 def context_concat(x: torch.Tensor, ctx: torch.Tensor, prior: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

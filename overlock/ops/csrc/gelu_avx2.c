@@ -138,3 +138,20 @@ int overlock_silu_mul_avx2(float *a, const float *b, long n) {
     }
     return 0;
 }
+
+/* a[r, c] = SiLU(a[r, c] + bias[c]) * b[r, c] for (rows, cols) matrices (channels_last maps): the gate's 1x1 output
+ * before its bias, so its GEMM need not copy the bias into the output first. */
+__attribute__((target("avx2,fma")))
+int overlock_bias_silu_mul_avx2(float *a, const float *bias, const float *b, long rows, long cols) {
+    if (cols % 8) return -1;
+#pragma omp parallel for schedule(static) if (rows * cols >= MIN_PARALLEL)
+    for (long r = 0; r < rows; r++) {
+        float *ar = a + r * cols;
+        const float *br = b + r * cols;
+        for (long c = 0; c < cols; c += 8) {
+            const __m256 v = _mm256_add_ps(_mm256_loadu_ps(ar + c), _mm256_loadu_ps(bias + c));
+            _mm256_storeu_ps(ar + c, _mm256_mul_ps(silu8(v), _mm256_loadu_ps(br + c)));
+        }
+    }
+    return 0;
+}

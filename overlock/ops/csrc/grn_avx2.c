@@ -17,8 +17,9 @@
 
 #define ROWS 16 /* rows summed in float before the partial sum joins the double total */
 
+/* With a bias, x[p, c] += bias[c] first (written back) and the sums are of the biased values. */
 __attribute__((target("avx2,fma")))
-static void sum_squares(const float *x, long HW, int C, int c0, int nv, double *out) {
+static void sum_squares(float *x, const float *bias, long HW, int C, int c0, int nv, double *out) {
     __m256d lo[BLOCK / 8], hi[BLOCK / 8];
     for (int v = 0; v < nv; v++) lo[v] = hi[v] = _mm256_setzero_pd();
     for (long p0 = 0; p0 < HW; p0 += ROWS) {
@@ -26,7 +27,15 @@ static void sum_squares(const float *x, long HW, int C, int c0, int nv, double *
         for (int v = 0; v < nv; v++) part[v] = _mm256_setzero_ps();
         const long p1 = p0 + ROWS < HW ? p0 + ROWS : HW;
         for (long p = p0; p < p1; p++) {
-            const float *row = x + p * C + c0;
+            float *row = x + p * C + c0;
+            if (bias) {
+                for (int v = 0; v < nv; v++) {
+                    const __m256 f = _mm256_add_ps(_mm256_loadu_ps(row + 8 * v), _mm256_loadu_ps(bias + c0 + 8 * v));
+                    _mm256_storeu_ps(row + 8 * v, f);
+                    part[v] = _mm256_fmadd_ps(f, f, part[v]);
+                }
+                continue;
+            }
             for (int v = 0; v < nv; v++) {
                 const __m256 f = _mm256_loadu_ps(row + 8 * v);
                 part[v] = _mm256_fmadd_ps(f, f, part[v]);
@@ -43,23 +52,35 @@ static void sum_squares(const float *x, long HW, int C, int c0, int nv, double *
     }
 }
 
-/* out[b, c] = sum_hw x^2 of each sample and channel, or its square root if `root` (taken in double). */
-static void channel_sums_of_squares(const float *x, float *out, int B, long HW, int C, int root) {
+/* out[b, c] = sum_hw x^2 of each sample and channel, or its square root if `root` (taken in double); with a bias,
+ * of x + bias, written over x. */
+static void channel_sums_of_squares(float *x, const float *bias, float *out, int B, long HW, int C, int root) {
     const int nblocks = (C + BLOCK - 1) / BLOCK;
     #pragma omp parallel for schedule(static)
     for (long item = 0; item < (long)B * nblocks; item++) {
         const long b = item / nblocks;
         const int c0 = (int)(item % nblocks) * BLOCK, nv = (C - c0 < BLOCK ? C - c0 : BLOCK) / 8;
         double sums[BLOCK];
-        sum_squares(x + b * HW * C, HW, C, c0, nv, sums);
+        sum_squares(x + b * HW * C, bias, HW, C, c0, nv, sums);
         for (int i = 0; i < nv * 8; i++) out[b * C + c0 + i] = (float)(root ? sqrt(sums[i]) : sums[i]);
     }
 }
 
 /* Returns 0, or -1 for an unsupported shape (C not a multiple of 8). */
+int overlock_grn_scale_bias_avx2(float *x, const float *bias, const float *gamma, float *scale, int B, long HW,
+                                 int C);
+
 int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, int B, long HW, int C) {
+    return overlock_grn_scale_bias_avx2((float *)x, NULL, gamma, scale, B, HW, C);
+}
+
+/* The same scale of x + bias, x + bias written over x first (in the same pass): a 1x1's output and the bias it was
+ * computed without (the Focus-Net block's fusion layer), so its GEMM need not copy the bias into its output. x is
+ * only written where bias is not NULL. */
+int overlock_grn_scale_bias_avx2(float *x, const float *bias, const float *gamma, float *scale, int B, long HW,
+                                 int C) {
     if (C % 8) return -1;
-    channel_sums_of_squares(x, scale, B, HW, C, 1);
+    channel_sums_of_squares(x, bias, scale, B, HW, C, 1);
     for (long b = 0; b < B; b++) {
         float *s = scale + b * C;
         double total = 0;
@@ -73,7 +94,7 @@ int overlock_grn_scale_avx2(const float *x, const float *gamma, float *scale, in
 /* sumsq[b, c] = sum_hw x^2 (GRN's statistics in training: one read of the map, no squared copy). */
 int overlock_grn_sumsq_avx2(const float *x, float *sumsq, int B, long HW, int C) {
     if (C % 8) return -1;
-    channel_sums_of_squares(x, sumsq, B, HW, C, 0);
+    channel_sums_of_squares((float *)x, NULL, sumsq, B, HW, C, 0);
     return 0;
 }
 
