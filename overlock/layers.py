@@ -13,6 +13,7 @@ from torch import nn
 from .ops import grn as grn_ops
 from .ops import grn_mlp as grn_mlp_ops
 from .ops import native, recompute
+from .ops.channel_affine import channel_affine
 from .ops.depthwise import depthwise_conv2d, native_grads, runs_native
 from .ops.gelu import GELU
 
@@ -108,7 +109,7 @@ class LayerScale(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias.view(1, -1, 1, 1), x, self.weight.view(1, -1, 1, 1))
+        return channel_affine(x, self.weight, self.bias)
 
 
 class ResDWConv(nn.Conv2d):

@@ -40,3 +40,31 @@ def test_half_precision_maps_keep_the_plain_graph():
     grn = GRN(4)
     x = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16, requires_grad=True)
     assert type(grn.to(torch.bfloat16)(x).grad_fn).__name__ != "_GrnBackward"
+
+
+@pytest.mark.parametrize("grad_layout", [torch.channels_last, torch.contiguous_format])
+def test_layer_scale_backward_in_one_read_matches_float64(grad_layout):
+    """LayerScale in CPU training (overlock/ops/channel_affine.py): the parameter gradients from one read of the
+    output gradient and the input (native per-channel sums; a gradient in another layout takes PyTorch's sums), the
+    very forward of ``addcmul``, float64's gradients to float rounding."""
+    from overlock.layers import LayerScale
+    from overlock.ops import native
+    torch.manual_seed(0)
+    ls = LayerScale(16, init_value=0.5)
+    with torch.no_grad():
+        ls.weight.normal_()
+        ls.bias.normal_()
+    x = torch.randn(3, 16, 9, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(3, 16, 9, 7).contiguous(memory_format=grad_layout)
+    out = ls(x)
+    want = torch.addcmul(ls.bias.view(1, -1, 1, 1), x, ls.weight.view(1, -1, 1, 1))
+    assert torch.equal(out, want)
+    if native.used_here():
+        assert type(out.grad_fn).__name__ == "_ChannelAffineBackward"
+    grads = torch.autograd.grad(out, (x, ls.weight, ls.bias), g)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, ls.weight, ls.bias))
+    ref = torch.autograd.grad(xd * wd.view(1, -1, 1, 1) + bd.view(1, -1, 1, 1), (xd, wd, bd), g.double())
+    for a, b in zip(grads, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6
+    with torch.no_grad():  # inference: the plain op, no custom function
+        assert ls(x).grad_fn is None
