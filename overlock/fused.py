@@ -129,17 +129,18 @@ class DepthwiseConv(nn.Conv2d):
         y = self(x)
         return y, norm(y)
 
-    def forward_norm_identity(self, x: torch.Tensor, norm: nn.Module, scale, shift):
+    def forward_norm_identity(self, x: torch.Tensor, norm: nn.Module, scale, shift, out=None):
         """``(y * scale + shift, norm(y))`` with ``y = self(x)`` in the one native call of :meth:`forward_norm` (a
         residual identity and the branch's input), or ``None`` where that call does not run: then ``y`` is left
-        to the caller. ``scale``/``shift``: per-channel ``C`` floats or ``None``."""
+        to the caller. ``scale``/``shift``: per-channel ``C`` floats or ``None``; ``out``: where to write the
+        identity (see ``native.depthwise_conv2d_taps_norm``), or ``None``."""
         vectors = [t for t in (scale, shift) if t is not None]
         if (self.kernel_size[0] * self.kernel_size[1] <= 9 and type(norm) is LayerNorm2d and self._direct(x)
                 and _norm_direct(norm, x) and not _hooked(self, norm)
                 and not any(torch.is_grad_enabled() and t.requires_grad for t in vectors)):
             return native.depthwise_conv2d_taps_norm(
                 x, self._taps(), self.bias, *self.kernel_size, norm.weight, norm.bias, norm.eps,
-                None if scale is None else scale.reshape(-1), None if shift is None else shift.reshape(-1))
+                None if scale is None else scale.reshape(-1), None if shift is None else shift.reshape(-1), out=out)
         return None
 
     def forward_gelu(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -592,13 +593,13 @@ def _conv_then_norm(conv: nn.Module, norm: nn.Module, x: torch.Tensor):
     return y, norm(y)
 
 
-def _conv_then_norm_identity(conv: nn.Module, norm: nn.Module, x: torch.Tensor, scale, shift):
+def _conv_then_norm_identity(conv: nn.Module, norm: nn.Module, x: torch.Tensor, scale, shift, out=None):
     """``(identity, norm(conv(x)), prepared)``: where one native call can (:meth:`DepthwiseConv.forward_norm_identity`)
     the identity is ``conv(x) * scale + shift`` already (``prepared``), else plain ``conv(x)``: the residual block's
     identity and the branch's input, the identity's LayerScale and the branch's last bias applied in the same pass
     (:func:`pointwise_scaled_add` then takes neither)."""
     if isinstance(conv, DepthwiseConv):
-        got = conv.forward_norm_identity(x, norm, scale, shift)
+        got = conv.forward_norm_identity(x, norm, scale, shift, out)
         if got is not None:
             return got[0], got[1], True
     y, z = _conv_then_norm(conv, norm, x)
@@ -632,8 +633,11 @@ class FusedRepConvBlock(nn.Module):
         else:
             self.ls_weight = None
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, y, prepared = _conv_then_norm_identity(self.dwconv, self.norm, x, self.ls_weight, self.mlp.fc2_bias)
+    def _forward(self, x: torch.Tensor, out=None) -> torch.Tensor:
+        """The block on ``x``; with ``out`` (no autograd), the residual identity, and so the result, is written there
+        where the native conv-then-norm call runs (check the returned tensor)."""
+        x, y, prepared = _conv_then_norm_identity(self.dwconv, self.norm, x, self.ls_weight, self.mlp.fc2_bias,
+                                                  out)
         y = self.large_kernel(y)
         return self.mlp.forward_add(y, x, self.ls_weight, gate=self.se.scale(y), prepared=prepared)
 
@@ -642,4 +646,13 @@ class FusedRepConvBlock(nn.Module):
         n = max(1, CHUNK_BYTES // max(per_sample, 1))
         if _tracing() or n >= x.shape[0]:  # an exported or compiled graph keeps the batch dynamic
             return self._forward(x)
-        return torch.cat([self._forward(c) for c in x.split(n)])
+        if torch.is_grad_enabled() or not x.is_contiguous(memory_format=torch.channels_last):
+            return torch.cat([self._forward(c) for c in x.split(n)])
+        # each chunk's result lands in its slice of one output (a batch slice of a channels_last map is one): no cat
+        result = torch.empty_like(x)
+        for start in range(0, x.shape[0], n):
+            dst = result[start:start + n]
+            got = self._forward(x[start:start + n], out=dst)
+            if got.data_ptr() != dst.data_ptr() or got.stride() != dst.stride():
+                dst.copy_(got)
+        return result

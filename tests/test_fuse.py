@@ -58,6 +58,36 @@ def test_fused_repconv_block(memory_format, res_scale, ls, chunk_bytes, monkeypa
     assert len(ran) == 2
 
 
+def test_fused_repconv_block_chunks_write_into_one_output(monkeypatch):
+    """Batch chunks without autograd: each chunk's result is written into its slice of one channels_last output
+    (no concatenation; where the native conv-then-norm call runs, no copy either), the bits of the whole batch at
+    once; with autograd the chunks are concatenated."""
+    from overlock.ops import native
+    block = randomize(RepConvBlock(16, 5, mlp_ratio=2, ls_init_value=0.5, res_scale=True))
+    fused = block.fuse()
+    x = torch.randn(5, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = fused(x)
+    monkeypatch.setattr(F_, "CHUNK_BYTES", 1)  # one sample per chunk
+    into = []
+    real = native.depthwise_conv2d_taps_norm
+    monkeypatch.setattr(native, "depthwise_conv2d_taps_norm",
+                        lambda *a, **k: into.append(k.get("out") is not None) or real(*a, **k))
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("concatenated") if torch.is_tensor(
+        a[0][0]) and a[0][0].shape[0] == 1 and len(a[0]) == 5 else real_cat(*a, **k))
+    with torch.no_grad():
+        chunked = fused(x)
+    assert torch.equal(chunked, whole) and chunked.is_contiguous(memory_format=torch.channels_last)
+    if native.used_here():
+        assert into == [True] * 5
+    monkeypatch.setattr(torch, "cat", real_cat)
+    xg = x.clone().requires_grad_()
+    out = fused(xg)
+    out.sum().backward()
+    assert rel_err(out.detach(), whole) < 1e-6 and xg.grad is not None
+
+
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_fused_conv_norm_sequences(memory_format):
     """Stem (conv-BN-GELU x3), BN-then-1x1, dilated block + BN, conv-BN-SiLU: folded, same function."""

@@ -356,13 +356,14 @@ def depthwise_conv2d_taps_grn(x: torch.Tensor, taps: torch.Tensor, bias: Optiona
 def depthwise_conv2d_taps_norm(x: torch.Tensor, taps: torch.Tensor, bias: Optional[torch.Tensor], kh: int, kw: int,
                                ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                                identity_scale: Optional[torch.Tensor] = None,
-                               identity_shift: Optional[torch.Tensor] = None):
+                               identity_shift: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
     """``(y, LayerNorm over channels of y)`` with ``y`` :func:`depthwise_conv2d_taps` (same bits), the norm applied to
     each tile of pixels while it is still in cache: a fused block's conv-then-LayerNorm pair in one call. With
     ``identity_scale`` and/or ``identity_shift`` (``C`` floats) the returned ``y`` is ``y * scale + shift`` (after
     the norm has read it; the bits of ``torch.addcmul(shift, y, scale)``, ``y * scale`` or ``y + shift``): a residual
     identity prepared in the same pass. Kernels of at most 3x3; same input requirements as there, plus float32
-    contiguous ``ln_weight``/``ln_bias`` and identity vectors of ``C``. ``None`` where it does not apply."""
+    contiguous ``ln_weight``/``ln_bias`` and identity vectors of ``C``; ``y`` written into ``out`` if given (a float32
+    channels_last CPU map of ``x``'s shape, e.g. a batch slice of a larger one). ``None`` where it does not apply."""
     lib = _library() if _disabled == 0 else None
     if lib is None or kh * kw > 9:
         return None
@@ -371,7 +372,10 @@ def depthwise_conv2d_taps_norm(x: torch.Tensor, taps: torch.Tensor, bias: Option
     if any(t.numel() != C or t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
            for t in affine):
         return None
-    y = torch.empty_like(x, memory_format=torch.channels_last)
+    if out is not None and (out.shape != x.shape or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or not out.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    y = torch.empty_like(x, memory_format=torch.channels_last) if out is None else out
     z = torch.empty_like(y)
     if N * H * W and lib.overlock_depthwise_ln_avx2(x.data_ptr(), taps.data_ptr(), _ptr(bias), y.data_ptr(),
                                                     z.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), eps,
