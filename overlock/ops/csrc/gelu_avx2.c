@@ -15,6 +15,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 
 #define MIN_PARALLEL 32768 /* elements below which one thread does the whole buffer */
 
@@ -69,8 +70,14 @@ int overlock_gelu_avx2(const float *x, float *out, long n) {
  * first (addmm's way: a whole extra write of the output), and x + bias rounds as addmm's sum does. */
 __attribute__((target("avx2,fma")))
 int overlock_bias_gelu_avx2(float *x, const float *bias, long rows, long cols, long ld) {
-    const long block = cols >= MIN_PARALLEL ? 1 : (MIN_PARALLEL + cols - 1) / cols; /* rows per work item */
-    const long items = (rows + block - 1) / block;
+    /* about MIN_PARALLEL values per work item, a multiple of the thread count of them (even shares) */
+    const long threads = omp_get_max_threads();
+    long items = rows * cols / MIN_PARALLEL;
+    if (items > 1) items = (items + threads - 1) / threads * threads;
+    if (items > rows) items = rows;
+    if (items < 1) items = 1;
+    const long block = (rows + items - 1) / items; /* rows per work item */
+    items = (rows + block - 1) / block;
 #pragma omp parallel for schedule(static) if (items > 1)
     for (long it = 0; it < items; it++) {
         const long r0 = it * block, r1 = r0 + block < rows ? r0 + block : rows;
