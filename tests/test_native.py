@@ -779,8 +779,8 @@ def test_bias_gelu_gives_the_bits_of_gelu_of_the_sum(rows, cols, ld):
 
 def test_fused_mlp_first_1x1_leaves_its_bias_to_gelu(monkeypatch):
     """The fused GRN-MLP's first 1x1 runs as a GEMM without bias and ``native.bias_gelu_`` adds it (skipping
-    addmm's copy of the bias into the output): the same bits as the biased GEMM then GELU, with and without SE's
-    per-sample scale (batch 1 and 3)."""
+    addmm's copy of the bias into the output): the bits of the bias-free GEMM plus the bias then GELU, the biased
+    GEMM's to float rounding, with and without SE's per-sample scale (batch 1 and 3)."""
     from overlock.fused import pointwise_scaled
     calls = []
     real = native.bias_gelu_
@@ -796,8 +796,9 @@ def test_fused_mlp_first_1x1_leaves_its_bias_to_gelu(monkeypatch):
                 xs = (x * (1 if scale is None else scale)).permute(0, 2, 3, 1).reshape(-1, 32)
                 want = native.gelu(torch.addmm(b, xs, w.t())).view(B, 6, 5, 96).permute(0, 3, 1, 2)
                 assert rel_err(got, want) < 1e-6
-                if scale is None:
-                    assert torch.equal(got, want)
+                if scale is None:  # the GEMM without bias, then the bias and GELU: exactly those bits
+                    exact = native.gelu(torch.mm(xs, w.t()) + b).view(B, 6, 5, 96).permute(0, 3, 1, 2)
+                    assert torch.equal(got, exact)
     assert len(calls) == 4
     xg = cl(torch.randn(1, 32, 6, 5, generator=g)).requires_grad_()
     pointwise_scaled(w, b, xg, gelu="none").sum().backward()  # autograd: the plain biased GEMM, no kernel call
