@@ -207,6 +207,15 @@ def depthwise_bn_grads(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1)
     return grads
 
 
+def depthwise_conv_into(x: torch.Tensor, weight: torch.Tensor, dilation: int, out: torch.Tensor) -> bool:
+    """``depthwise_conv(x, weight, dilation=dilation)`` (no bias) written into ``out`` where the hand-written kernel
+    runs it (``True``); ``False`` elsewhere, ``out`` untouched."""
+    cropped, padding = _reachable(x, weight, dilation)
+    if not runs_native(x, cropped, None, padding, dilation):
+        return False
+    return native.depthwise_conv2d_same(x, cropped, None, dilation, out=out) is not None
+
+
 def _padded_back(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The gradient of a kernel cropped by :func:`_reachable`, zero for the taps that never met the map."""
     full = weight.new_zeros(weight.shape)
@@ -281,8 +290,8 @@ class DilatedReparamBlock(nn.Module):
             # conv); the dilated branches keep only x and are rebuilt in backward.
             branches = [(conv.weight, r, bn) for r, conv, bn in self._branches()]
             if recompute.bn_branches_ok(branches):
-                return out + recompute.bn_branch_sum(x, branches, depthwise_conv, depthwise_conv_grads,
-                                                      depthwise_bn_grads)
+                return out.add_(recompute.bn_branch_sum(x, branches, depthwise_conv, depthwise_conv_grads,
+                                                        depthwise_bn_grads, depthwise_conv_into))
             params = [p for w, _, bn in branches for p in (w, bn.weight, bn.bias) if p.requires_grad]
             return out + recompute.recompute(self._dilated_sum, x, params)
         return out.add_(self._dilated_sum(x))

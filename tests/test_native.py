@@ -99,10 +99,10 @@ def forced(monkeypatch):
     calls = []
     real = native.depthwise_conv2d_same
 
-    def spy(x, w, b=None, dilation=1, flip=False):
-        out = real(x, w, b, dilation, flip)
-        calls.append(out is not None)
-        return out
+    def spy(x, w, b=None, dilation=1, flip=False, out=None):
+        y = real(x, w, b, dilation, flip, out=out)
+        calls.append(y is not None)
+        return y
 
     monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
     monkeypatch.setattr(native, "depthwise_conv2d_same", spy)
@@ -753,6 +753,71 @@ def test_batch_norm_branch_backward_matches_float64(shape, kernel, dilation, add
                                         cl(torch.empty(shape)), grad_x, add, True)
     assert rel_err(grad_x - (start if add else 0), want_x) < 1e-5
     assert rel_err(dw, want_w) < 1e-5 and rel_err(dot * invstd, want_gamma) < 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_statistics_match_float64(affine):
+    """``bn_batch_stats``: one read of a map gives BatchNorm's batch mean and inverse std (float32), the normalizing
+    ``y * a + b`` coefficients and, in float64, the mean and unbiased variance for the running averages; the same
+    bits for one thread or two (fixed summation blocks). A mean far from zero: no float cancellation."""
+    torch.manual_seed(0)
+    y = cl(torch.randn(3, 24, 7, 9) * 3 + 20)  # 189 pixels: several summation blocks, the last one partial
+    gamma, beta = (torch.randn(24), torch.randn(24)) if affine else (None, None)
+    out, moments = native.bn_batch_stats(y, gamma, beta, 1e-3)
+    y64 = y.double()
+    mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(moments[0], mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(moments[1], y64.var((0, 2, 3)), rtol=1e-10, atol=0)
+    invstd = (var + 1e-3).rsqrt()
+    torch.testing.assert_close(out[0], mean.float(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(out[1], invstd.float(), rtol=1e-6, atol=0)
+    a = out[1] * (gamma if affine else 1)
+    assert torch.equal(out[2], a)
+    torch.testing.assert_close(out[3], (beta if affine else 0) - out[0] * a, rtol=1e-6, atol=1e-6)
+    normalized = y * out[2].view(1, -1, 1, 1) + out[3].view(1, -1, 1, 1)
+    want = F.batch_norm(y64, None, None, None if gamma is None else gamma.double(),
+                        None if beta is None else beta.double(), training=True, eps=1e-3)
+    assert rel_err(normalized, want) < 1e-6
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = native.bn_batch_stats(y, gamma, beta, 1e-3)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again[0], out) and torch.equal(again[1], moments)
+    running_mean, running_var = torch.randn(24), torch.rand(24) + 0.5
+    rm, rv = running_mean.clone(), running_var.clone()
+    assert native.bn_running_update(rm, rv, moments, 0.1)
+    torch.testing.assert_close(rm, (0.9 * running_mean.double() + 0.1 * mean).float(), rtol=1.2e-7, atol=0)
+    torch.testing.assert_close(rv, (0.9 * running_var.double() + 0.1 * y64.var((0, 2, 3))).float(), rtol=1.2e-7,
+                               atol=0)
+
+
+def test_batch_norm_statistics_decline():
+    """Maps the statistics kernel does not take: ``None``, nothing computed (the caller runs PyTorch's)."""
+    assert native.bn_batch_stats(cl(torch.randn(2, 12, 4, 4)), None, None, 1e-5) is None  # 12 channels
+    assert native.bn_batch_stats(torch.randn(2, 16, 4, 4), None, None, 1e-5) is None  # not channels_last
+    assert native.bn_batch_stats(cl(torch.randn(1, 16, 1, 1)), None, None, 1e-5) is None  # one value per channel
+    assert native.bn_batch_stats(cl(torch.randn(2, 16, 4, 4)), torch.randn(8), None, 1e-5) is None
+    assert native.bn_batch_stats(cl(torch.randn(2, 16, 4, 4).double()), None, None, 1e-5) is None
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_channel_affine_accumulates_a_normalized_map(accumulate):
+    """``channel_affine_acc_``: ``acc (+)= y * a + b`` per channel in one pass; declined layouts write nothing."""
+    torch.manual_seed(0)
+    y, start = cl(torch.randn(2, 40, 9, 11)), cl(torch.randn(2, 40, 9, 11))
+    a, b = torch.randn(40), torch.randn(40)
+    acc = start.clone()
+    assert native.channel_affine_acc_(acc, y, a, b, accumulate)
+    want = y.double() * a.double().view(1, -1, 1, 1) + b.double().view(1, -1, 1, 1) + (start.double() if accumulate
+                                                                                        else 0)
+    torch.testing.assert_close(acc, want.float(), rtol=1e-6, atol=1e-6)
+    for bad_acc, bad_y, bad_a in ((start.contiguous(), y, a), (start.clone(), y[:, :, :8], a),
+                                  (start.clone(), y, a[:32])):
+        before = bad_acc.clone()
+        assert not native.channel_affine_acc_(bad_acc, bad_y, bad_a, b, accumulate)
+        assert torch.equal(bad_acc, before)
 
 
 @pytest.mark.parametrize("rows,cols,ld", [(196, 768, 768), (37, 40, 40), (9, 27, 33), (70000 // 64, 64, 80)])

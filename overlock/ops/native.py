@@ -27,10 +27,11 @@ import torch
 
 __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d_same", "depthwise_conv2d_taps",
            "depthwise_conv2d_taps_gelu", "depthwise_conv2d_taps_grn", "depthwise_conv2d_taps_norm",
-           "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "na2d_softmax_av",
-           "na2d_softmax_av_pair", "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums",
-           "grn_backward_apply", "se_gate", "gelu", "gelu_backward", "bias_gelu_", "silu_mul_", "status", "describe",
-           "disabled", "narrow_vectors", "context_concat"]
+           "depthwise_weight_grad_same", "depthwise_gelu_grad", "bn_branch_backward", "bn_batch_stats",
+           "bn_running_update", "channel_affine_acc_", "na2d_softmax_av", "na2d_softmax_av_pair",
+           "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu",
+           "gelu_backward", "bias_gelu_", "silu_mul_", "status", "describe", "disabled", "narrow_vectors",
+           "context_concat"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
@@ -139,6 +140,13 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.overlock_depthwise_wgrad_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_int] * 7
     lib.overlock_depthwise_taps.restype = None
     lib.overlock_depthwise_taps.argtypes = [_ADDRESS] * 2 + [ctypes.c_int] * 3
+    lib.overlock_bn_batch_stats_avx2.restype = ctypes.c_int
+    lib.overlock_bn_batch_stats_avx2.argtypes = ([_ADDRESS, ctypes.c_long, ctypes.c_int] + [_ADDRESS] * 2
+                                                 + [ctypes.c_double] + [_ADDRESS] * 2)
+    lib.overlock_bn_running_update.restype = None
+    lib.overlock_bn_running_update.argtypes = [_ADDRESS] * 3 + [ctypes.c_int, ctypes.c_double]
+    lib.overlock_channel_affine_acc_avx2.restype = ctypes.c_int
+    lib.overlock_channel_affine_acc_avx2.argtypes = [_ADDRESS] * 4 + [ctypes.c_long] + [ctypes.c_int] * 2
     lib.overlock_se_gate_avx2.restype = ctypes.c_int
     lib.overlock_se_gate_avx2.argtypes = ([_ADDRESS, ctypes.c_int, ctypes.c_long, ctypes.c_int] + [_ADDRESS] * 2
                                           + [ctypes.c_int] + [_ADDRESS] * 3)
@@ -265,13 +273,15 @@ def _taps(weight: torch.Tensor, flip: bool = False) -> torch.Tensor:
 
 
 def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                          dilation: int = 1, flip: bool = False) -> Optional[torch.Tensor]:
+                          dilation: int = 1, flip: bool = False, out: Optional[torch.Tensor] = None
+                          ) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias, padding=(d * (kh // 2), d * (kw // 2)), dilation=d, groups=C)`` on float32
     channels_last CPU maps.
 
     Returns ``None`` where the kernel does not apply (then call PyTorch): native kernels off, channels not a
     multiple of 8, an even kernel side, or tensors that are not float32 CPU. The result is channels_last.
     ``flip``: convolve with the kernel turned 180 degrees instead (the input gradient), without a flipped copy.
+    ``out``: a channels_last float32 map of ``x``'s shape to write into (a reused scratch map) instead of a new one.
     """
     lib = _library() if _disabled == 0 else None
     if lib is None or not _real(x, weight, bias) or x.dim() != 4 or weight.dim() != 4:
@@ -285,7 +295,10 @@ def depthwise_conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     x = x.contiguous(memory_format=torch.channels_last)
     w = _taps(weight, flip)
     b = None if bias is None else bias.contiguous()
-    y = torch.empty_like(x, memory_format=torch.channels_last)
+    if out is not None and not (out.shape == x.shape and out.dtype == torch.float32 and out.device.type == "cpu"
+                                and out.is_contiguous(memory_format=torch.channels_last) and _real(out)):
+        return None
+    y = torch.empty_like(x, memory_format=torch.channels_last) if out is None else out
     if N * H * W:
         rc = lib.overlock_depthwise_avx2(_ptr(x), _ptr(w), _ptr(b), _ptr(y), N, H, W, C, kh, kw, dilation)
         if rc != 0:
@@ -628,6 +641,57 @@ def grn_backward_apply(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, t: tor
     b = None if beta is None else vecs[2]
     return not B or lib.overlock_grn_backward_apply_avx2(_ptr(g), _ptr(x), _ptr(vecs[0]), _ptr(vecs[1]), _ptr(b),
                                                          B, H * W, C) == 0
+
+
+def bn_batch_stats(y: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], eps: float
+                   ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """BatchNorm's batch statistics of a float32 channels_last CPU map (a multiple of 8 channels, 2 or more values
+    per channel) in one read: ``(out, moments)``, ``out`` ``(4, C)`` float32 rows ``mean, invstd, a, b`` with ``a =
+    gamma * invstd``, ``b = beta - mean * a`` (normalizing is ``y * a + b``), ``moments`` ``(2, C)`` float64 rows
+    mean and unbiased variance (for :func:`bn_running_update`). Sums in float64 in a fixed order: the same bits for
+    any thread count. ``None`` where the kernel does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _grn_maps_ok(y):
+        return None
+    B, C, H, W = y.shape
+    params = [t for t in (gamma, beta) if t is not None]
+    if any(t.shape != (C,) or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+           for t in params):
+        return None
+    out, moments = y.new_empty(4, C), torch.empty(2, C, dtype=torch.float64)
+    if lib.overlock_bn_batch_stats_avx2(_ptr(y), B * H * W, C, _ptr(gamma), _ptr(beta), float(eps), _ptr(out),
+                                        _ptr(moments)) != 0:
+        return None
+    return out, moments
+
+
+def bn_running_update(running_mean: torch.Tensor, running_var: torch.Tensor, moments: torch.Tensor, factor: float
+                      ) -> bool:
+    """BatchNorm's running averages ``r = (1 - factor) * r + factor * batch`` in float64 from :func:`bn_batch_stats`'s
+    ``moments``; ``False`` (nothing written) where the kernel does not apply (contiguous float32 CPU vectors)."""
+    lib = _library() if _disabled == 0 else None
+    C = moments.shape[1]
+    if lib is None or any(t.shape != (C,) or t.dtype != torch.float32 or t.device.type != "cpu"
+                          or not t.is_contiguous() or not _real(t) for t in (running_mean, running_var)):
+        return False
+    lib.overlock_bn_running_update(_ptr(running_mean), _ptr(running_var), _ptr(moments), C, float(factor))
+    return True
+
+
+def channel_affine_acc_(acc: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool
+                        ) -> bool:
+    """In one pass, ``acc = y * a + b`` or, with ``accumulate``, ``acc += y * a + b`` (``a``, ``b`` per channel, float32)
+    on float32 channels_last CPU maps of one shape with a multiple of 8 channels. ``False`` (nothing written) where
+    the kernel does not apply."""
+    lib = _library() if _disabled == 0 else None
+    if lib is None or not _grn_maps_ok(acc, y):
+        return False
+    C = y.shape[1]
+    if any(v.shape != (C,) or v.dtype != torch.float32 or v.device.type != "cpu" or not v.is_contiguous()
+           for v in (a, b)):
+        return False
+    return lib.overlock_channel_affine_acc_avx2(_ptr(acc), _ptr(y), _ptr(a), _ptr(b), y.numel() // C, C,
+                                                int(accumulate)) == 0
 
 
 def se_gate(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor

@@ -163,7 +163,7 @@ def bn_branches_ok(branches) -> bool:
 
 
 def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callable | None = None,
-                  bn_grads: Callable | None = None) -> torch.Tensor:
+                  bn_grads: Callable | None = None, conv_into: Callable | None = None) -> torch.Tensor:
     """``sum(bn(conv(x, weight, dilation=d)) for weight, d, bn in branches)``, keeping only ``x`` for backward.
 
     Backward does not run the BatchNorms forward again: each keeps its batch mean and inverse std from the forward
@@ -175,20 +175,59 @@ def bn_branch_sum(x: torch.Tensor, branches, conv: Callable, conv_grads: Callabl
     a branch whose whole backward (conv rebuilt, BatchNorm's backward, both conv gradients) one kernel runs a
     function with :func:`overlock.ops.native.bn_branch_backward`'s arguments after ``dilation`` (``None``
     elsewhere): those branches share one scratch map and add their input gradients into one sum in place.
+    ``conv_into(x, weight, d, out)``, if given, writes the conv into ``out`` and returns ``True`` where it can (a
+    hand-written kernel): then the forward runs through one scratch map (:func:`_scratch_forward`).
     """
     branches = list(branches)
     params = [p for weight, _, bn in branches for p in (weight, bn.weight, bn.bias)]
-    return _BnBranchSum.apply(branches, conv, (conv_grads, bn_grads), x, *params)
+    return _BnBranchSum.apply(branches, conv, (conv_grads, bn_grads, conv_into), x, *params)
+
+
+def _scratch_forward(x: torch.Tensor, branches, conv_into: Callable):
+    """``(sum_i BN_i(conv_i(x)), [mean_0, invstd_0, ...])`` with each conv written into one reused scratch map, its
+    batch statistics taken in one pass (float64 sums, :func:`overlock.ops.native.bn_batch_stats`) and the
+    normalized branch added into the sum in one more (``channel_affine_acc_``); ``None`` where a kernel declines
+    (then nothing was committed: the running statistics are updated last, as PyTorch's CPU kernel does, in
+    float64).
+
+    Why: PyTorch's ops gave each branch two fresh map-sized buffers (the conv's and BatchNorm's outputs) and five
+    passes (conv, two statistics passes, normalize, add); on the first stage at batch 8 (8x64x56x56) the six
+    branches' BatchNorms and adds took twice their convs' time, much of it in page faults of the fresh buffers.
+    BatchNorm's values to float rounding (its statistics summed in another order).
+    """
+    from . import native
+    B, C, H, W = x.shape
+    n = B * H * W
+    if (n < 2 or C % 8 or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
+            or any(bn.weight.dtype != torch.float32 for _, _, bn in branches)):
+        return None
+    scratch = torch.empty_like(x, memory_format=torch.channels_last)
+    out = torch.empty_like(scratch)
+    stats, moments = [], []
+    for i, (weight, d, bn) in enumerate(branches):
+        ran = conv_into(x, weight, d, scratch)
+        got = native.bn_batch_stats(scratch, bn.weight, bn.bias, bn.eps) if ran else None
+        if got is None or not native.channel_affine_acc_(out, scratch, got[0][2], got[0][3], i > 0):
+            return None
+        stats += [got[0][0], got[0][1]]
+        moments.append((bn, got[1]))
+    for bn, batch in moments:  # committed once every branch ran: a decline above leaves no trace
+        if not native.bn_running_update(bn.running_mean, bn.running_var, batch, _count_batch(bn)):
+            raise RuntimeError("overlock: BatchNorm running statistics the native update declined")
+    return out, stats
 
 
 class _BnBranchSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, branches, conv, grad_fns, x, *params):
         ctx.branches, ctx.conv, ctx.autocast = branches, conv, autocast_state()
-        ctx.conv_grads, ctx.bn_grads = grad_fns
+        ctx.conv_grads, ctx.bn_grads, conv_into = grad_fns
         out, stats = None, []
         with torch.no_grad():
-            for weight, d, bn in branches:
+            done = _scratch_forward(x, branches, conv_into) if conv_into is not None else None
+            if done is not None:
+                out, stats = done
+            for weight, d, bn in branches if done is None else ():
                 y, mean, invstd = torch.native_batch_norm(conv(x, weight, dilation=d), bn.weight, bn.bias,
                                                           bn.running_mean, bn.running_var, True, _count_batch(bn),
                                                           bn.eps)
