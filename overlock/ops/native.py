@@ -681,8 +681,8 @@ def bn_running_update(running_mean: torch.Tensor, running_var: torch.Tensor, mom
 def channel_affine_acc_(acc: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool
                         ) -> bool:
     """In one pass, ``acc = y * a + b`` or, with ``accumulate``, ``acc += y * a + b`` (``a``, ``b`` float32 per
-    channel) on float32 channels_last CPU maps of one shape with a multiple of 8 channels. ``False`` (nothing written) where
-    the kernel does not apply."""
+    channel) on float32 channels_last CPU maps of one shape with a multiple of 8 channels. ``False`` (nothing
+    written) where the kernel does not apply."""
     lib = _library() if _disabled == 0 else None
     if lib is None or not _grn_maps_ok(acc, y):
         return False
