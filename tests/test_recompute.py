@@ -93,6 +93,36 @@ def test_grn_mlp_keeps_only_the_hidden_map():
     assert len(big) == 1  # the hidden map (fc1's output) only; without recomputation four maps of that size
 
 
+def test_grn_mlp_backward_scratch_maps_are_reused_then_dropped(monkeypatch):
+    """Two GRN-MLPs of one width in a row: the second backward call takes the scratch maps the first one used
+    (two per shape, none shared within a call), the gradients those of the plain graph; the next forward pass
+    lets them go."""
+    from overlock.ops import grn_mlp, native
+    if not native.available():
+        pytest.skip(f"native kernels {native.status()}")
+    monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
+    cl = dict(memory_format=torch.channels_last)
+    mlps = torch.nn.Sequential(_randomize(GrnMlp(8, 32)), _randomize(GrnMlp(8, 32))).to(**cl).train()
+    x = torch.randn(2, 8, 9, 7).contiguous(**cl)
+    g = torch.randn(2, 8, 9, 7)
+    handed = []
+    real = grn_mlp._workspace
+    monkeypatch.setattr(grn_mlp, "_workspace", lambda *a: (lambda t: handed.append(t.data_ptr()) or t)(real(*a)))
+    xa = x.clone().requires_grad_()
+    got = torch.autograd.grad(mlps(xa), [xa, *mlps.parameters()], g)
+    assert len(handed) == 4 and handed[:2] == handed[2:] and handed[0] != handed[1]
+    assert len(grn_mlp._pool.maps) == 2
+    xb = x.clone().requires_grad_()
+    with monkeypatch.context() as m:
+        m.setattr(recompute, "enabled", lambda *a: False)
+        want = torch.autograd.grad(mlps(xb), [xb, *mlps.parameters()], g)
+    scale = max(w.abs().max().item() for w in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    mlps(xa)
+    assert grn_mlp._pool.maps == {}
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_rep_conv_block_recomputes_exactly(channels_last, monkeypatch):
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -10,13 +10,17 @@ writes the rest in place:
 - the GRN input gradient ``g * s + y * t`` overwrites ``fc2``'s input gradient ``g``;
 - ``fc2``'s weight gradient needs GRN's output ``y * s + beta``: it is rebuilt in the conv output ``y`` once
   GRN's backward no longer needs ``y``;
-- GELU's input gradient overwrites the conv's input gradient.
+- GELU's input gradient overwrites the conv's input gradient;
+- with the native kernels, ``fc2``'s input gradient and the rebuilt GELU output go into two scratch maps that the
+  next GRN-MLP backward of the same shape takes again (:func:`_workspace`): one fresh map per call instead of three.
 
 GRN's per-(sample, channel) statistics are kept from the forward pass (``B x C`` numbers), so backward does not
 reduce over the map again. The forward and every rebuilt value run the very ops of the plain graph (same
 kernels, same order), so outputs are bit-identical and gradients agree to float rounding.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -46,6 +50,7 @@ def grn_mlp_tail(act: nn.GELU, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h:
 class _GrnMlpTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, dw, grn, fc2, h, dw_weight, dw_bias, gamma, beta, fc2_weight, fc2_bias):
+        _pool.maps = {}  # a new forward pass: the last backward pass's scratch maps are let go
         ctx.act, ctx.dw, ctx.fc2 = act, dw, fc2
         B, C = h.shape[:2]
         y = dw(act(h))
@@ -65,10 +70,11 @@ class _GrnMlpTail(torch.autograd.Function):
         cout = fc2_weight.shape[0]
         # fc2's input gradient, as a map laid out like fc2's output gradient (channels innermost)
         g2 = grad.permute(0, 2, 3, 1).reshape(-1, cout)
-        gr = g2.mm(fc2_weight.reshape(cout, C)).view(B, H, W, C).permute(0, 3, 1, 2)
-
         if need[4] and _native_tail(dw, h, ctx.act.approximate):
+            gr = _workspace(h, 0)
+            torch.mm(g2, fc2_weight.reshape(cout, C), out=gr.permute(0, 2, 3, 1).view(-1, C))
             return _native_backward(ctx, g2, gr, h, gamma, beta, stats)
+        gr = g2.mm(fc2_weight.reshape(cout, C)).view(B, H, W, C).permute(0, 3, 1, 2)
 
         # rebuild the conv input and output, with the conv's graph for its own backward
         need_a, need_dw = need[4], need[5] or need[6]
@@ -97,6 +103,25 @@ class _GrnMlpTail(torch.autograd.Function):
         return (None, None, None, None, grad_h, grad_dw_w, grad_dw_b, grad_gamma, grad_beta, grad_w2, grad_b2)
 
 
+# Scratch maps of the native backward (fc2's input gradient, the rebuilt GELU output), kept from one GRN-MLP's
+# backward to the next of the same shape within a backward pass and dropped by the next forward: fresh map-sized
+# buffers came from memory the allocator had just returned to the OS, and every page faulted in again (about 70K
+# faults per training step of overlock_t at batch 8, ~2 us each on the project's VMs). Per thread.
+_pool = threading.local()
+
+
+def _workspace(like: torch.Tensor, slot: int) -> torch.Tensor:
+    """A channels_last map shaped like ``like`` for scratch ``slot`` of the running backward call."""
+    maps = getattr(_pool, "maps", None)
+    if maps is None:
+        maps = _pool.maps = {}
+    key = (tuple(like.shape), like.dtype, like.device, slot)
+    buf = maps.get(key)
+    if buf is None:
+        buf = maps[key] = torch.empty_like(like, memory_format=torch.channels_last)
+    return buf
+
+
 def _native_tail(dw: nn.Module, h: torch.Tensor, approximate: str) -> bool:
     """The conv's gradients and GELU's come from the hand-written kernels: a 3x3-or-smaller undilated conv that
     no map side crops, on a float32 channels_last map, with the native exact GELU."""
@@ -114,7 +139,9 @@ def _native_backward(ctx, g2, gr, h, gamma, beta, stats):
     need = ctx.needs_input_grad
     dw = ctx.dw
     with torch.no_grad():
-        a = gelu_ops.gelu(h, ctx.act.approximate)
+        a = native.gelu(h, out=_workspace(h, 1))  # the kernel gelu_ops.gelu runs here (_native_tail)
+        if a is None:
+            a = gelu_ops.gelu(h, ctx.act.approximate)
         y = dw(a)  # the forward's own call: the same bits as there
         weight = dw.residual_weight()
     grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y, gamma, stats, (True, need[7], need[8]),
