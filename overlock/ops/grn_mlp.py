@@ -50,7 +50,7 @@ def grn_mlp_tail(act: nn.GELU, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h:
 class _GrnMlpTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, dw, grn, fc2, h, dw_weight, dw_bias, gamma, beta, fc2_weight, fc2_bias):
-        _pool.maps = {}  # a new forward pass: the last backward pass's scratch maps are let go
+        _drop_workspace()  # a new forward pass: any scratch map the last backward pass kept is let go
         ctx.act, ctx.dw, ctx.fc2 = act, dw, fc2
         B, C = h.shape[:2]
         y = dw(act(h))
@@ -104,17 +104,29 @@ class _GrnMlpTail(torch.autograd.Function):
 
 
 # Scratch maps of the native backward (fc2's input gradient, the rebuilt GELU output), kept from one GRN-MLP's
-# backward to the next of the same shape within a backward pass and dropped by the next forward: fresh map-sized
+# backward to the next of the same shape within a backward pass and dropped when it ends: fresh map-sized
 # buffers came from memory the allocator had just returned to the OS, and every page faulted in again (about 70K
 # faults per training step of overlock_t at batch 8, ~2 us each on the project's VMs). Per thread.
 _pool = threading.local()
 
 
+def _drop_workspace() -> None:
+    _pool.maps, _pool.armed = {}, False
+
+
 def _workspace(like: torch.Tensor, slot: int) -> torch.Tensor:
-    """A channels_last map shaped like ``like`` for scratch ``slot`` of the running backward call."""
+    """A channels_last map shaped like ``like`` for scratch ``slot`` of the running backward call. The first call
+    of a backward pass asks autograd to let the maps go when the pass ends (its final callback), so none is held
+    between steps; the next forward drops them too, where that callback is not available."""
     maps = getattr(_pool, "maps", None)
     if maps is None:
         maps = _pool.maps = {}
+    if not getattr(_pool, "armed", False):
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(_drop_workspace)
+            _pool.armed = True
+        except (AttributeError, RuntimeError):  # not inside autograd's engine, or a torch without the hook
+            pass
     key = (tuple(like.shape), like.dtype, like.device, slot)
     buf = maps.get(key)
     if buf is None:
