@@ -103,8 +103,8 @@ int overlock_bn_branch_backward_avx2(const float *x, const float *taps, const fl
     return 0;
 }
 
-/* The training forward of the dilated branches (ops/bn_branches.py) one branch at a time through one scratch map:
- * its conv, then these two passes. */
+/* The training forward of the dilated branches (recompute._scratch_forward), one branch at a time through one
+ * scratch map: its conv, then these two passes. */
 
 #define MOMENT_BLOCK 64 /* pixels per partial sum: the partials, and so the bits, do not depend on the thread count */
 
