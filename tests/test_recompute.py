@@ -333,12 +333,16 @@ def test_whole_model_training_under_bfloat16_autocast(monkeypatch):
     assert sum(torch.equal(rebuilt[n], plain[n]) for n in plain) > len(plain) // 2  # mostly the very same ops
 
 
-def test_recompute_inside_gradient_checkpointing(monkeypatch):
-    """Blocks run under torch.utils.checkpoint (``set_grad_checkpointing``) still give the plain gradients."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_recompute_inside_gradient_checkpointing(channels_last, monkeypatch):
+    """Blocks run under torch.utils.checkpoint (``set_grad_checkpointing``) still give the plain gradients
+    (channels_last: the native kernels' paths, the dilated branches' scratch forward and the GRN-MLP's scratch maps
+    included)."""
     import timm
     torch.manual_seed(0)
-    model = _randomize(timm.create_model("test_overlock", num_classes=5)).train()
-    x = torch.randn(2, 3, 64, 64)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = _randomize(timm.create_model("test_overlock", num_classes=5)).train().to(memory_format=fmt)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def grads(plain, ckpt):
