@@ -13,7 +13,8 @@ own backward is written out (one GEMM each for the input and weight gradients), 
 ``recompute``: ``fn(x)`` keeping only ``x``; ``fn(x, rerun=True)`` is called in backward and must return the
 same values without side effects (BatchNorm must not update its running statistics a second time).
 ``bn_branch_sum``: ``sum_i BN_i(conv_i(x))`` (the dilated branches of a re-parameterizable block) keeping only ``x``
-and each BatchNorm's batch statistics, so backward rebuilds the conv outputs but never runs a BatchNorm forward.
+and each BatchNorm's batch statistics, so backward rebuilds the conv outputs but never runs a BatchNorm forward
+(where the native kernels run, its forward takes those statistics itself: BatchNorm's values to float rounding).
 Rebuilt ops re-enter the forward's autocast settings (``autocast_as``).
 """
 from __future__ import annotations
@@ -198,8 +199,9 @@ def _scratch_forward(x: torch.Tensor, branches, conv_into: Callable):
     from . import native
     B, C, H, W = x.shape
     n = B * H * W
-    if (n < 2 or C % 8 or x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
-            or any(bn.weight.dtype != torch.float32 for _, _, bn in branches)):
+    if (n < 2 or C % 8 or x.dtype != torch.float32 or not x.is_contiguous(memory_format=torch.channels_last)
+            or torch.is_autocast_enabled(x.device.type)
+            or any(t.dtype != torch.float32 for _, _, bn in branches for t in (bn.weight, bn.running_mean))):
         return None
     scratch = torch.empty_like(x, memory_format=torch.channels_last)
     out = torch.empty_like(scratch)
@@ -227,7 +229,7 @@ class _BnBranchSum(torch.autograd.Function):
             done = _scratch_forward(x, branches, conv_into) if conv_into is not None else None
             if done is not None:
                 out, stats = done
-            for weight, d, bn in branches if done is None else ():
+            for weight, d, bn in (branches if done is None else ()):
                 y, mean, invstd = torch.native_batch_norm(conv(x, weight, dilation=d), bn.weight, bn.bias,
                                                           bn.running_mean, bn.running_var, True, _count_batch(bn),
                                                           bn.eps)
