@@ -21,6 +21,7 @@ from .contmix import ContMixCore
 from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm_identity, _fuse_children, _inplace_ok, _param,
                     _records_grad, _tracing, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
+from . import fused_native
 from .ops import native
 
 __all__ = ["FusedDynamicConvBlock"]
@@ -138,6 +139,9 @@ class FusedDynamicConvBlock(ContMixCore):
         return _linear_nhwc(query_src, self.query_weight, self.query_bias)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_prior: torch.Tensor):
+        out = fused_native.focus_block(self, x, ctx, ctx_prior)  # inference on CPU: one straight-line call
+        if out is not None:
+            return out
         fused, y, prepared = _conv_then_norm_identity(self.dwconv1, self.norm1, self._input(x, ctx, ctx_prior),
                                                       self.ls1_weight, self.proj_bias)
         query_src, key_src = y.split([self.dim, self.ctx_dim], dim=1)

@@ -147,6 +147,59 @@ def test_fused_focus_block(memory_format, res_scale, ls, place):
     assert [n for n, p in fused.named_parameters() if p.grad is None] == []
 
 
+@pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
+@pytest.mark.parametrize("place", ["first", "middle", "last"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_focus_block_native_forward_gives_the_general_forwards_bits(res_scale, ls, place, B, monkeypatch):
+    """``fused_native.focus_block``, the straight-line inference forward, against the block's general forward (the
+    native route switched off): the same bits for every LayerScale fold, position and batch, on maps where GRN's
+    scale and SE's are applied to the map (6x6), to the weights (7x7) and where the GRN conv runs in place (28x28);
+    and it declines where autograd records, a hook would be skipped, the input is not channels-innermost or the
+    ContMix backend is another."""
+    from overlock import fused_native
+    block = randomize(DynamicConvBlock(32, 32, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2,
+                                       ls_init_value=ls, res_scale=res_scale, is_first=place == "first",
+                                       is_last=place == "last"))
+    fused = block.fuse().to(memory_format=torch.channels_last)
+    native_forward, ran = fused_native.focus_block, []
+
+    def spy(*args):
+        out = native_forward(*args)
+        ran.append(out is not None)
+        return out
+
+    def general(*args):
+        monkeypatch.setattr(fused_native, "focus_block", lambda *a: None)
+        try:
+            return fused(*args)
+        finally:
+            monkeypatch.setattr(fused_native, "focus_block", spy)
+
+    monkeypatch.setattr(fused_native, "focus_block", spy)
+    cl = torch.channels_last
+    for size in (6, 7, 28):
+        x = torch.randn(B, 32, size, size).contiguous(memory_format=cl)
+        ctx, prior = (torch.randn(B, 8, size, size).contiguous(memory_format=cl) for _ in range(2))
+        with torch.no_grad():
+            out, want, ref = fused(x, ctx, prior), general(x, ctx, prior), block(x, ctx, prior)
+        assert ran.pop() and len(out) == 2 and (out[1] is None) == (place == "last")
+        for o, w, r in zip(out, want, ref):
+            if r is None:
+                continue
+            assert torch.equal(o, w) and o.stride() == w.stride()
+            assert rel_err(o, r) < 1e-5
+    fused(x, ctx, prior)  # autograd records
+    with torch.no_grad():
+        fused(x.contiguous(), ctx, prior)  # channels not innermost
+        with overlock.use_backend("unfold"):
+            fused(x, ctx, prior)
+        handle = fused.lepe.register_forward_hook(lambda *_: None)
+        fused(x, ctx, prior)
+        handle.remove()
+        fused(x, ctx, prior)
+    assert ran == [False, False, False, False, True]
+
+
 def test_fused_contmix_block():
     """The plug-and-play ContMix block keeps its own forward; its projections, LePE, gate and MLP are fused."""
     block = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5)

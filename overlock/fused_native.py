@@ -1,0 +1,228 @@
+"""Straight-line native forwards of the fused blocks, for inference on CPU.
+
+At batch 1 a Focus-Net block on a 14x14 map spends ~2.3 ms in its two dozen kernels (GEMMs and the hand-written
+ones) and another ~0.3-0.5 ms deciding, per op, whether each fast path applies (grad mode, tracing, layouts,
+dtypes), building 4-d views and calling through module and helper layers. Here the whole block runs as one
+function on ``(pixels, channels)`` matrices: what can change from call to call (grad mode, tracing, autocast, the
+kernels' switch, hooks, the ContMix backend) is asked once per call, what the input's kind fixes (shapes,
+strides, dtypes) once per kind, and then the same kernels are called, with the same arguments, as the general
+forward's: the very same bits (tests compare the two). Anything else returns ``None`` and the block takes its
+general forward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import contmix
+from .fused import GRN_CONV_IN_PLACE_MIN_PIXELS, DepthwiseConv, _hooked, _norm_direct, _tracing
+from .layers import LayerNorm2d
+from .ops import depthwise as depthwise_ops
+from .ops import native
+
+__all__ = ["focus_block"]
+
+_F32 = torch.float32
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _calls_allowed(*modules: torch.nn.Module) -> bool:
+    """What may change between calls: no autograd, no trace or compile, no autocast, kernels on, no hooks that the
+    modules' own calls would run."""
+    return (not torch.is_grad_enabled() and native._disabled == 0 and not _tracing()
+            and not depthwise_ops._cpu_autocast() and native.used_here() and not _hooked(*modules))
+
+
+def _scaled_addmm_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], B: int
+                   ) -> None:
+    """``acc += (x * scale) @ weight.T`` per sample, ``acc`` ``(B*HW, Cout)``, ``x`` ``(B*HW, Cin)``, ``scale``
+    ``(B, Cin)`` or None: the ops of :func:`overlock.fused.pointwise_scaled_add` on a prepared identity."""
+    M, C = x.shape
+    acc3, xs = acc.view(B, M // B, -1), x.view(B, M // B, C)
+    if scale is not None and M // B < weight.shape[0]:  # a small map: scale the map, not the weights
+        xs, scale = xs * scale.reshape(B, 1, C), None
+    if scale is None:
+        acc.addmm_(xs.reshape(M, C), weight.t())
+    elif B == 1:
+        acc3[0].addmm_(xs[0], (weight * scale.reshape(1, C)).t())
+    else:
+        acc3.baddbmm_(xs, weight.t().unsqueeze(0) * scale.reshape(B, C, 1))
+
+
+def _map_ok(t: torch.Tensor, B: int, H: int, W: int) -> bool:
+    """A float32 CPU ``(B, C, H, W)`` map whose pixels are rows of its channels (any pixel stride: a channel slice
+    of a channels_last map), ``C`` a multiple of 8."""
+    return (type(t) is torch.Tensor and t.dim() == 4 and t.dtype == _F32 and t.device.type == "cpu"
+            and tuple(t.shape[::2]) == (B, H) and t.shape[3] == W and t.shape[1] % 8 == 0 and t.stride(1) == 1
+            and t.stride(2) == W * t.stride(3) and t.stride(0) == H * W * t.stride(3))
+
+
+def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`focus_block` runs ``block`` on inputs of this kind (checked once per kind)."""
+    B, Cx, H, W = x.shape
+    if not (_map_ok(x, B, H, W) and _map_ok(ctx, B, H, W) and (prior is None or _map_ok(prior, B, H, W))):
+        return False
+    if prior is not None and prior.shape != ctx.shape:
+        return False
+    if block.is_first and not (x.is_contiguous(memory_format=torch.channels_last)
+                               and ctx.is_contiguous(memory_format=torch.channels_last)):
+        return False  # torch.cat must give a channels_last map, as the general forward's
+    C, D = Cx + ctx.shape[1], block.fusion_weight.shape[0]
+    E, k, G = block.mlp.fc1_weight.shape[0], block.kernel_size, block.num_heads
+    params = list(block.parameters())
+    if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in params):
+        return False
+    if (block.approximate != "none" or block.mlp.approximate != "none" or block.se.approximate != "none"
+            or block.mlp.fc1_bias is None or block.proj_bias is None or block.mlp.fc2_bias is None
+            or block.lepe.bias is None or D % (2 * G) or (D // (2 * G)) % 8 or H < k or W < k or k * k > 1024
+            or block.query_weight.shape[0] % G or block.se.fc1_weight.shape[0] > 4096 or D > 4096
+            or E % 8 or D % 8):
+        return False
+    cl = torch.channels_last
+    convs = ((block.dwconv1, C), (block.fusion_dw, C), (block.lepe, D), (block.dwconv2, C), (block.mlp.dwconv, E))
+    for conv, channels in convs:
+        probe = torch.empty(B, channels, H, W, memory_format=cl)
+        if type(conv) is not DepthwiseConv or conv.bias is None or not conv._direct(probe):
+            return False
+        if conv is not block.lepe and conv.kernel_size[0] * conv.kernel_size[1] > 9:
+            return False
+    probe = torch.empty(B, C, H, W, memory_format=cl)
+    return all(type(n) is LayerNorm2d and _norm_direct(n, probe) for n in (block.norm1, block.norm2))
+
+
+def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor]
+                ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """:class:`~overlock.fused_focus.FusedDynamicConvBlock`'s forward, or ``None`` where it does not apply."""
+    wk = block.weight_key
+    if not _calls_allowed(block.dwconv1, block.norm1, block.fusion_dw, block.lepe, wk, *wk, block.dwconv2,
+                          block.norm2, block.mlp.dwconv) or contmix.get_backend() != "tiled":
+        return None
+    prior = None if block.is_first else prior
+    if type(x) is not torch.Tensor or type(ctx) is not torch.Tensor:
+        return None
+    key = (x.shape, x.stride(), ctx.shape, ctx.stride(), None if prior is None else (prior.shape, prior.stride()),
+           x.dtype, ctx.dtype, None if prior is None else prior.dtype, block.proj_weight.dtype,
+           depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
+    kept = block.__dict__.get("_native_route")
+    if kept is None or kept[0] != key:
+        kept = (key, _focus_route(block, x, ctx, prior))
+        block.__dict__["_native_route"] = kept
+    if not kept[1]:
+        return None
+    lib = native._library()
+    B, Cx, H, W = x.shape
+    Cc = ctx.shape[1]
+    C, M, HW = Cx + Cc, B * H * W, H * W
+    empty = torch.empty
+    # [x, ctx] (the context first updated, except in the first block)
+    if prior is None:
+        z = torch.cat([x, ctx], dim=1)
+        if not z.is_contiguous(memory_format=torch.channels_last):
+            return None
+        z = z.permute(0, 2, 3, 1).reshape(M, C)
+    else:
+        z = empty(M, C)
+        lib.overlock_context_concat_avx2(x.data_ptr(), x.stride(3), Cx, ctx.data_ptr(), ctx.stride(3),
+                                         prior.data_ptr(), prior.stride(3), Cc, block.ctx_weight.data_ptr(),
+                                         block.prior_weight.data_ptr(), block.ctx_bias.data_ptr(), z.data_ptr(), M)
+    # identity * ls1 + proj's bias, and y = norm1(dwconv1(z)): one call
+    identity, y = empty(M, C), empty(M, C)
+    _conv_norm(lib, block.dwconv1, block.norm1, z, identity, y, block.ls1_weight, block.proj_bias, B, H, W)
+    # h = GRN(fusion 1x1(GELU(fusion dw(y))) + its bias)
+    conv = block.fusion_dw
+    hidden = empty(M, C)
+    lib.overlock_depthwise_gelu_avx2(y.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(), hidden.data_ptr(),
+                                     B, H, W, C, *conv.kernel_size)
+    h = torch.mm(hidden, block.fusion_weight.t())
+    D = h.shape[1]
+    scale = empty(B, D)
+    lib.overlock_grn_scale_bias_avx2(h.data_ptr(), _ptr(block.fusion_bias), block.grn_gamma.data_ptr(),
+                                     scale.data_ptr(), B, HW, D)
+    h4 = h.view(B, H, W, D).permute(0, 3, 1, 2)
+    torch.addcmul(block.grn_beta, h4, scale.view(B, D, 1, 1), out=h4)
+    gate = torch.mm(h, block.gate_weight.t())
+    # mixed = dyconv_proj(ContMix(h)) + LePE(h): the GEMM accumulates into LePE's output
+    conv = block.lepe
+    mixed = empty(M, D)
+    lib.overlock_depthwise_avx2(h.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(), mixed.data_ptr(), B, H,
+                                W, D, *conv.kernel_size, 1)
+    aggregated = _context_mix(block, y, h, B, H, W, Cx)
+    if aggregated is None:
+        return None
+    mixed.addmm_(aggregated, block.dyconv_weight.t())
+    # identity += proj(SiLU(gate + bias) * mixed * SE(mixed))
+    se = block.se
+    se_scale = empty(B, D)
+    lib.overlock_se_gate_avx2(mixed.data_ptr(), B, HW, D, se.fc1_weight.data_ptr(), se.fc1_bias.data_ptr(),
+                              se.fc1_weight.shape[0], se.fc2_weight.data_ptr(), se.fc2_bias.data_ptr(),
+                              se_scale.data_ptr())
+    if block.gate_bias is None:
+        lib.overlock_silu_mul_avx2(gate.data_ptr(), mixed.data_ptr(), M * D)
+    else:
+        lib.overlock_bias_silu_mul_avx2(gate.data_ptr(), block.gate_bias.data_ptr(), mixed.data_ptr(), M, D)
+    _scaled_addmm_(identity, gate, block.proj_weight, se_scale, B)
+    # the MLP half: identity * ls2 + fc2's bias, and norm2(dwconv2(.)), then the GRN-MLP added in
+    mlp = block.mlp
+    out, y = empty(M, C), empty(M, C)
+    _conv_norm(lib, block.dwconv2, block.norm2, identity, out, y, block.ls2_weight, mlp.fc2_bias, B, H, W)
+    hidden = torch.mm(y, mlp.fc1_weight.t())
+    E = hidden.shape[1]
+    lib.overlock_bias_gelu_avx2(hidden.data_ptr(), mlp.fc1_bias.data_ptr(), M, E, E)
+    conv = mlp.dwconv
+    apply = HW < mlp.fc2_weight.shape[0]  # as FusedGrnMlp.hidden
+    inplace = HW >= GRN_CONV_IN_PLACE_MIN_PIXELS and conv.kernel_size[0] <= 3 and conv.kernel_size[1] <= 3
+    scale, rows = empty(B, E), empty(M // W * E)
+    if inplace:
+        rc = lib.overlock_depthwise_grn_inplace_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
+                                                     mlp.grn_gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(),
+                                                     int(apply), B, H, W, E, *conv.kernel_size)
+        grn = hidden
+    else:
+        grn = empty(M, E)
+        rc = lib.overlock_depthwise_grn_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
+                                             grn.data_ptr(), mlp.grn_gamma.data_ptr(), scale.data_ptr(),
+                                             rows.data_ptr(), int(apply), B, H, W, E, *conv.kernel_size)
+    if rc != 0:
+        return None
+    _scaled_addmm_(out, grn, mlp.fc2_weight, None if apply else scale, B)
+    out = out.view(B, H, W, C).permute(0, 3, 1, 2)
+    if block.is_last:
+        return out, None
+    return tuple(out.split([block.dim, block.ctx_dim], dim=1))
+
+
+def _conv_norm(lib, conv, norm, x, identity, y, scale, shift, B, H, W) -> None:
+    """``identity = conv(x) * scale + shift``, ``y = norm(conv(x))`` (``native.depthwise_conv2d_taps_norm``)."""
+    C = x.shape[1]
+    lib.overlock_depthwise_ln_avx2(x.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(), identity.data_ptr(),
+                                   y.data_ptr(), norm.weight.data_ptr(), norm.bias.data_ptr(), norm.eps, _ptr(scale),
+                                   _ptr(shift), B, H, W, C, *conv.kernel_size)
+
+
+def _context_mix(block, y: torch.Tensor, h: torch.Tensor, B: int, H: int, W: int, Cx: int
+                 ) -> Optional[torch.Tensor]:
+    """ContMix of the block's query half of ``y``, its key half and the values ``h``, as ``(B*H*W, C)``: the ops of
+    :meth:`~overlock.contmix.ContMixCore.context_mix` down to its native aggregation."""
+    M, C = y.shape
+    query = F.linear(y[:, :Cx], block.query_weight, block.query_bias)
+    key = block.weight_key(y.view(B, H, W, C).permute(0, 3, 1, 2)[:, Cx:])
+    G, k, s = block.num_heads, block.kernel_size, block.smk_size
+    c, ss, kk = query.shape[1] // G, s * s, k * k
+    proj = block.weight_proj
+    n_ctx = key.shape[-2] * key.shape[-1]
+    keys = torch.matmul(key.reshape(B, G, c, n_ctx), proj.weight.reshape(ss + kk, n_ctx).t())
+    D = h.shape[1]
+    cv = D // (2 * G)
+    values = h.view(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5).contiguous()
+    out = torch.empty(B, H, W, 2, G, cv)
+    proj_bias = proj.bias if proj.bias is not None else keys.new_zeros(ss + kk)
+    if not native.na2d_softmax_av_pair(query.view(B, H * W, G, c).transpose(1, 2), keys[..., :ss], keys[..., ss:],
+                                       block.rpb1, block.rpb2, values, s, k, out.permute(3, 0, 4, 1, 2, 5),
+                                       proj_bias=(proj_bias[:ss], proj_bias[ss:])):
+        return None
+    return out.view(M, D)
