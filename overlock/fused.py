@@ -636,6 +636,10 @@ class FusedRepConvBlock(nn.Module):
     def _forward(self, x: torch.Tensor, out=None) -> torch.Tensor:
         """The block on ``x``; with ``out`` (no autograd), the residual identity, and so the result, is written there
         where the native conv-then-norm call runs (check the returned tensor)."""
+        from .fused_native import repconv_block
+        got = repconv_block(self, x, out)  # inference on CPU: one straight-line call
+        if got is not None:
+            return got
         x, y, prepared = _conv_then_norm_identity(self.dwconv, self.norm, x, self.ls_weight, self.mlp.fc2_bias,
                                                   out)
         y = self.large_kernel(y)

@@ -22,7 +22,7 @@ from .layers import LayerNorm2d
 from .ops import depthwise as depthwise_ops
 from .ops import native
 
-__all__ = ["focus_block"]
+__all__ = ["focus_block", "repconv_block"]
 
 _F32 = torch.float32
 
@@ -170,26 +170,8 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     mlp = block.mlp
     out, y = empty(M, C), empty(M, C)
     _conv_norm(lib, block.dwconv2, block.norm2, identity, out, y, block.ls2_weight, mlp.fc2_bias, B, H, W)
-    hidden = torch.mm(y, mlp.fc1_weight.t())
-    E = hidden.shape[1]
-    lib.overlock_bias_gelu_avx2(hidden.data_ptr(), mlp.fc1_bias.data_ptr(), M, E, E)
-    conv = mlp.dwconv
-    apply = HW < mlp.fc2_weight.shape[0]  # as FusedGrnMlp.hidden
-    inplace = HW >= GRN_CONV_IN_PLACE_MIN_PIXELS and conv.kernel_size[0] <= 3 and conv.kernel_size[1] <= 3
-    scale, rows = empty(B, E), empty(M // W * E)
-    if inplace:
-        rc = lib.overlock_depthwise_grn_inplace_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
-                                                     mlp.grn_gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(),
-                                                     int(apply), B, H, W, E, *conv.kernel_size)
-        grn = hidden
-    else:
-        grn = empty(M, E)
-        rc = lib.overlock_depthwise_grn_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
-                                             grn.data_ptr(), mlp.grn_gamma.data_ptr(), scale.data_ptr(),
-                                             rows.data_ptr(), int(apply), B, H, W, E, *conv.kernel_size)
-    if rc != 0:
+    if not _grn_mlp_add(lib, mlp, y, out, None, B, H, W):
         return None
-    _scaled_addmm_(out, grn, mlp.fc2_weight, None if apply else scale, B)
     out = out.view(B, H, W, C).permute(0, 3, 1, 2)
     if block.is_last:
         return out, None
@@ -226,3 +208,99 @@ def _context_mix(block, y: torch.Tensor, h: torch.Tensor, B: int, H: int, W: int
                                        proj_bias=(proj_bias[:ss], proj_bias[ss:])):
         return None
     return out.view(M, D)
+
+
+def _grn_mlp_add(lib, mlp, y: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor], B: int, H: int, W: int
+                 ) -> bool:
+    """``out += mlp(y * gate)`` (:meth:`~overlock.fused.FusedGrnMlp.forward_add` on a prepared identity), ``y`` and
+    ``out`` ``(B*H*W, C)``, ``gate`` ``(B, C)`` or None; ``False`` if a kernel refused (nothing added then)."""
+    M, C = y.shape
+    HW, weight = H * W, mlp.fc1_weight
+    xs = y.view(B, HW, C)
+    if gate is not None and HW < weight.shape[0]:  # as pointwise_scaled: the small map scaled, not the weights
+        xs, gate = xs * gate.reshape(B, 1, C), None
+    if gate is None:
+        hidden = torch.mm(xs.view(M, C), weight.t())
+    elif B == 1:
+        hidden = torch.mm(xs[0], (weight * gate.reshape(1, C)).t())
+    else:
+        hidden = torch.bmm(xs, weight.t().unsqueeze(0) * gate.reshape(B, C, 1)).view(M, -1)
+    E = hidden.shape[1]
+    lib.overlock_bias_gelu_avx2(hidden.data_ptr(), mlp.fc1_bias.data_ptr(), M, E, E)
+    conv = mlp.dwconv
+    apply = HW < mlp.fc2_weight.shape[0]  # as FusedGrnMlp.hidden
+    inplace = HW >= GRN_CONV_IN_PLACE_MIN_PIXELS and conv.kernel_size[0] <= 3 and conv.kernel_size[1] <= 3
+    scale, rows = torch.empty(B, E), torch.empty(M // W * E)
+    if inplace:
+        rc = lib.overlock_depthwise_grn_inplace_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
+                                                     mlp.grn_gamma.data_ptr(), scale.data_ptr(), rows.data_ptr(),
+                                                     int(apply), B, H, W, E, *conv.kernel_size)
+        grn = hidden
+    else:
+        grn = torch.empty(M, E)
+        rc = lib.overlock_depthwise_grn_avx2(hidden.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(),
+                                             grn.data_ptr(), mlp.grn_gamma.data_ptr(), scale.data_ptr(),
+                                             rows.data_ptr(), int(apply), B, H, W, E, *conv.kernel_size)
+    if rc != 0:
+        return False
+    _scaled_addmm_(out, grn, mlp.fc2_weight, None if apply else scale, B)
+    return True
+
+
+def _repconv_route(block, x: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`repconv_block` runs ``block`` on inputs of this kind (checked once per kind)."""
+    B, C, H, W = x.shape
+    cl = torch.channels_last
+    if not (type(x) is torch.Tensor and x.dtype == _F32 and x.device.type == "cpu" and C % 8 == 0
+            and x.is_contiguous(memory_format=cl)):
+        return False
+    if out is not None and not (type(out) is torch.Tensor and out.shape == x.shape and out.dtype == _F32
+                                and out.is_contiguous(memory_format=cl)):
+        return False
+    mlp, se = block.mlp, block.se
+    if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in block.parameters()):
+        return False
+    if (mlp.approximate != "none" or se.approximate != "none" or mlp.fc1_bias is None or mlp.fc2_bias is None
+            or C > 4096 or se.fc1_weight.shape[0] > 4096 or mlp.fc1_weight.shape[0] % 8):
+        return False
+    for conv, channels in ((block.dwconv, C), (block.large_kernel, C), (mlp.dwconv, mlp.fc1_weight.shape[0])):
+        probe = torch.empty(B, channels, H, W, memory_format=cl)
+        if type(conv) is not DepthwiseConv or conv.bias is None or not conv._direct(probe):
+            return False
+        if conv is not block.large_kernel and conv.kernel_size[0] * conv.kernel_size[1] > 9:
+            return False
+    return type(block.norm) is LayerNorm2d and _norm_direct(block.norm, torch.empty(B, C, H, W, memory_format=cl))
+
+
+def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """:meth:`~overlock.fused.FusedRepConvBlock._forward` (the residual identity written into ``out`` if given), or
+    ``None`` where it does not apply."""
+    mlp = block.mlp
+    if not _calls_allowed(block.dwconv, block.norm, block.large_kernel, mlp.dwconv):
+        return None
+    key = (x.shape, x.stride(), x.dtype, type(x), None if out is None else (out.shape, out.stride(), out.dtype),
+           mlp.fc2_weight.dtype, depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
+    kept = block.__dict__.get("_native_route")
+    if kept is None or kept[0] != key:
+        kept = (key, _repconv_route(block, x, out))
+        block.__dict__["_native_route"] = kept
+    if not kept[1]:
+        return None
+    lib = native._library()
+    B, C, H, W = x.shape
+    M = B * H * W
+    result = (torch.empty_like(x) if out is None else out)
+    identity, y = result.permute(0, 2, 3, 1).view(M, C), torch.empty(M, C)
+    _conv_norm(lib, block.dwconv, block.norm, x.permute(0, 2, 3, 1).view(M, C), identity, y, block.ls_weight,
+               mlp.fc2_bias, B, H, W)
+    conv = block.large_kernel
+    large = torch.empty(M, C)
+    lib.overlock_depthwise_avx2(y.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(), large.data_ptr(), B, H,
+                                W, C, *conv.kernel_size, 1)
+    se, gate = block.se, torch.empty(B, C)
+    lib.overlock_se_gate_avx2(large.data_ptr(), B, H * W, C, se.fc1_weight.data_ptr(), se.fc1_bias.data_ptr(),
+                              se.fc1_weight.shape[0], se.fc2_weight.data_ptr(), se.fc2_bias.data_ptr(),
+                              gate.data_ptr())
+    if not _grn_mlp_add(lib, mlp, large, identity, gate, B, H, W):
+        return None
+    return result

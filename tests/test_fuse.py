@@ -60,8 +60,9 @@ def test_fused_repconv_block(memory_format, res_scale, ls, chunk_bytes, monkeypa
 
 def test_fused_repconv_block_chunks_write_into_one_output(monkeypatch):
     """Batch chunks without autograd: each chunk's result is written into its slice of one channels_last output
-    (no concatenation; where the native conv-then-norm call runs, no copy either), the bits of the chunks computed
-    apart and concatenated; with autograd the chunks are concatenated."""
+    (no concatenation; where the native forward runs, no copy either), the bits of the chunks computed apart and
+    concatenated; with autograd the chunks are concatenated."""
+    from overlock import fused_native
     from overlock.ops import native
     block = randomize(RepConvBlock(16, 5, mlp_ratio=2, ls_init_value=0.5, res_scale=True))
     fused = block.fuse()
@@ -70,9 +71,14 @@ def test_fused_repconv_block_chunks_write_into_one_output(monkeypatch):
         whole = torch.cat([fused._forward(x[i:i + 1]) for i in range(5)])
     monkeypatch.setattr(F_, "CHUNK_BYTES", 1)  # one sample per chunk
     into = []
-    real = native.depthwise_conv2d_taps_norm
-    monkeypatch.setattr(native, "depthwise_conv2d_taps_norm",
-                        lambda *a, **k: into.append(k.get("out") is not None) or real(*a, **k))
+    real = fused_native.repconv_block
+
+    def spy(block, x, out=None):
+        got = real(block, x, out)
+        into.append(out is not None and got is out)
+        return got
+
+    monkeypatch.setattr(fused_native, "repconv_block", spy)
     real_cat = torch.cat
     monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("concatenated") if torch.is_tensor(
         a[0][0]) and a[0][0].shape[0] == 1 and len(a[0]) == 5 else real_cat(*a, **k))
@@ -86,6 +92,42 @@ def test_fused_repconv_block_chunks_write_into_one_output(monkeypatch):
     out = fused(xg)
     out.sum().backward()
     assert rel_err(out.detach(), whole) < 1e-6 and xg.grad is not None
+
+
+@pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
+@pytest.mark.parametrize("B,chunk_bytes", [(1, 8 << 20), (2, 8 << 20), (3, 1)])
+def test_repconv_block_native_forward_gives_the_general_forwards_bits(res_scale, ls, B, chunk_bytes, monkeypatch):
+    """``fused_native.repconv_block`` against the block's general forward (the native route off): the same bits for
+    every LayerScale fold, batch and chunking (chunks written into one output), on maps where SE's gate scales the
+    map (4x4), the first 1x1's weights (6x6), where GRN's scale is applied to the map (3x3) and where the GRN conv
+    runs in place (28x28); declined where autograd records or the map is not channels_last."""
+    from overlock import fused_native
+    monkeypatch.setattr(F_, "CHUNK_BYTES", chunk_bytes)
+    block = randomize(RepConvBlock(16, 7, mlp_ratio=2, ls_init_value=ls, res_scale=res_scale))
+    fused = block.fuse()
+    real, ran = fused_native.repconv_block, []
+
+    def spy(*args):
+        out = real(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_native, "repconv_block", spy)
+    for size in (3, 4, 6, 28):
+        x = torch.randn(B, 16, size, size).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = fused(x)
+            monkeypatch.setattr(fused_native, "repconv_block", lambda *a: None)
+            want = fused(x)
+            monkeypatch.setattr(fused_native, "repconv_block", spy)
+            ref = block(x)
+        assert ran and all(ran) and torch.equal(out, want) and out.stride() == want.stride()
+        assert rel_err(out, ref) < 1e-5
+        ran.clear()
+    fused(x)  # autograd records
+    with torch.no_grad():
+        fused(x.contiguous())
+    assert not any(ran)
 
 
 @pytest.mark.parametrize("memory_format", FORMATS)
