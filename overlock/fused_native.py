@@ -77,11 +77,13 @@ def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torc
     params = list(block.parameters())
     if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in params):
         return False
+    s = block.smk_size
     if (block.approximate != "none" or block.mlp.approximate != "none" or block.se.approximate != "none"
             or block.mlp.fc1_bias is None or block.proj_bias is None or block.mlp.fc2_bias is None
             or block.lepe.bias is None or D % (2 * G) or (D // (2 * G)) % 8 or H < k or W < k or k * k > 1024
             or block.query_weight.shape[0] % G or block.se.fc1_weight.shape[0] > 4096 or D > 4096
-            or E % 8 or D % 8):
+            or E % 8 or D % 8 or block.rpb1.shape != (G, 2 * s - 1, 2 * s - 1)
+            or block.rpb2.shape != (G, 2 * k - 1, 2 * k - 1) or block.weight_proj.weight.shape[0] != k * k + s * s):
         return False
     cl = torch.channels_last
     convs = ((block.dwconv1, C), (block.fusion_dw, C), (block.lepe, D), (block.dwconv2, C), (block.mlp.dwconv, E))
@@ -200,14 +202,18 @@ def _context_mix(block, y: torch.Tensor, h: torch.Tensor, B: int, H: int, W: int
     keys = torch.matmul(key.reshape(B, G, c, n_ctx), proj.weight.reshape(ss + kk, n_ctx).t())
     D = h.shape[1]
     cv = D // (2 * G)
-    values = h.view(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5).contiguous()
+    values = h.view(B, H, W, 2, G, cv).permute(3, 0, 4, 1, 2, 5).contiguous()  # (2, B, G, H, W, cv)
     out = torch.empty(B, H, W, 2, G, cv)
     proj_bias = proj.bias if proj.bias is not None else keys.new_zeros(ss + kk)
-    if not native.na2d_softmax_av_pair(query.view(B, H * W, G, c).transpose(1, 2), keys[..., :ss], keys[..., ss:],
-                                       block.rpb1, block.rpb2, values, s, k, out.permute(3, 0, 4, 1, 2, 5),
-                                       proj_bias=(proj_bias[:ss], proj_bias[ss:])):
-        return None
-    return out.view(M, D)
+    # native.na2d_softmax_av_pair's call, its checks made by the route: queries (B, G, HW, c) through their
+    # strides, the two halves of keys, the position tables, the output's halves (2, B, G, H, W, cv)
+    Cq, HW = query.shape[1], H * W
+    rc = native._library().overlock_na2d_softmax_av_avx2(
+        query.data_ptr(), HW * Cq, c, Cq, keys.data_ptr(), keys.data_ptr() + 4 * ss, *keys.stride()[:3],
+        block.rpb1.data_ptr(), block.rpb2.data_ptr(), proj_bias.data_ptr(), proj_bias.data_ptr() + 4 * ss,
+        values.data_ptr(), B * G * HW * cv, G * HW * cv, HW * cv, cv, out.data_ptr(), G * cv, HW * 2 * G * cv,
+        cv, 2 * G * cv, B, G, H, W, c, cv, s, k)
+    return out.view(M, D) if rc == 0 else None
 
 
 def _grn_mlp_add(lib, mlp, y: torch.Tensor, out: torch.Tensor, gate: Optional[torch.Tensor], B: int, H: int, W: int
