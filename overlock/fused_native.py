@@ -140,14 +140,14 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     hidden = empty(M, C)
     lib.overlock_depthwise_gelu_avx2(y.data_ptr(), conv._taps().data_ptr(), conv.bias.data_ptr(), hidden.data_ptr(),
                                      B, H, W, C, *conv.kernel_size)
-    h = torch.mm(hidden, block.fusion_weight.t())
+    h = F.linear(hidden, block.fusion_weight)
     D = h.shape[1]
     scale = empty(B, D)
     lib.overlock_grn_scale_bias_avx2(h.data_ptr(), _ptr(block.fusion_bias), block.grn_gamma.data_ptr(),
                                      scale.data_ptr(), B, HW, D)
     h4 = h.view(B, H, W, D).permute(0, 3, 1, 2)
     torch.addcmul(block.grn_beta, h4, scale.view(B, D, 1, 1), out=h4)
-    gate = torch.mm(h, block.gate_weight.t())
+    gate = F.linear(h, block.gate_weight)
     # mixed = dyconv_proj(ContMix(h)) + LePE(h): the GEMM accumulates into LePE's output
     conv = block.lepe
     mixed = empty(M, D)
@@ -226,9 +226,9 @@ def _grn_mlp_add(lib, mlp, y: torch.Tensor, out: torch.Tensor, gate: Optional[to
     if gate is not None and HW < weight.shape[0]:  # as pointwise_scaled: the small map scaled, not the weights
         xs, gate = xs * gate.reshape(B, 1, C), None
     if gate is None:
-        hidden = torch.mm(xs.view(M, C), weight.t())
+        hidden = F.linear(xs.view(M, C), weight)
     elif B == 1:
-        hidden = torch.mm(xs[0], (weight * gate.reshape(1, C)).t())
+        hidden = F.linear(xs[0], weight * gate.reshape(1, C))
     else:
         hidden = torch.bmm(xs, weight.t().unsqueeze(0) * gate.reshape(B, C, 1)).view(M, -1)
     E = hidden.shape[1]
