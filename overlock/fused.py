@@ -41,7 +41,7 @@ from .ops import gelu as gelu_ops
 from .ops import native
 
 __all__ = ["fuse", "fuse_conv_norm", "FusedGrnMlp", "FusedRepConvBlock", "FusedSE", "DepthwiseConv", "PackedConv",
-           "InplaceAct", "FastGRN", "CHUNK_BYTES", "PACK_MIN_BYTES"]
+           "InplaceAct", "FastGRN", "NativeRouteCache", "CHUNK_BYTES", "PACK_MIN_BYTES"]
 
 CHUNK_BYTES = 8 << 20  # largest intermediate map per batch chunk in FusedRepConvBlock
 
@@ -606,7 +606,21 @@ def _conv_then_norm_identity(conv: nn.Module, norm: nn.Module, x: torch.Tensor, 
     return y, z, False
 
 
-class FusedRepConvBlock(nn.Module):
+class NativeRouteCache:
+    """Mixin of the blocks :mod:`.fused_native` runs: the route it decides once per kind of input (which also
+    checks the parameters' dtype, device and layout) is dropped whenever the module is moved or cast (``_apply``:
+    ``.to()``, ``.half()``, ...) or changes mode."""
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_native_route", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_native_route", None)
+        return super().train(mode)
+
+
+class FusedRepConvBlock(NativeRouteCache, nn.Module):
     """``RepConvBlock`` for inference: BatchNorm, SE, GRN and LayerScale folded, batch-chunked.
 
     ``proj = [norm, large-kernel conv + BN, SE, 1x1, GELU, dw 3x3, GRN, 1x1]``: the conv and its BN are one

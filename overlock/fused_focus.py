@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .contmix import ContMixCore
-from .fused import (FusedGrnMlp, _conv_then_gelu, _conv_then_norm_identity, _fuse_children, _inplace_ok, _param,
-                    _records_grad, _tracing, grn_scale, pointwise_scaled_add)
+from .fused import (FusedGrnMlp, NativeRouteCache, _conv_then_gelu, _conv_then_norm_identity, _fuse_children,
+                    _inplace_ok, _param, _records_grad, _tracing, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
 from . import fused_native
 from .ops import native
@@ -84,7 +84,7 @@ def _pointwise(seq: nn.Module):
     return _param(conv.weight.flatten(1), conv.weight), conv.bias
 
 
-class FusedDynamicConvBlock(ContMixCore):
+class FusedDynamicConvBlock(NativeRouteCache, ContMixCore):
     """``DynamicConvBlock`` for inference (see the module docstring); ``forward(x, ctx, ctx_prior)`` as there."""
 
     def __init__(self, block: nn.Module):

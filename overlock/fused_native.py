@@ -108,7 +108,7 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     if type(x) is not torch.Tensor or type(ctx) is not torch.Tensor:
         return None
     key = (x.shape, x.stride(), ctx.shape, ctx.stride(), None if prior is None else (prior.shape, prior.stride()),
-           x.dtype, ctx.dtype, None if prior is None else prior.dtype, block.proj_weight.dtype,
+           x.device, x.dtype, ctx.dtype, None if prior is None else prior.dtype, block.proj_weight.dtype,
            depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
     kept = block.__dict__.get("_native_route")
     if kept is None or kept[0] != key:
@@ -284,7 +284,8 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     mlp = block.mlp
     if not _calls_allowed(block.dwconv, block.norm, block.large_kernel, mlp.dwconv):
         return None
-    key = (x.shape, x.stride(), x.dtype, type(x), None if out is None else (out.shape, out.stride(), out.dtype),
+    key = (x.shape, x.stride(), x.device, x.dtype, type(x),
+           None if out is None else (out.shape, out.stride(), out.dtype),
            mlp.fc2_weight.dtype, depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
     kept = block.__dict__.get("_native_route")
     if kept is None or kept[0] != key:

@@ -232,14 +232,23 @@ def test_focus_block_native_forward_gives_the_general_forwards_bits(res_scale, l
             assert rel_err(o, r) < 1e-5
     fused(x, ctx, prior)  # autograd records
     with torch.no_grad():
+        fused.double()  # a cast drops the route: float64 weights are refused (and the general forward runs)
+        double = fused(x.double(), ctx.double(), prior.double())
+        fused.float()
+        assert rel_err(double[0], out[0]) < 1e-5
         fused(x.contiguous(), ctx, prior)  # channels not innermost
+        # the module's tensors re-laid out (column-major matrices): the route is decided again and declines
+        fused._apply(lambda t: t.t().contiguous().t() if t.dim() == 2 else t)
+        relaid = fused(x, ctx, prior)
+        assert all(r is None or rel_err(r, o) < 1e-5 for r, o in zip(relaid, out))
+        fused._apply(lambda t: t.contiguous())
         with overlock.use_backend("unfold"):
             fused(x, ctx, prior)
         handle = fused.lepe.register_forward_hook(lambda *_: None)
         fused(x, ctx, prior)
         handle.remove()
         fused(x, ctx, prior)
-    assert ran == [False, False, False, False, True]
+    assert ran == [False, False, False, False, False, False, True]
 
 
 def test_fused_contmix_block():
