@@ -15,10 +15,11 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import contmix
 from .fused import GRN_CONV_IN_PLACE_MIN_PIXELS, DepthwiseConv, _hooked, _norm_direct, _tracing
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, PointwiseConv
 from .ops import depthwise as depthwise_ops
 from .ops import native
 
@@ -31,11 +32,21 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def _calls_allowed(*modules: torch.nn.Module) -> bool:
-    """What may change between calls: no autograd, no trace or compile, no autocast, kernels on, no hooks that the
-    modules' own calls would run."""
+def _calls_allowed() -> bool:
+    """What may change between calls (besides hooks): no autograd, no trace or compile, no autocast, kernels on."""
     return (not torch.is_grad_enabled() and native._disabled == 0 and not _tracing()
-            and not depthwise_ops._cpu_autocast() and native.used_here() and not _hooked(*modules))
+            and not depthwise_ops._cpu_autocast() and native.used_here())
+
+
+def _route(block, key, decide) -> Optional[tuple]:
+    """The modules whose hooks the straight-line call would skip, if ``decide()`` (run once per ``key``, the kind of
+    input) says the call applies, else None; None too while any of them has a hook (their calls must run)."""
+    kept = block.__dict__.get("_native_route")
+    if kept is None or kept[0] != key:
+        kept = (key, decide())
+        block.__dict__["_native_route"] = kept
+    modules = kept[1]
+    return None if modules is None or _hooked(*modules) else modules
 
 
 def _scaled_addmm_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor], B: int
@@ -62,21 +73,22 @@ def _map_ok(t: torch.Tensor, B: int, H: int, W: int) -> bool:
             and t.stride(2) == W * t.stride(3) and t.stride(0) == H * W * t.stride(3))
 
 
-def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`focus_block` runs ``block`` on inputs of this kind (checked once per kind)."""
+def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor]) -> Optional[tuple]:
+    """Whether :func:`focus_block` runs ``block`` on inputs of this kind (checked once per kind): the modules whose
+    calls it replaces, or None."""
     B, Cx, H, W = x.shape
     if not (_map_ok(x, B, H, W) and _map_ok(ctx, B, H, W) and (prior is None or _map_ok(prior, B, H, W))):
-        return False
+        return None
     if prior is not None and prior.shape != ctx.shape:
-        return False
+        return None
     if block.is_first and not (x.is_contiguous(memory_format=torch.channels_last)
                                and ctx.is_contiguous(memory_format=torch.channels_last)):
-        return False  # torch.cat must give a channels_last map, as the general forward's
+        return None  # torch.cat must give a channels_last map, as the general forward's
     C, D = Cx + ctx.shape[1], block.fusion_weight.shape[0]
     E, k, G = block.mlp.fc1_weight.shape[0], block.kernel_size, block.num_heads
     params = list(block.parameters())
     if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in params):
-        return False
+        return None
     s = block.smk_size
     if (block.approximate != "none" or block.mlp.approximate != "none" or block.se.approximate != "none"
             or block.mlp.fc1_bias is None or block.proj_bias is None or block.mlp.fc2_bias is None
@@ -84,25 +96,29 @@ def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torc
             or block.query_weight.shape[0] % G or block.se.fc1_weight.shape[0] > 4096 or D > 4096
             or E % 8 or D % 8 or block.rpb1.shape != (G, 2 * s - 1, 2 * s - 1)
             or block.rpb2.shape != (G, 2 * k - 1, 2 * k - 1) or block.weight_proj.weight.shape[0] != k * k + s * s):
-        return False
+        return None
     cl = torch.channels_last
     convs = ((block.dwconv1, C), (block.fusion_dw, C), (block.lepe, D), (block.dwconv2, C), (block.mlp.dwconv, E))
     for conv, channels in convs:
         probe = torch.empty(B, channels, H, W, memory_format=cl)
         if type(conv) is not DepthwiseConv or conv.bias is None or not conv._direct(probe):
-            return False
+            return None
         if conv is not block.lepe and conv.kernel_size[0] * conv.kernel_size[1] > 9:
-            return False
+            return None
     probe = torch.empty(B, C, H, W, memory_format=cl)
-    return all(type(n) is LayerNorm2d and _norm_direct(n, probe) for n in (block.norm1, block.norm2))
+    if not all(type(n) is LayerNorm2d and _norm_direct(n, probe) for n in (block.norm1, block.norm2)):
+        return None
+    wk = block.weight_key
+    if not (len(wk) == 2 and type(wk[0]) is nn.AdaptiveAvgPool2d and type(wk[1]) is PointwiseConv):
+        return None
+    return (block.dwconv1, block.norm1, block.fusion_dw, block.lepe, wk, *wk, block.dwconv2, block.norm2,
+            block.mlp.dwconv)
 
 
 def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor]
                 ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """:class:`~overlock.fused_focus.FusedDynamicConvBlock`'s forward, or ``None`` where it does not apply."""
-    wk = block.weight_key
-    if not _calls_allowed(block.dwconv1, block.norm1, block.fusion_dw, block.lepe, wk, *wk, block.dwconv2,
-                          block.norm2, block.mlp.dwconv) or contmix.get_backend() != "tiled":
+    if not _calls_allowed() or contmix.get_backend() != "tiled":
         return None
     prior = None if block.is_first else prior
     if type(x) is not torch.Tensor or type(ctx) is not torch.Tensor:
@@ -110,11 +126,7 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     key = (x.shape, x.stride(), ctx.shape, ctx.stride(), None if prior is None else (prior.shape, prior.stride()),
            x.device, x.dtype, ctx.dtype, None if prior is None else prior.dtype, block.proj_weight.dtype,
            depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
-    kept = block.__dict__.get("_native_route")
-    if kept is None or kept[0] != key:
-        kept = (key, _focus_route(block, x, ctx, prior))
-        block.__dict__["_native_route"] = kept
-    if not kept[1]:
+    if _route(block, key, lambda: _focus_route(block, x, ctx, prior)) is None:
         return None
     lib = native._library()
     B, Cx, H, W = x.shape
@@ -194,7 +206,12 @@ def _context_mix(block, y: torch.Tensor, h: torch.Tensor, B: int, H: int, W: int
     :meth:`~overlock.contmix.ContMixCore.context_mix` down to its native aggregation."""
     M, C = y.shape
     query = F.linear(y[:, :Cx], block.query_weight, block.query_bias)
-    key = block.weight_key(y.view(B, H, W, C).permute(0, 3, 1, 2)[:, Cx:])
+    pool, conv = block.weight_key  # the route checked: AdaptiveAvgPool2d, PointwiseConv (its forward here)
+    key = F.adaptive_avg_pool2d(y.view(B, H, W, C).permute(0, 3, 1, 2)[:, Cx:], pool.output_size)
+    if key.stride(1) == 1:
+        key = F.linear(key.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+    else:
+        key = conv(key)
     G, k, s = block.num_heads, block.kernel_size, block.smk_size
     c, ss, kk = query.shape[1] // G, s * s, k * k
     proj = block.weight_proj
@@ -253,45 +270,44 @@ def _grn_mlp_add(lib, mlp, y: torch.Tensor, out: torch.Tensor, gate: Optional[to
     return True
 
 
-def _repconv_route(block, x: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`repconv_block` runs ``block`` on inputs of this kind (checked once per kind)."""
+def _repconv_route(block, x: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[tuple]:
+    """Whether :func:`repconv_block` runs ``block`` on inputs of this kind (checked once per kind): the modules whose
+    calls it replaces, or None."""
     B, C, H, W = x.shape
     cl = torch.channels_last
     if not (type(x) is torch.Tensor and x.dtype == _F32 and x.device.type == "cpu" and C % 8 == 0
             and x.is_contiguous(memory_format=cl)):
-        return False
+        return None
     if out is not None and not (type(out) is torch.Tensor and out.shape == x.shape and out.dtype == _F32
                                 and out.is_contiguous(memory_format=cl)):
-        return False
+        return None
     mlp, se = block.mlp, block.se
     if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in block.parameters()):
-        return False
+        return None
     if (mlp.approximate != "none" or se.approximate != "none" or mlp.fc1_bias is None or mlp.fc2_bias is None
             or C > 4096 or se.fc1_weight.shape[0] > 4096 or mlp.fc1_weight.shape[0] % 8):
-        return False
+        return None
     for conv, channels in ((block.dwconv, C), (block.large_kernel, C), (mlp.dwconv, mlp.fc1_weight.shape[0])):
         probe = torch.empty(B, channels, H, W, memory_format=cl)
         if type(conv) is not DepthwiseConv or conv.bias is None or not conv._direct(probe):
-            return False
+            return None
         if conv is not block.large_kernel and conv.kernel_size[0] * conv.kernel_size[1] > 9:
-            return False
-    return type(block.norm) is LayerNorm2d and _norm_direct(block.norm, torch.empty(B, C, H, W, memory_format=cl))
+            return None
+    if not (type(block.norm) is LayerNorm2d and _norm_direct(block.norm, torch.empty(B, C, H, W, memory_format=cl))):
+        return None
+    return block.dwconv, block.norm, block.large_kernel, mlp.dwconv
 
 
 def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """:meth:`~overlock.fused.FusedRepConvBlock._forward` (the residual identity written into ``out`` if given), or
     ``None`` where it does not apply."""
-    mlp = block.mlp
-    if not _calls_allowed(block.dwconv, block.norm, block.large_kernel, mlp.dwconv):
+    if not _calls_allowed():
         return None
+    mlp = block.mlp
     key = (x.shape, x.stride(), x.device, x.dtype, type(x),
            None if out is None else (out.shape, out.stride(), out.dtype),
            mlp.fc2_weight.dtype, depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
-    kept = block.__dict__.get("_native_route")
-    if kept is None or kept[0] != key:
-        kept = (key, _repconv_route(block, x, out))
-        block.__dict__["_native_route"] = kept
-    if not kept[1]:
+    if _route(block, key, lambda: _repconv_route(block, x, out)) is None:
         return None
     lib = native._library()
     B, C, H, W = x.shape
