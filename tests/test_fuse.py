@@ -10,10 +10,13 @@ from overlock import fused as F_
 from overlock.fused_focus import FusedDynamicConvBlock
 from overlock.layers import ConvNorm, GrnMlp, stem
 from overlock.models.blocks import DynamicConvBlock, RepConvBlock
+from overlock.ops import native
 
 from conftest import DATA, rel_err
 
 FORMATS = [torch.contiguous_format, torch.channels_last]
+# the straight-line forwards (overlock/fused_native.py) call the native kernels
+NATIVE_HERE = pytest.mark.skipif(not native.used_here(), reason="the native kernels do not run on this machine")
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -94,6 +97,7 @@ def test_fused_repconv_block_chunks_write_into_one_output(monkeypatch):
     assert rel_err(out.detach(), whole) < 1e-6 and xg.grad is not None
 
 
+@NATIVE_HERE
 @pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
 @pytest.mark.parametrize("B,chunk_bytes", [(1, 8 << 20), (2, 8 << 20), (3, 1)])
 def test_repconv_block_native_forward_gives_the_general_forwards_bits(res_scale, ls, B, chunk_bytes, monkeypatch):
@@ -189,6 +193,7 @@ def test_fused_focus_block(memory_format, res_scale, ls, place):
     assert [n for n, p in fused.named_parameters() if p.grad is None] == []
 
 
+@NATIVE_HERE
 @pytest.mark.parametrize("res_scale,ls", [(True, 0.5), (False, 0.5), (True, None)])
 @pytest.mark.parametrize("place", ["first", "middle", "last"])
 @pytest.mark.parametrize("B", [1, 2])
