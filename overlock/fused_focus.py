@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_native
 from .contmix import ContMixCore
 from .fused import (FusedGrnMlp, NativeRouteCache, _conv_then_gelu, _conv_then_norm_identity, _fuse_children,
                     _inplace_ok, _param, _records_grad, _tracing, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
-from . import fused_native
 from .ops import native
 
 __all__ = ["FusedDynamicConvBlock"]
