@@ -181,12 +181,12 @@ class DepthwiseConv(nn.Conv2d):
         # 14x14 3x3 conv spent ~8 us of its ~50 in these checks)
         w, b = self.weight, self.bias
         key = (x.shape, x.stride(), x.dtype, x.device, w.dtype, None if b is None else b.dtype,
-               depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
+               depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_SMALL_KERNEL_VALUES)
         kept = self.__dict__.get("_kept_rule")
         if kept is None or kept[0] != key:
             ok = (x.dim() == 4 and x.shape[1] % 8 == 0 and w.shape[0] == x.shape[1] and w.dtype == torch.float32
                   and (b is None or b.dtype == torch.float32)
-                  and depthwise_ops.runs_native(x, w, b, self.padding, fused=True))
+                  and depthwise_ops.runs_native(x, w, b, self.padding))
             kept = (key, ok)
             self.__dict__["_kept_rule"] = kept
         return kept[1]

@@ -125,7 +125,7 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
         return None
     key = (x.shape, x.stride(), ctx.shape, ctx.stride(), None if prior is None else (prior.shape, prior.stride()),
            x.device, x.dtype, ctx.dtype, None if prior is None else prior.dtype, block.proj_weight.dtype,
-           depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
+           depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_SMALL_KERNEL_VALUES)
     if _route(block, key, lambda: _focus_route(block, x, ctx, prior)) is None:
         return None
     lib = native._library()
@@ -306,7 +306,7 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     mlp = block.mlp
     key = (x.shape, x.stride(), x.device, x.dtype, type(x),
            None if out is None else (out.shape, out.stride(), out.dtype),
-           mlp.fc2_weight.dtype, depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_FUSED_KERNEL_VALUES)
+           mlp.fc2_weight.dtype, depthwise_ops.NATIVE_SMALL_KERNEL_PIXELS, depthwise_ops.NATIVE_SMALL_KERNEL_VALUES)
     if _route(block, key, lambda: _repconv_route(block, x, out)) is None:
         return None
     lib = native._library()

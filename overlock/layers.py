@@ -6,6 +6,8 @@ on NCHW tensors in either memory format; none of them forces a layout change, so
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -207,13 +209,14 @@ def depthwise_bn_grads(x: torch.Tensor, weight: torch.Tensor, dilation: int = 1)
     return grads
 
 
-def depthwise_conv_into(x: torch.Tensor, weight: torch.Tensor, dilation: int, out: torch.Tensor) -> bool:
-    """``depthwise_conv(x, weight, dilation=dilation)`` (no bias) written into ``out`` where the hand-written kernel
+def depthwise_conv_into(x: torch.Tensor, weight: torch.Tensor, dilation: int, out: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None) -> bool:
+    """``depthwise_conv(x, weight, bias, dilation=dilation)`` written into ``out`` where the hand-written kernel
     runs it (``True``); ``False`` elsewhere, ``out`` untouched."""
     cropped, padding = _reachable(x, weight, dilation)
-    if not runs_native(x, cropped, None, padding, dilation):
+    if not runs_native(x, cropped, bias, padding, dilation):
         return False
-    return native.depthwise_conv2d_same(x, cropped, None, dilation, out=out) is not None
+    return native.depthwise_conv2d_same(x, cropped, bias, dilation, out=out) is not None
 
 
 def _padded_back(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

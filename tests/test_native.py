@@ -359,8 +359,8 @@ def test_grn_scale_declines_what_it_does_not_cover():
 @pytest.mark.parametrize("kernel,size", [(3, 14), (3, 60), (3, 120), (3, 240), (13, 7), (17, 5), (7, 1)])
 def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, kernel, size):
     """A fused model's depthwise conv without autograd: the kernel with the kept tap layout, the very bits of the
-    generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN. The
-    fused model's 3x3 limit is larger than the generic route's (16x120x120 runs natively only there)."""
+    generic route (which crops kernels larger than the map), and the generic route where that uses oneDNN
+    (3x3 on 16x240x240)."""
     from overlock.fused import DepthwiseConv
     direct = []
     real = native.depthwise_conv2d_taps
@@ -371,10 +371,7 @@ def test_fused_depthwise_conv_calls_the_kernel_directly(forced, monkeypatch, ker
     with torch.no_grad():
         got = conv(x)
         want = depthwise_conv(x, conv.weight, conv.bias)
-    fused_native = kernel > 3 or depthwise._small_map(x, depthwise.NATIVE_FUSED_KERNEL_VALUES)
-    assert bool(direct) == fused_native and (size == 120) == (fused_native and not depthwise._small_map(x))
-    if size == 120:  # the generic route runs oneDNN here: the fused conv has the kernel's bits
-        want = native.depthwise_conv2d_same(x, conv.weight, conv.bias)
+    assert bool(direct) == (kernel > 3 or size < 240) == (kernel > 3 or depthwise._small_map(x))
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
     ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=kernel // 2, groups=16)
     assert rel_err(got, ref) < 1e-6

@@ -93,35 +93,68 @@ def test_grn_mlp_keeps_only_the_hidden_map():
     assert len(big) == 1  # the hidden map (fc1's output) only; without recomputation four maps of that size
 
 
-def test_grn_mlp_backward_scratch_maps_are_reused_then_dropped(monkeypatch):
-    """Two GRN-MLPs of one width in a row: the second backward call takes the scratch maps the first one used
-    (two per shape, none shared within a call), the gradients those of the plain graph; the maps are let go when
-    the backward pass ends (and by the next forward pass, should that not have happened)."""
+def test_grn_mlp_scratch_maps_are_kept_across_calls_and_steps(monkeypatch):
+    """Two GRN-MLPs of one width in a row: GELU's and the conv's outputs go into two scratch maps in forward, which
+    the second block takes again; backward takes those two and a third (three per shape, none shared within a
+    call); outputs and gradients are the plain graph's. The maps outlive the step (no fresh, page-faulting buffers
+    next step); a step with another batch size lets the old ones go when its backward pass ends; a hook on the conv
+    sees its call (the general path); ``release_workspace`` lets everything go."""
     from overlock.ops import grn_mlp, native
     if not native.available():
         pytest.skip(f"native kernels {native.status()}")
     monkeypatch.setattr(native, "NATIVE_ISAS", {native.cpu_isa()})
+    grn_mlp.release_workspace()
     cl = dict(memory_format=torch.channels_last)
     mlps = torch.nn.Sequential(_randomize(GrnMlp(8, 32)), _randomize(GrnMlp(8, 32))).to(**cl).train()
+    with torch.no_grad():
+        for p in mlps[1].parameters():
+            p.mul_(torch.rand_like(p) + 0.5)
     x = torch.randn(2, 8, 9, 7).contiguous(**cl)
     g = torch.randn(2, 8, 9, 7)
     handed = []
     real = grn_mlp._workspace
-    monkeypatch.setattr(grn_mlp, "_workspace", lambda *a: (lambda t: handed.append(t.data_ptr()) or t)(real(*a)))
+    monkeypatch.setattr(grn_mlp, "_workspace", lambda *a: (lambda t: handed.append((a[1], t.data_ptr())) or t)(
+        real(*a)))
     xa = x.clone().requires_grad_()
-    got = torch.autograd.grad(mlps(xa), [xa, *mlps.parameters()], g)
-    assert len(handed) == 4 and handed[:2] == handed[2:] and handed[0] != handed[1]
-    assert grn_mlp._pool.maps == {}  # let go when the backward pass ended
+    out_a = mlps(xa)
+    assert [slot for slot, _ in handed] == [1, 2, 1, 2] and handed[:2] == handed[2:] and handed[0][1] != handed[1][1]
+    got = torch.autograd.grad(out_a, [xa, *mlps.parameters()], g)
+    backward = dict(handed[4:7])
+    assert [slot for slot, _ in handed[4:]] == [0, 1, 2] * 2 and handed[4:7] == handed[7:]
+    assert backward[1] == handed[0][1] and backward[2] == handed[1][1] and backward[0] not in (handed[0][1],
+                                                                                               handed[1][1])
+    assert {k[3] for k in grn_mlp._pool.maps} == {0, 1, 2}  # kept for the next step
     xb = x.clone().requires_grad_()
     with monkeypatch.context() as m:
         m.setattr(recompute, "enabled", lambda *a: False)
-        want = torch.autograd.grad(mlps(xb), [xb, *mlps.parameters()], g)
+        out_b = mlps(xb)
+        want = torch.autograd.grad(out_b, [xb, *mlps.parameters()], g)
+    assert torch.equal(out_a, out_b)
     scale = max(w.abs().max().item() for w in want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
-    grn_mlp._pool.maps = {"left": torch.empty(1)}  # as if the end-of-pass callback had not run
+    handed.clear()
+    torch.autograd.grad(mlps(xa).sum(), xa)  # the next step: the same maps, no new ones
+    assert {p for _, p in handed} == {p for _, p in backward.items()} and len(grn_mlp._pool.maps) == 3
+    x3 = torch.randn(3, 8, 9, 7).contiguous(**cl).requires_grad_()
+    torch.autograd.grad(mlps(x3).sum(), x3)  # another batch size: the old maps are let go as its pass ends
+    assert {k[0][0] for k in grn_mlp._pool.maps} == {3} and len(grn_mlp._pool.maps) == 3
+    # both hidden maps made before either tail runs: backward runs the second tail, then the first before the
+    # second one's input gradient has reached fc1; that gradient must not live in a scratch map
+    h = [mlp[0](xa) for mlp in mlps]
+    grn_mlp_tail = real.__globals__["grn_mlp_tail"]
+    got = torch.autograd.grad(sum(grn_mlp_tail(*list(mlp)[1:], hi) for mlp, hi in zip(mlps, h)), xa, g)[0]
+    with monkeypatch.context() as m:
+        m.setattr(recompute, "enabled", lambda *a: False)
+        want = torch.autograd.grad(sum(mlp[4](mlp[3](mlp[2](mlp[1](mlp[0](xb))))) for mlp in mlps), xb, g)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    calls = []
+    mlps[0][2].register_forward_hook(lambda *a: calls.append(1))
+    handed.clear()
     mlps(xa)
-    assert grn_mlp._pool.maps == {}
+    assert calls == [1] and [slot for slot, _ in handed] == [1, 2]  # the hooked block took the general path
+    grn_mlp.release_workspace()
+    assert not grn_mlp._maps()
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

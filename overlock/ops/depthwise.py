@@ -330,47 +330,42 @@ def _widened(weight: torch.Tensor, x: torch.Tensor, dilation: int) -> int:
 # an image gets the same kernels, and bits, alone or in a batch. 3x3 on 1x384x14x14 1.6x faster, on 16x384x14x14
 # 0.94-1.19x; on 56x56 maps (overlock_t's first stage at 224) 1x64 52 against 111 us, 8x64 0.37-0.53 against
 # 0.46 ms, 1x256 211 against 270 us but 8x256 (25 MB, bound by memory) 4.1-5.2 against 3.6-4.1 ms, and with the
-# 256-channel ones native the b8 training step's memory high-water mark rose by 100-200 MB: so 64x56x56 runs here,
-# 256x56x56 stays with oneDNN (2-core AVX2 EPYC). Larger maps (dense prediction inputs) keep oneDNN's, unmeasured.
+# 256-channel ones native the b8 training step's memory high-water mark rose by 100-200 MB (2-core AVX2 EPYC). Since
+# the GRN-MLP's training forward and backward write that conv into kept scratch maps (ops/grn_mlp.py: no page faults,
+# which cost more than the kernels' difference on the Xeon VMs) the limit is 256x56x56 in training too; it was that
+# already in the fused inference model (batch-1 forward 3.1 ms less, batch 16 5 ms less). Larger maps (dense
+# prediction inputs) keep oneDNN's, unmeasured.
 # Their weight gradient runs there too (3x3 convs of an overlock_t training step, b8: 42 against 59 ms in PyTorch's).
 # Dilated kernels run there at any size, weight gradient included (PyTorch's dilated weight gradient is 4-12x
 # slower; benchmarks/README.md).
 NATIVE_SMALL_KERNEL_PIXELS = 32 * 32
-NATIVE_SMALL_KERNEL_VALUES = 64 * 56 * 56
-# The fused inference model (no training memory at stake) runs them natively up to this many values per image:
-# its 3x3 + GRN-statistics calls on 256x56x56 and 512x28x28 maps, batch-1 forward 3.1 ms less (paired median of 60),
-# batch 16 5 ms less (of 8).
-NATIVE_FUSED_KERNEL_VALUES = 256 * 56 * 56
+NATIVE_SMALL_KERNEL_VALUES = 256 * 56 * 56
 
 
 def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int,
-                values: Optional[int] = None) -> bool:
+def _use_native(x: torch.Tensor, weight: torch.Tensor, padding, dilation: int) -> bool:
     """The hand-written kernel runs this conv (its autograd, if any, is :class:`_DepthwiseConv`'s)."""
     taps = weight.shape[-2] * weight.shape[-1]
     # _native_isa first: it rules out tracing, where the pixel count would be a guard on a symbolic batch size
     return (_native_isa(x) and tuple(padding) == _same_padding(weight, dilation)
-            and (taps >= MIN_TAPS ** 2 or dilation > 1 or _small_map(x, values)))
+            and (taps >= MIN_TAPS ** 2 or dilation > 1 or _small_map(x)))
 
 
-def _small_map(x: torch.Tensor, values: Optional[int] = None) -> bool:
-    """Small kernels run natively on this map (per image: :data:`NATIVE_SMALL_KERNEL_PIXELS` or ``values``,
-    by default :data:`NATIVE_SMALL_KERNEL_VALUES`)."""
+def _small_map(x: torch.Tensor) -> bool:
+    """Small kernels run natively on this map (per image: :data:`NATIVE_SMALL_KERNEL_PIXELS` pixels or
+    :data:`NATIVE_SMALL_KERNEL_VALUES` values)."""
     pixels = x.shape[2] * x.shape[3]
-    limit = NATIVE_SMALL_KERNEL_VALUES if values is None else values
-    return pixels <= NATIVE_SMALL_KERNEL_PIXELS or pixels * x.shape[1] <= limit
+    return pixels <= NATIVE_SMALL_KERNEL_PIXELS or pixels * x.shape[1] <= NATIVE_SMALL_KERNEL_VALUES
 
 
-def runs_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int = 1,
-                fused: bool = False) -> bool:
+def runs_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding, dilation: int = 1
+                ) -> bool:
     """The hand-written forward runs this conv, without autograd (the rule :func:`_forward` follows; the fused
-    model's depthwise convs, ``fused=True``, call the kernel directly where it holds, with the larger limit
-    :data:`NATIVE_FUSED_KERNEL_VALUES`)."""
-    values = NATIVE_FUSED_KERNEL_VALUES if fused else None
-    return _use_native(x, weight, padding, dilation, values) and not _records_grad(x, weight, bias)
+    model's depthwise convs call the kernel directly where it holds)."""
+    return _use_native(x, weight, padding, dilation) and not _records_grad(x, weight, bias)
 
 
 def _native_isa(x: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ kernels, same order), so outputs are bit-identical and gradients agree to float 
 """
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
@@ -30,7 +31,7 @@ from . import gelu as gelu_ops
 from . import grn as grn_ops
 from . import native
 
-__all__ = ["applies", "grn_mlp_tail"]
+__all__ = ["applies", "grn_mlp_tail", "release_workspace"]
 
 
 def applies(act: nn.Module, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h: torch.Tensor) -> bool:
@@ -50,10 +51,11 @@ def grn_mlp_tail(act: nn.GELU, dw: nn.Module, grn: nn.Module, fc2: nn.Module, h:
 class _GrnMlpTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, act, dw, grn, fc2, h, dw_weight, dw_bias, gamma, beta, fc2_weight, fc2_bias):
-        _drop_workspace()  # a new forward pass: any scratch map the last backward pass kept is let go
         ctx.act, ctx.dw, ctx.fc2 = act, dw, fc2
         B, C = h.shape[:2]
-        y = dw(act(h))
+        y = _native_forward(act, dw, h)
+        if y is None:
+            y = dw(act(h))
         stats = grn_ops.stats(y, gamma)
         r = torch.addcmul(beta, y, stats[3].view(B, C, 1, 1), out=y)  # GRN's output, in place of the conv's
         ctx.save_for_backward(h, gamma, beta, fc2_weight, *stats)
@@ -103,35 +105,72 @@ class _GrnMlpTail(torch.autograd.Function):
         return (None, None, None, None, grad_h, grad_dw_w, grad_dw_b, grad_gamma, grad_beta, grad_w2, grad_b2)
 
 
-# Scratch maps of the native backward (fc2's input gradient, the rebuilt GELU output), kept from one GRN-MLP's
-# backward to the next of the same shape within a backward pass and dropped when it ends: fresh map-sized
-# buffers came from memory the allocator had just returned to the OS, and every page faulted in again (about 70K
-# faults per training step of overlock_t at batch 8, ~2 us each on the project's VMs). Per thread.
+# Scratch maps of the native path (GELU's and the conv's outputs in forward; fc2's input gradient, the rebuilt GELU
+# and conv outputs in backward), kept per shape from one GRN-MLP call to the next and from step to step. A fresh
+# map-sized buffer comes from memory the allocator has just returned to the OS, and every page of it faults in again:
+# on the project's VMs 1-7 us a fault, 6272 faults per 25.7 MB map (8x256x56x56); the stage-1 conv of a GRN-MLP took
+# 27 ms a call on average in a b8 training step against 3.5 ms for one that did not fault. Three maps per shape
+# (slots 0-2: forward uses 1 and 2, backward 0-2; the two never overlap). When a backward pass ends, the maps its
+# step did not use are let go (another batch size, another model); at most _MAX_MAPS are kept. Per thread.
+_MAX_MAPS = 24
 _pool = threading.local()
 
 
-def _drop_workspace() -> None:
-    _pool.maps, _pool.armed = {}, False
+def _maps() -> "collections.OrderedDict":
+    maps = getattr(_pool, "maps", None)
+    if maps is None:
+        maps = _pool.maps = collections.OrderedDict()
+        _pool.used, _pool.armed = set(), False
+    return maps
+
+
+def _end_of_pass() -> None:
+    """A backward pass ended (autograd's final callback): keep the maps used since the last one ended."""
+    maps = _maps()
+    for key in [k for k in maps if k not in _pool.used]:
+        del maps[key]
+    _pool.used, _pool.armed = set(), False
+
+
+def release_workspace() -> None:
+    """Let go of every scratch map this thread keeps (a training run is over and the process goes on)."""
+    _pool.maps = None
 
 
 def _workspace(like: torch.Tensor, slot: int) -> torch.Tensor:
-    """A channels_last map shaped like ``like`` for scratch ``slot`` of the running backward call. The first call
-    of a backward pass asks autograd to let the maps go when the pass ends (its final callback), so none is held
-    between steps; the next forward drops them too, where that callback is not available."""
-    maps = getattr(_pool, "maps", None)
-    if maps is None:
-        maps = _pool.maps = {}
-    if not getattr(_pool, "armed", False):
+    """A channels_last map shaped like ``like`` for scratch ``slot``. Inside a backward pass, the first call asks
+    autograd to prune the maps when the pass ends (:func:`_end_of_pass`)."""
+    maps = _maps()
+    if not _pool.armed:
         try:
-            torch.autograd.Variable._execution_engine.queue_callback(_drop_workspace)
+            torch.autograd.Variable._execution_engine.queue_callback(_end_of_pass)
             _pool.armed = True
-        except (AttributeError, RuntimeError):  # not inside autograd's engine, or a torch without the hook
+        except (AttributeError, RuntimeError):  # not inside autograd's engine (forward), or no such hook
             pass
     key = (tuple(like.shape), like.dtype, like.device, slot)
-    buf = maps.get(key)
+    buf = maps.pop(key, None)
     if buf is None:
-        buf = maps[key] = torch.empty_like(like, memory_format=torch.channels_last)
+        buf = torch.empty_like(like, memory_format=torch.channels_last)
+    maps[key] = buf  # most recently used last
+    _pool.used.add(key)
+    while len(maps) > _MAX_MAPS:
+        maps.popitem(last=False)
     return buf
+
+
+def _native_forward(act: nn.Module, dw: nn.Module, h: torch.Tensor):
+    """``dw(act(h))`` by the kernels the modules run (same bits), GELU's and the conv's outputs written into
+    scratch maps: both die with this call (GRN's output is written over the conv's, then fc2 reads it). ``None``
+    where :func:`_native_tail` does not hold or a hook must see the modules' calls."""
+    from ..fused import _hooked  # fused imports the layers, which import this module
+    from ..layers import depthwise_conv_into
+    if not _native_tail(dw, h, act.approximate) or _hooked(act, dw):
+        return None
+    a = native.gelu(h, out=_workspace(h, 1))
+    if a is None:
+        return None
+    y = _workspace(h, 2)
+    return y if depthwise_conv_into(a, dw.residual_weight(), 1, y, dw.bias) else dw(a)
 
 
 def _native_tail(dw: nn.Module, h: torch.Tensor, approximate: str) -> bool:
@@ -148,18 +187,20 @@ def _native_backward(ctx, g2, gr, h, gamma, beta, stats):
     input gradient comes out of one pass with GELU's backward folded in (``native.depthwise_gelu_grad``), written
     over the buffer of the rebuilt conv once ``fc2``'s weight gradient no longer needs it: three map-sized
     buffers instead of four, one pass fewer."""
+    from ..layers import depthwise_conv_into  # layers imports this module
     need = ctx.needs_input_grad
     dw = ctx.dw
     with torch.no_grad():
         a = native.gelu(h, out=_workspace(h, 1))  # the kernel gelu_ops.gelu runs here (_native_tail)
         if a is None:
             a = gelu_ops.gelu(h, ctx.act.approximate)
-        y = dw(a)  # the forward's own call: the same bits as there
         weight = dw.residual_weight()
+        scratch = _workspace(h, 2)  # the forward's own kernel: the same bits as there
+        y = scratch if depthwise_conv_into(a, weight, 1, scratch, dw.bias) else dw(a)
     grad_y, grad_gamma, grad_beta = grn_ops.backward(gr, y, gamma, stats, (True, need[7], need[8]),
                                                      in_place=True, output_beta=beta if need[9] else None)
     grad_w2, grad_b2 = _fc2_grads(ctx, g2, y)
-    grad_h = native.depthwise_gelu_grad(grad_y, weight, h, out=y)
+    grad_h = native.depthwise_gelu_grad(grad_y, weight, h, out=None if y is scratch else y)
     grad_dw_w = native.depthwise_weight_grad_same(a, grad_y, dw.kernel_size) if need[5] else None
     if grad_h is None or (need[5] and grad_dw_w is None):
         raise RuntimeError("overlock: the native GRN-MLP tail backward declined maps that _native_tail accepted")
