@@ -11,8 +11,10 @@ writes the rest in place:
 - ``fc2``'s weight gradient needs GRN's output ``y * s + beta``: it is rebuilt in the conv output ``y`` once
   GRN's backward no longer needs ``y``;
 - GELU's input gradient overwrites the conv's input gradient;
-- with the native kernels, ``fc2``'s input gradient and the rebuilt GELU output go into two scratch maps that the
-  next GRN-MLP backward of the same shape takes again (:func:`_workspace`): one fresh map per call instead of three.
+- with the native kernels, GELU's and the conv's outputs in forward, and ``fc2``'s input gradient and the rebuilt
+  GELU and conv outputs in backward, go into three scratch maps per shape that every GRN-MLP call of that shape
+  takes again, step after step (:func:`_workspace`): no fresh map in forward, one per call in backward (GELU's
+  input gradient, which autograd passes on).
 
 GRN's per-(sample, channel) statistics are kept from the forward pass (``B x C`` numbers), so backward does not
 reduce over the map again. The forward and every rebuilt value run the very ops of the plain graph (same
