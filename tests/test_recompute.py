@@ -142,8 +142,7 @@ def test_grn_mlp_scratch_maps_are_kept_across_calls_and_steps(monkeypatch):
     # both hidden maps made before either tail runs: backward runs the second tail, then the first before the
     # second one's input gradient has reached fc1; that gradient must not live in a scratch map
     h = [mlp[0](xa) for mlp in mlps]
-    grn_mlp_tail = real.__globals__["grn_mlp_tail"]
-    got = torch.autograd.grad(sum(grn_mlp_tail(*list(mlp)[1:], hi) for mlp, hi in zip(mlps, h)), xa, g)[0]
+    got = torch.autograd.grad(sum(grn_mlp.grn_mlp_tail(*list(mlp)[1:], hi) for mlp, hi in zip(mlps, h)), xa, g)[0]
     with monkeypatch.context() as m:
         m.setattr(recompute, "enabled", lambda *a: False)
         want = torch.autograd.grad(sum(mlp[4](mlp[3](mlp[2](mlp[1](mlp[0](xb))))) for mlp in mlps), xb, g)[0]
