@@ -96,6 +96,15 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=like.requires_grad)
 
 
+def gemm_param(w: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """A ``(Cout, Cin)`` 1x1-conv weight for the fused blocks' GEMMs, stored as the transpose of a contiguous
+    ``(Cin, Cout)`` matrix (same shape and values): ``F.linear`` and ``addmm`` then hand MKL a right operand that is
+    not transposed, for which it takes a faster driver on few rows (a 7x7 map at batch 1, Xeon: 49x2048x512 0.58 ->
+    0.39 ms, 49x512x2048 0.52 -> 0.42) and the same one on more. Only GEMMs read these weights; the native kernels
+    read theirs by address and keep them contiguous."""
+    return _param(w.detach().t().contiguous().t(), like)
+
+
 class DepthwiseConv(nn.Conv2d):
     """Same-size depthwise conv with bias, skipping taps that cannot reach a small map (``depthwise_conv``).
 
@@ -531,7 +540,7 @@ class FusedGrnMlp(nn.Module):
         super().__init__()
         fc1, act, dw, grn, fc2 = mlp
         self.approximate = act.approximate
-        self.fc1_weight = _param(fc1.weight.flatten(1), fc1.weight)
+        self.fc1_weight = gemm_param(fc1.weight.flatten(1), fc1.weight)
         self.fc1_bias = fc1.bias
         self.dwconv = dw.fuse() if hasattr(dw, "fuse") else dw
         self.grn_gamma = grn.gamma  # GRN's beta is folded into fc2_bias
@@ -540,7 +549,7 @@ class FusedGrnMlp(nn.Module):
         if isinstance(layer_scale, LayerScale):  # ls(fc2(y)) == (ls.w * fc2)(y) + ls.w * b + ls.b
             ls_w = layer_scale.weight.flatten()
             w2, b2 = w2 * ls_w[:, None], torch.addcmul(layer_scale.bias, b2, ls_w)
-        self.fc2_weight = _param(w2, fc2.weight)
+        self.fc2_weight = gemm_param(w2, fc2.weight)
         self.fc2_bias = _param(b2, fc2.weight)
 
     def hidden(self, x: torch.Tensor, gate=None):

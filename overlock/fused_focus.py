@@ -20,7 +20,7 @@ from torch import nn
 from . import fused_native
 from .contmix import ContMixCore
 from .fused import (FusedGrnMlp, NativeRouteCache, _conv_then_gelu, _conv_then_norm_identity, _fuse_children,
-                    _inplace_ok, _param, _records_grad, _tracing, grn_scale, pointwise_scaled_add)
+                    _inplace_ok, _param, _records_grad, _tracing, gemm_param, grn_scale, pointwise_scaled_add)
 from .layers import LayerScale
 from .ops import native
 
@@ -81,7 +81,7 @@ def _pointwise(seq: nn.Module):
     convs = [m for m in seq.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 and convs[0].kernel_size == (1, 1), seq
     conv = convs[0]
-    return _param(conv.weight.flatten(1), conv.weight), conv.bias
+    return gemm_param(conv.weight.flatten(1), conv.weight), conv.bias
 
 
 class FusedDynamicConvBlock(NativeRouteCache, ContMixCore):
@@ -114,7 +114,7 @@ class FusedDynamicConvBlock(NativeRouteCache, ContMixCore):
         self.gate_weight, self.gate_bias = _pointwise(parts["gate"])
         self.lepe = parts["lepe"][0]
         w, b = _pointwise(parts["weight_query"])
-        self.query_weight, self.query_bias = _param(w * block.scale, w), _param(b * block.scale, w)
+        self.query_weight, self.query_bias = gemm_param(w * block.scale, w), _param(b * block.scale, w)
         self.weight_key = nn.Sequential(*(m for m in parts["weight_key"] if not isinstance(m, nn.Identity)))
         # dyconv_proj(cm) + lepe(h): dyconv_proj's bias goes into LePE's, and its GEMM accumulates into LePE's output
         self.dyconv_weight, dyconv_bias = _pointwise(parts["dyconv_proj"])
@@ -129,7 +129,7 @@ class FusedDynamicConvBlock(NativeRouteCache, ContMixCore):
         elif ls1 is not None:  # ls1(identity) + proj(.): the shift into proj's bias, the scale stays
             b = b + ls1.bias
             self.ls1_weight = _param(ls1.weight.view(1, -1, 1, 1), ls1.weight)
-        self.proj_weight, self.proj_bias = _param(w, w), _param(b, w)
+        self.proj_weight, self.proj_bias = gemm_param(w, w), _param(b, w)
         if ls2 is not None and self.res_scale:
             with torch.no_grad():
                 self.mlp.fc2_bias.add_(ls2.bias)

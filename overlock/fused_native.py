@@ -65,6 +65,23 @@ def _scaled_addmm_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sca
         acc3.baddbmm_(xs, weight.t().unsqueeze(0) * scale.reshape(B, C, 1))
 
 
+# The fused blocks' parameters that only GEMMs read (stored transposed: ``fused.gemm_param``); the kernels read every
+# other one by address, so those must be contiguous.
+_FOCUS_GEMM_WEIGHTS = frozenset(("fusion_weight", "gate_weight", "query_weight", "dyconv_weight", "proj_weight",
+                                 "mlp.fc1_weight", "mlp.fc2_weight"))
+_REPCONV_GEMM_WEIGHTS = frozenset(("mlp.fc1_weight", "mlp.fc2_weight"))
+
+
+def _params_ok(block: nn.Module, gemm_weights: frozenset) -> bool:
+    """Float32 CPU parameters, contiguous, or for those in ``gemm_weights`` the transpose of a contiguous matrix."""
+    for name, p in block.named_parameters():
+        if p.dtype != _F32 or p.device.type != "cpu":
+            return False
+        if not (p.is_contiguous() or (name in gemm_weights and p.dim() == 2 and p.t().is_contiguous())):
+            return False
+    return True
+
+
 def _map_ok(t: torch.Tensor, B: int, H: int, W: int) -> bool:
     """A float32 CPU ``(B, C, H, W)`` map whose pixels are rows of its channels (any pixel stride: a channel slice
     of a channels_last map), ``C`` a multiple of 8."""
@@ -86,8 +103,7 @@ def _focus_route(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torc
         return None  # torch.cat must give a channels_last map, as the general forward's
     C, D = Cx + ctx.shape[1], block.fusion_weight.shape[0]
     E, k, G = block.mlp.fc1_weight.shape[0], block.kernel_size, block.num_heads
-    params = list(block.parameters())
-    if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in params):
+    if not _params_ok(block, _FOCUS_GEMM_WEIGHTS):
         return None
     s = block.smk_size
     if (block.approximate != "none" or block.mlp.approximate != "none" or block.se.approximate != "none"
@@ -282,7 +298,7 @@ def _repconv_route(block, x: torch.Tensor, out: Optional[torch.Tensor]) -> Optio
                                 and out.is_contiguous(memory_format=cl)):
         return None
     mlp, se = block.mlp, block.se
-    if any(p.dtype != _F32 or p.device.type != "cpu" or not p.is_contiguous() for p in block.parameters()):
+    if not _params_ok(block, _REPCONV_GEMM_WEIGHTS):
         return None
     if (mlp.approximate != "none" or se.approximate != "none" or mlp.fc1_bias is None or mlp.fc2_bias is None
             or C > 4096 or se.fc1_weight.shape[0] > 4096 or mlp.fc1_weight.shape[0] % 8):

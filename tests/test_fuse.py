@@ -134,6 +134,39 @@ def test_repconv_block_native_forward_gives_the_general_forwards_bits(res_scale,
     assert not any(ran)
 
 
+@NATIVE_HERE
+def test_fused_gemm_weights_are_stored_transposed_and_run_straight_line(monkeypatch):
+    """The fused blocks keep the weights only their GEMMs read as transposes of contiguous ``(Cin, Cout)`` matrices
+    (MKL's faster driver for few rows), every other parameter contiguous (the kernels read those by address); the
+    straight-line forwards take them, on a 7x7 map, and give a row-major copy's values to float rounding."""
+    import copy
+
+    from overlock import fused_native
+    focus = randomize(DynamicConvBlock(32, 32, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2)).fuse()
+    rep = randomize(RepConvBlock(16, 7, mlp_ratio=2)).fuse()
+    cl = torch.channels_last
+    x7 = torch.randn(1, 32, 7, 7).contiguous(memory_format=cl)
+    ctx, prior = (torch.randn(1, 8, 7, 7).contiguous(memory_format=cl) for _ in range(2))
+    cases = [(focus, fused_native._FOCUS_GEMM_WEIGHTS, "focus_block", (x7, ctx, prior)),
+             (rep, fused_native._REPCONV_GEMM_WEIGHTS, "repconv_block", (x7[:, :16].contiguous(memory_format=cl),))]
+    for block, gemm, entry, args in cases:
+        params = dict(block.named_parameters())
+        assert gemm <= set(params)
+        for name, p in params.items():
+            if name in gemm:
+                assert p.dim() == 2 and p.t().is_contiguous() and not p.is_contiguous(), name
+            else:
+                assert p.is_contiguous(), name
+        real, ran = getattr(fused_native, entry), []
+        monkeypatch.setattr(fused_native, entry, lambda *a, _real=real: ran.append(_real(*a)) or ran[-1])
+        row_major = copy.deepcopy(block)._apply(lambda t: t.contiguous())
+        with torch.no_grad():
+            out, want = block(*args), row_major(*args)
+        assert len(ran) == 2 and all(r is not None for r in ran)
+        out, want = (o[0] if isinstance(o, tuple) else o for o in (out, want))
+        assert rel_err(out, want) < 1e-6
+
+
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_fused_conv_norm_sequences(memory_format):
     """Stem (conv-BN-GELU x3), BN-then-1x1, dilated block + BN, conv-BN-SiLU: folded, same function."""
