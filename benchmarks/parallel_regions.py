@@ -16,6 +16,7 @@ import argparse
 import bisect
 import collections
 import ctypes
+import functools
 import json
 import os
 import re
@@ -73,6 +74,7 @@ class _Symbols:
         return names[i] if i >= 0 else f"0x{offset:x}"
 
 
+@functools.lru_cache(maxsize=None)
 def _demangle(name: str) -> str:
     """C++ names ``nm -C`` left mangled (a clone suffix such as ``._omp_fn.0`` stops it)."""
     if not name.startswith("_Z") or not shutil.which("c++filt"):
@@ -143,11 +145,12 @@ def main() -> None:
             sys.exit("parallel_regions.py: the shim could not write its records")
         records = [line.split(maxsplit=3) for line in open(dump)]
     symbols = _Symbols()
+    label_of = functools.lru_cache(maxsize=None)(lambda lib, offset: family(lib, symbols(lib, offset)))
     inside, calls, before = collections.Counter(), collections.Counter(), collections.Counter()
     previous = None
     for start, end, offset, lib in records:
         start, end, lib = float(start), float(end), lib.strip()
-        label = family(lib, symbols(lib, int(offset, 16)))
+        label = label_of(lib, int(offset, 16))
         inside[label] += end - start
         calls[label] += 1
         if previous is not None:
