@@ -7,7 +7,9 @@ function on ``(pixels, channels)`` matrices: what can change from call to call (
 kernels' switch, hooks, the ContMix backend) is asked once per call, what the input's kind fixes (shapes,
 strides, dtypes) once per kind, and then the same kernels are called, with the same arguments, as the general
 forward's: the very same bits (tests compare the two). Anything else returns ``None`` and the block takes its
-general forward.
+general forward. At batch 1 the same steps run as one C call per block (``csrc/blocks_avx2.c``, the 1x1s through
+PyTorch's own ``sgemm_``): in the model the Python between the kernels ran with cold caches, ~0.25 ms a
+re-parameterized block and ~0.5 ms a Focus-Net block; overlock_t's batch-1 forward 71 -> 65 ms (AVX-512 Xeon).
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from .ops import native
 __all__ = ["focus_block", "repconv_block"]
 
 _F32 = torch.float32
+# Batch 1 runs each whole block as one native call (csrc/blocks_avx2.c) where it can; False: op by op from Python
+# (the same bits: tests compare the two).
+WHOLE_BLOCK_CALLS = True
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -149,6 +154,11 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     Cc = ctx.shape[1]
     C, M, HW = Cx + Cc, B * H * W, H * W
     empty = torch.empty
+    whole = native.whole_blocks() if B == 1 and WHOLE_BLOCK_CALLS else None
+    if whole is not None:
+        out = empty(M, C)
+        if _focus_call(whole, block, x, ctx, prior, out, H, W) == 0:
+            return _focus_output(block, out, B, H, W, C)
     # [x, ctx] (the context first updated, except in the first block)
     if prior is None:
         z = torch.cat([x, ctx], dim=1)
@@ -202,10 +212,65 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     _conv_norm(lib, block.dwconv2, block.norm2, identity, out, y, block.ls2_weight, mlp.fc2_bias, B, H, W)
     if not _grn_mlp_add(lib, mlp, y, out, None, B, H, W):
         return None
+    return _focus_output(block, out, B, H, W, C)
+
+
+def _focus_output(block, out: torch.Tensor, B: int, H: int, W: int, C: int):
     out = out.view(B, H, W, C).permute(0, 3, 1, 2)
     if block.is_last:
         return out, None
     return tuple(out.split([block.dim, block.ctx_dim], dim=1))
+
+
+def _t(w: torch.Tensor) -> int:
+    """1 for a 1x1 weight stored as the transpose of a contiguous matrix (``fused.gemm_param``), else 0."""
+    return 0 if w.is_contiguous() else 1
+
+
+def _in_place(conv, H: int, W: int) -> int:
+    """Whether the GRN MLP's conv writes over its input (as :func:`_grn_mlp_add` decides)."""
+    return int(H * W >= GRN_CONV_IN_PLACE_MIN_PIXELS and conv.kernel_size[0] <= 3 and conv.kernel_size[1] <= 3)
+
+
+def _pool_size(pool: nn.AdaptiveAvgPool2d, H: int, W: int) -> Tuple[int, int]:
+    size = pool.output_size
+    oh, ow = (size, size) if isinstance(size, int) else size
+    return (H if oh is None else oh), (W if ow is None else ow)
+
+
+def _focus_call(lib, block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor], out: torch.Tensor,
+                H: int, W: int) -> int:
+    """:func:`focus_block` at batch 1 as one call (csrc/blocks_avx2.c) into ``out`` ``(H*W, C)``: 0, or the C code's
+    refusal (then nothing but scratch was written)."""
+    mlp, se, proj, n1, n2 = block.mlp, block.se, block.weight_proj, block.norm1, block.norm2
+    pool, key = block.weight_key
+    d1, fdw, lepe, d2, mdw = block.dwconv1, block.fusion_dw, block.lepe, block.dwconv2, mlp.dwconv
+    first = prior is None
+    context = (None, 0, None, None, None) if first else (
+        prior.data_ptr(), prior.stride(3), block.ctx_weight.data_ptr(), block.prior_weight.data_ptr(),
+        block.ctx_bias.data_ptr())
+    fusion, gate, query, dyconv, proj_w = (block.fusion_weight, block.gate_weight, block.query_weight,
+                                           block.dyconv_weight, block.proj_weight)
+    return lib.overlock_focus_block_avx2(
+        x.data_ptr(), x.stride(3), x.shape[1], ctx.data_ptr(), ctx.stride(3), ctx.shape[1], *context,
+        out.data_ptr(), H, W,
+        d1._taps().data_ptr(), d1.bias.data_ptr(), *d1.kernel_size, n1.weight.data_ptr(), n1.bias.data_ptr(), n1.eps,
+        _ptr(block.ls1_weight), _ptr(block.proj_bias),
+        fdw._taps().data_ptr(), fdw.bias.data_ptr(), *fdw.kernel_size,
+        fusion.data_ptr(), _t(fusion), _ptr(block.fusion_bias), fusion.shape[0], block.grn_gamma.data_ptr(),
+        block.grn_beta.data_ptr(), gate.data_ptr(), _t(gate), _ptr(block.gate_bias),
+        lepe._taps().data_ptr(), lepe.bias.data_ptr(), *lepe.kernel_size,
+        query.data_ptr(), _t(query), _ptr(block.query_bias), query.shape[0], *_pool_size(pool, H, W),
+        key.weight.data_ptr(), _ptr(key.bias), key.weight.shape[0], proj.weight.data_ptr(), _ptr(proj.bias),
+        block.num_heads, block.kernel_size, block.smk_size, block.rpb1.data_ptr(), block.rpb2.data_ptr(),
+        dyconv.data_ptr(), _t(dyconv),
+        se.fc1_weight.data_ptr(), se.fc1_bias.data_ptr(), se.fc1_weight.shape[0], se.fc2_weight.data_ptr(),
+        se.fc2_bias.data_ptr(), proj_w.data_ptr(), _t(proj_w),
+        d2._taps().data_ptr(), d2.bias.data_ptr(), *d2.kernel_size, n2.weight.data_ptr(), n2.bias.data_ptr(), n2.eps,
+        _ptr(block.ls2_weight),
+        mlp.fc1_weight.data_ptr(), _t(mlp.fc1_weight), mlp.fc1_bias.data_ptr(), mlp.fc1_weight.shape[0],
+        mdw._taps().data_ptr(), mdw.bias.data_ptr(), *mdw.kernel_size, mlp.grn_gamma.data_ptr(), _in_place(mdw, H, W),
+        mlp.fc2_weight.data_ptr(), _t(mlp.fc2_weight), mlp.fc2_bias.data_ptr())
 
 
 def _conv_norm(lib, conv, norm, x, identity, y, scale, shift, B, H, W) -> None:
@@ -329,6 +394,9 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     B, C, H, W = x.shape
     M = B * H * W
     result = (torch.empty_like(x) if out is None else out)
+    whole = native.whole_blocks() if B == 1 and WHOLE_BLOCK_CALLS else None
+    if whole is not None and _repconv_call(whole, block, x, result, H, W) == 0:
+        return result
     identity, y = result.permute(0, 2, 3, 1).view(M, C), torch.empty(M, C)
     _conv_norm(lib, block.dwconv, block.norm, x.permute(0, 2, 3, 1).view(M, C), identity, y, block.ls_weight,
                mlp.fc2_bias, B, H, W)
@@ -343,3 +411,19 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     if not _grn_mlp_add(lib, mlp, large, identity, gate, B, H, W):
         return None
     return result
+
+
+def _repconv_call(lib, block, x: torch.Tensor, result: torch.Tensor, H: int, W: int) -> int:
+    """:func:`repconv_block` at batch 1 as one call (csrc/blocks_avx2.c): 0, or the C code's refusal."""
+    mlp, se, norm = block.mlp, block.se, block.norm
+    dw, lk, mdw = block.dwconv, block.large_kernel, mlp.dwconv
+    return lib.overlock_repconv_block_avx2(
+        x.data_ptr(), result.data_ptr(), H, W, x.shape[1],
+        dw._taps().data_ptr(), dw.bias.data_ptr(), *dw.kernel_size, norm.weight.data_ptr(), norm.bias.data_ptr(),
+        norm.eps, _ptr(block.ls_weight),
+        lk._taps().data_ptr(), lk.bias.data_ptr(), *lk.kernel_size,
+        se.fc1_weight.data_ptr(), se.fc1_bias.data_ptr(), se.fc1_weight.shape[0], se.fc2_weight.data_ptr(),
+        se.fc2_bias.data_ptr(),
+        mlp.fc1_weight.data_ptr(), _t(mlp.fc1_weight), mlp.fc1_bias.data_ptr(), mlp.fc1_weight.shape[0],
+        mdw._taps().data_ptr(), mdw.bias.data_ptr(), *mdw.kernel_size, mlp.grn_gamma.data_ptr(), _in_place(mdw, H, W),
+        mlp.fc2_weight.data_ptr(), _t(mlp.fc2_weight), mlp.fc2_bias.data_ptr())

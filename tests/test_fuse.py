@@ -289,6 +289,80 @@ def test_focus_block_native_forward_gives_the_general_forwards_bits(res_scale, l
     assert ran == [False, False, False, False, False, False, True]
 
 
+@NATIVE_HERE
+@pytest.mark.parametrize("place", ["first", "middle", "last"])
+def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, monkeypatch):
+    """At batch 1 each fused block runs as one C call (csrc/blocks_avx2.c; the 1x1s through PyTorch's own sgemm_):
+    the bits of the op-by-op straight-line forward, on maps where GRN's and SE's scales go to the map (6x6) or to
+    the weights (7x7) and where the GRN conv runs in place (28x28), with the 1x1 weights as stored (transposed) and
+    row-major. Not at batch 2; a refused call leaves the op-by-op forward to run."""
+    from overlock import fused_native
+    if native.whole_blocks() is None:
+        pytest.skip("no sgemm_ in PyTorch's library here, or not its products' bits")
+    focus = randomize(DynamicConvBlock(32, 32, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5,
+                                       is_first=place == "first", is_last=place == "last")).fuse()
+    rep = randomize(RepConvBlock(16, 7, mlp_ratio=2, ls_init_value=0.5)).fuse()
+    codes = []
+    for name in ("_focus_call", "_repconv_call"):
+        real = getattr(fused_native, name)
+        monkeypatch.setattr(fused_native, name, lambda *a, _real=real: codes.append(_real(*a)) or codes[-1])
+
+    def whole_and_op_by_op(block, *args):
+        outs = []
+        with torch.no_grad():
+            for whole in (True, False):
+                monkeypatch.setattr(fused_native, "WHOLE_BLOCK_CALLS", whole)
+                out = block(*args)
+                outs.append([o for o in (out if isinstance(out, tuple) else (out,)) if o is not None])
+        monkeypatch.setattr(fused_native, "WHOLE_BLOCK_CALLS", True)
+        return outs
+
+    cl = torch.channels_last
+    for layout in ("stored", "row-major"):
+        if layout == "row-major":
+            for block in (focus, rep):
+                block._apply(lambda t: t.contiguous())
+            assert not fused_native._t(rep.mlp.fc1_weight) and not fused_native._t(focus.proj_weight)
+        else:
+            assert fused_native._t(rep.mlp.fc1_weight) and fused_native._t(focus.proj_weight)
+        for size in (6, 7, 28):
+            x = torch.randn(1, 32, size, size).contiguous(memory_format=cl)
+            ctx, prior = (torch.randn(1, 8, size, size).contiguous(memory_format=cl) for _ in range(2))
+            for block, args in ((focus, (x, ctx, prior)), (rep, (x[:, :16].contiguous(memory_format=cl),))):
+                out, want = whole_and_op_by_op(block, *args)
+                assert codes.pop() == 0 and not codes, (layout, size)
+                assert len(out) == len(want) and all(torch.equal(o, w) and o.stride() == w.stride()
+                                                     for o, w in zip(out, want))
+    x2 = torch.randn(2, 32, 7, 7).contiguous(memory_format=cl)
+    ctx2 = torch.randn(2, 8, 7, 7).contiguous(memory_format=cl)
+    with torch.no_grad():
+        focus(x2, ctx2, ctx2)
+        monkeypatch.setattr(fused_native, "_focus_call", lambda *a: codes.append(-1) or -1)
+        refused, want = whole_and_op_by_op(focus, x, ctx, prior)
+    assert codes == [-1] and all(torch.equal(o, w) for o, w in zip(refused, want))
+
+
+@NATIVE_HERE
+def test_whole_block_product_check_catches_other_bits():
+    """``native._same_products`` passes the C products here and refuses one whose first value is off by an ulp."""
+    import ctypes
+
+    lib = native.whole_blocks()
+    if lib is None:
+        pytest.skip("no whole-block calls here")
+    assert native._same_products(lib)
+
+    class OffByOne:
+        @staticmethod
+        def overlock_blocks_linear(out, *args):
+            rc = lib.overlock_blocks_linear(out, *args)
+            value = ctypes.c_float.from_address(out)
+            value.value = float(torch.nextafter(torch.tensor(value.value), torch.tensor(float("inf"))))
+            return rc
+
+    assert not native._same_products(OffByOne())
+
+
 def test_fused_contmix_block():
     """The plug-and-play ContMix block keeps its own forward; its projections, LePE, gate and MLP are fused."""
     block = overlock.ContMixBlock(8, kernel_size=5, smk_size=3, num_heads=1, mlp_ratio=2, ls_init_value=0.5)

@@ -195,7 +195,7 @@ def test_switch_and_build_failure_fall_back_with_a_reason(tmp_path):
     assert _fresh_status({"OVERLOCK_NATIVE": "0"}) == "off (OVERLOCK_NATIVE=0)"
     line = _fresh_status({"CC": "false", "OVERLOCK_CACHE": str(tmp_path)})
     sources = ("depthwise_avx2.c, depthwise_avx512.c, neighborhood_avx2.c, neighborhood_avx512.c, grn_avx2.c, "
-               "gelu_avx2.c, gelu_avx512.c, se_avx2.c, batchnorm_avx2.c, concat_avx2.c")
+               "gelu_avx2.c, gelu_avx512.c, se_avx2.c, batchnorm_avx2.c, concat_avx2.c, blocks_avx2.c")
     assert line.startswith(f"off (building {sources} with false failed"), line
     built = _fresh_status({"OVERLOCK_CACHE": str(tmp_path)})
     assert built.startswith("on (") and str(tmp_path) in built

@@ -31,12 +31,13 @@ __all__ = ["available", "used_here", "cpu_isa", "NATIVE_ISAS", "depthwise_conv2d
            "bn_running_update", "channel_affine_acc_", "na2d_softmax_av", "na2d_softmax_av_pair",
            "na2d_softmax_av_backward", "grn_scale", "grn_backward_sums", "grn_backward_apply", "se_gate", "gelu",
            "gelu_backward", "bias_gelu_", "silu_mul_", "status", "describe", "disabled", "narrow_vectors",
-           "context_concat"]
+           "context_concat", "whole_blocks"]
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("depthwise_avx2.c", "depthwise_avx512.c", "neighborhood_avx2.c", "neighborhood_avx512.c",
-                        "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c", "concat_avx2.c")]
+                        "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c", "concat_avx2.c",
+                                     "blocks_avx2.c")]
 # included by the sources (part of the cache key)
 HEADERS = [Path(__file__).with_name("csrc") / name for name in (
     "exp_neg_avx2.h", "exp_neg_avx512.h", "gelu_avx2.h", "gelu_math.h", "depthwise_common.h", "neighborhood_common.h")]
@@ -180,6 +181,7 @@ def _library() -> Optional[ctypes.CDLL]:
         + [_ADDRESS] * 4 + [ctypes.c_long])
     lib.overlock_gelu_backward_avx2.restype = ctypes.c_int
     lib.overlock_gelu_backward_avx2.argtypes = [_ADDRESS] * 3 + [ctypes.c_long]
+    _declare_blocks(lib)
     _reason = f"on ({target})"
     return lib
 
@@ -196,6 +198,82 @@ def cpu_isa() -> str:
         return torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # torch < 2.1
         return "unknown"
+
+
+def _declare_blocks(lib: ctypes.CDLL) -> None:
+    """The whole-block calls of csrc/blocks_avx2.c (their arguments in the order of the C prototypes)."""
+    a, i, f, n = _ADDRESS, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    lib.overlock_blocks_set_sgemm.restype = None
+    lib.overlock_blocks_set_sgemm.argtypes = [a]
+    lib.overlock_blocks_linear.restype = i
+    lib.overlock_blocks_linear.argtypes = [a, i, a, i, i, a, i, i, i, i, f]
+    lib.overlock_repconv_block_avx2.restype = i
+    lib.overlock_repconv_block_avx2.argtypes = (
+        [a, a, i, i, i] + [a, a, i, i, a, a, f, a] + [a, a, i, i] + [a, a, i, a, a]
+        + [a, i, a, i] + [a, a, i, i, a, i] + [a, i, a])
+    lib.overlock_focus_block_avx2.restype = i
+    lib.overlock_focus_block_avx2.argtypes = (
+        [a, n, i, a, n, i, a, n, a, a, a, a, i, i]
+        + [a, a, i, i, a, a, f, a, a] + [a, a, i, i] + [a, i, a, i, a, a, a, i, a] + [a, a, i, i]
+        + [a, i, a, i, i, i, a, a, i, a, a, i, i, i, a, a, a, i] + [a, a, i, a, a] + [a, i]
+        + [a, a, i, i, a, a, f, a] + [a, i, a, i, a, a, i, i, a, i, a, i, a])
+
+
+def _torch_sgemm() -> Optional[int]:
+    """The address of the BLAS ``sgemm_`` PyTorch's float32 matrix products call (MKL's, inside libtorch_cpu), or
+    None where there is none."""
+    try:
+        torch_lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(torch_lib.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+def _same_products(lib: ctypes.CDLL) -> bool:
+    """Whether the blocks' 1x1s give PyTorch's bits: ``F.linear`` / ``addmm_`` against the C call, for both weight
+    layouts, a column-major left operand, and a few-row and a many-row shape (PyTorch may route products elsewhere,
+    e.g. to oneDNN, in other builds or settings)."""
+    gen = torch.Generator().manual_seed(0)
+    for M, K, N in ((49, 64, 96), (400, 32, 48)):
+        x = torch.randn(M, K, generator=gen)
+        for stored_t in (False, True):
+            w = torch.randn(K, N, generator=gen).t() if stored_t else torch.randn(N, K, generator=gen)
+            for beta in (0.0, 1.0):
+                acc = torch.randn(M, N, generator=gen)
+                want = acc.clone().addmm_(x, w.t()) if beta else torch.nn.functional.linear(x, w)
+                got = acc.clone()
+                lib.overlock_blocks_linear(got.data_ptr(), N, x.data_ptr(), K, 0, w.data_ptr(), int(stored_t), M, K,
+                                           N, beta)
+                if not torch.equal(got, want):
+                    return False
+        xc = torch.randn(K, M, generator=gen).t()  # column-major (M, K)
+        w = torch.randn(N, K, generator=gen)
+        got = torch.empty(M, N)
+        lib.overlock_blocks_linear(got.data_ptr(), N, xc.data_ptr(), M, 1, w.data_ptr(), 0, M, K, N, 0.0)
+        if not torch.equal(got, torch.matmul(xc, w.t())):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks() -> Optional[ctypes.CDLL]:
+    lib = _library()
+    address = None if lib is None else _torch_sgemm()
+    if address is None:
+        return None
+    lib.overlock_blocks_set_sgemm(address)
+    with torch.inference_mode(False), torch.no_grad():
+        if _same_products(lib):
+            return lib
+    lib.overlock_blocks_set_sgemm(None)
+    log.info("overlock: PyTorch's matrix products differ from its sgemm_ here; blocks run op by op")
+    return None
+
+
+def whole_blocks() -> Optional[ctypes.CDLL]:
+    """The library with the whole-block calls (csrc/blocks_avx2.c) ready, or None: kernels off or not built, no
+    ``sgemm_`` in PyTorch's library, or its products not PyTorch's bits (checked once per process)."""
+    return None if _disabled else _blocks()
 
 
 def used_here() -> bool:
