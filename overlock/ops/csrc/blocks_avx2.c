@@ -56,6 +56,7 @@ int overlock_na2d_softmax_av_avx2(const float *q, long qs_b, long qs_g, long qs_
 void overlock_blocks_set_sgemm(void *fn) { sgemm_call = (sgemm_fn)fn; }
 
 #define MAX_BUFFERS 24
+#define MIN_PARALLEL 32768 /* floats: below this one thread is faster */
 
 /* The buffers of one call, freed together. */
 struct arena {
@@ -86,9 +87,11 @@ static void linear(float *out, int ldo, const float *a, int lda, int a_cm, const
 /* PyTorch's w * s.reshape(1, K) for a 1x1's (N, K) weight w (the product keeps w's layout). */
 static void scale_weight(float *out, const float *w, int w_t, const float *s, int N, int K) {
     if (w_t) {
+#pragma omp parallel for schedule(static) if ((long)N * K >= MIN_PARALLEL)
         for (long k = 0; k < K; k++)
             for (long n = 0; n < N; n++) out[k * N + n] = w[k * N + n] * s[k];
     } else {
+#pragma omp parallel for schedule(static) if ((long)N * K >= MIN_PARALLEL)
         for (long n = 0; n < N; n++)
             for (long k = 0; k < K; k++) out[n * K + k] = w[n * K + k] * s[k];
     }
@@ -96,6 +99,7 @@ static void scale_weight(float *out, const float *w, int w_t, const float *s, in
 
 /* PyTorch's x * s.reshape(1, C) for an (M, C) map. */
 static void scale_map(float *out, const float *x, const float *s, long M, int C) {
+#pragma omp parallel for schedule(static) if (M * C >= MIN_PARALLEL)
     for (long p = 0; p < M; p++)
         for (long c = 0; c < C; c++) out[p * C + c] = x[p * C + c] * s[c];
 }
@@ -195,6 +199,7 @@ done:
 /* h = beta + h * scale per channel, one rounding (PyTorch's addcmul on the CPU is a fused multiply-add). */
 __attribute__((target("avx2,fma")))
 static void grn_apply(float *h, const float *beta, const float *scale, long M, int D) {
+#pragma omp parallel for schedule(static) if (M * D >= MIN_PARALLEL)
     for (long p = 0; p < M; p++)
         for (long c = 0; c < D; c++) h[p * D + c] = fmaf(h[p * D + c], scale[c], beta[c]);
 }
@@ -239,11 +244,10 @@ static int context_mix(const float *y, int C, int Cx, const float *h, int D, int
     linear(key, Ck, pooled, Cc, 0, kw, 0, (int)n_ctx, Cc, Ck, kb ? 1.0f : 0.0f);
     /* (G * c, n_ctx) keys: the pooled key map read column-major, as matmul folds it */
     linear(keys, ss + kk, key, Ck, 1, pw, 0, Ck, (int)n_ctx, ss + kk, 0.0f);
-    for (int half = 0; half < 2; half++)  /* (2, G, H, W, cv): each head's values a compact block */
-        for (int g = 0; g < G; g++)
-            for (long p = 0; p < M; p++)
-                memcpy(values + ((long)(half * G + g) * M + p) * cv, h + p * D + (long)(half * G + g) * cv,
-                       sizeof(float) * cv);
+#pragma omp parallel for schedule(static) if (M * D >= MIN_PARALLEL)
+    for (long p = 0; p < M; p++)  /* (2, G, H, W, cv): each head's values a compact block */
+        for (int head = 0; head < 2 * G; head++)
+            memcpy(values + ((long)head * M + p) * cv, h + p * D + (long)head * cv, sizeof(float) * cv);
     if (!pb) {
         memset(zeros, 0, sizeof(float) * (ss + kk));
         pb = zeros;
