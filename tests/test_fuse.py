@@ -294,8 +294,8 @@ def test_focus_block_native_forward_gives_the_general_forwards_bits(res_scale, l
 def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, monkeypatch):
     """At batch 1 each fused block runs as one C call (csrc/blocks_avx2.c; the 1x1s through PyTorch's own sgemm_):
     the bits of the op-by-op straight-line forward, on maps where GRN's and SE's scales go to the map (6x6) or to
-    the weights (7x7) and where the GRN conv runs in place (28x28), with the 1x1 weights as stored (transposed) and
-    row-major. Not at batch 2; a refused call leaves the op-by-op forward to run."""
+    the weights (7x9, not square) and where the GRN conv runs in place (28x28), with the 1x1 weights as stored
+    (transposed) and row-major. Not at batch 2; a refused call leaves the op-by-op forward to run."""
     from overlock import fused_native
     if native.whole_blocks() is None:
         pytest.skip("no sgemm_ in PyTorch's library here, or not its products' bits")
@@ -325,9 +325,9 @@ def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, mon
             assert not fused_native._t(rep.mlp.fc1_weight) and not fused_native._t(focus.proj_weight)
         else:
             assert fused_native._t(rep.mlp.fc1_weight) and fused_native._t(focus.proj_weight)
-        for size in (6, 7, 28):
-            x = torch.randn(1, 32, size, size).contiguous(memory_format=cl)
-            ctx, prior = (torch.randn(1, 8, size, size).contiguous(memory_format=cl) for _ in range(2))
+        for size in ((6, 6), (7, 9), (28, 28)):
+            x = torch.randn(1, 32, *size).contiguous(memory_format=cl)
+            ctx, prior = (torch.randn(1, 8, *size).contiguous(memory_format=cl) for _ in range(2))
             for block, args in ((focus, (x, ctx, prior)), (rep, (x[:, :16].contiguous(memory_format=cl),))):
                 out, want = whole_and_op_by_op(block, *args)
                 assert codes.pop() == 0 and not codes, (layout, size)
