@@ -7,9 +7,10 @@ function on ``(pixels, channels)`` matrices: what can change from call to call (
 kernels' switch, hooks, the ContMix backend) is asked once per call, what the input's kind fixes (shapes,
 strides, dtypes) once per kind, and then the same kernels are called, with the same arguments, as the general
 forward's: the very same bits (tests compare the two). Anything else returns ``None`` and the block takes its
-general forward. At batch 1 the same steps run as one C call per block (``csrc/blocks_avx2.c``, the 1x1s through
-PyTorch's own ``sgemm_``): in the model the Python between the kernels ran with cold caches, ~0.25 ms a
-re-parameterized block and ~0.5 ms a Focus-Net block; overlock_t's batch-1 forward 71 -> 65 ms (AVX-512 Xeon).
+general forward. The same steps run as one C call per block where they can (``csrc/blocks_avx2.c``, the 1x1s through
+the BLAS routines PyTorch's own products call): in the model the Python between the kernels ran with cold caches,
+~0.25 ms a re-parameterized block and ~0.5 ms a Focus-Net block at batch 1; overlock_t's batch-1 forward 71 -> 65 ms
+(AVX-512 Xeon).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from .ops import native
 __all__ = ["focus_block", "repconv_block"]
 
 _F32 = torch.float32
-# Batch 1 runs each whole block as one native call (csrc/blocks_avx2.c) where it can; False: op by op from Python
-# (the same bits: tests compare the two).
+# Each whole block runs as one native call (csrc/blocks_avx2.c) where it can; False: op by op from Python (the same
+# bits: tests compare the two).
 WHOLE_BLOCK_CALLS = True
 
 
@@ -154,10 +155,10 @@ def focus_block(block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch
     Cc = ctx.shape[1]
     C, M, HW = Cx + Cc, B * H * W, H * W
     empty = torch.empty
-    whole = native.whole_blocks() if B == 1 and WHOLE_BLOCK_CALLS else None
+    whole = native.whole_blocks() if WHOLE_BLOCK_CALLS else None
     if whole is not None:
         out = empty(M, C)
-        if _focus_call(whole, block, x, ctx, prior, out, H, W) == 0:
+        if _focus_call(whole, block, x, ctx, prior, out, B, H, W) == 0:
             return _focus_output(block, out, B, H, W, C)
     # [x, ctx] (the context first updated, except in the first block)
     if prior is None:
@@ -239,9 +240,9 @@ def _pool_size(pool: nn.AdaptiveAvgPool2d, H: int, W: int) -> Tuple[int, int]:
 
 
 def _focus_call(lib, block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[torch.Tensor], out: torch.Tensor,
-                H: int, W: int) -> int:
-    """:func:`focus_block` at batch 1 as one call (csrc/blocks_avx2.c) into ``out`` ``(H*W, C)``: 0, or the C code's
-    refusal (then nothing but scratch was written)."""
+                B: int, H: int, W: int) -> int:
+    """:func:`focus_block` as one call (csrc/blocks_avx2.c) into ``out`` ``(B*H*W, C)``: 0, or the C code's refusal
+    (then nothing but scratch was written)."""
     mlp, se, proj, n1, n2 = block.mlp, block.se, block.weight_proj, block.norm1, block.norm2
     pool, key = block.weight_key
     d1, fdw, lepe, d2, mdw = block.dwconv1, block.fusion_dw, block.lepe, block.dwconv2, mlp.dwconv
@@ -253,7 +254,7 @@ def _focus_call(lib, block, x: torch.Tensor, ctx: torch.Tensor, prior: Optional[
                                            block.dyconv_weight, block.proj_weight)
     return lib.overlock_focus_block_avx2(
         x.data_ptr(), x.stride(3), x.shape[1], ctx.data_ptr(), ctx.stride(3), ctx.shape[1], *context,
-        out.data_ptr(), H, W,
+        out.data_ptr(), B, H, W,
         d1._taps().data_ptr(), d1.bias.data_ptr(), *d1.kernel_size, n1.weight.data_ptr(), n1.bias.data_ptr(), n1.eps,
         _ptr(block.ls1_weight), _ptr(block.proj_bias),
         fdw._taps().data_ptr(), fdw.bias.data_ptr(), *fdw.kernel_size,
@@ -394,8 +395,8 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     B, C, H, W = x.shape
     M = B * H * W
     result = (torch.empty_like(x) if out is None else out)
-    whole = native.whole_blocks() if B == 1 and WHOLE_BLOCK_CALLS else None
-    if whole is not None and _repconv_call(whole, block, x, result, H, W) == 0:
+    whole = native.whole_blocks() if WHOLE_BLOCK_CALLS else None
+    if whole is not None and _repconv_call(whole, block, x, result, B, H, W) == 0:
         return result
     identity, y = result.permute(0, 2, 3, 1).view(M, C), torch.empty(M, C)
     _conv_norm(lib, block.dwconv, block.norm, x.permute(0, 2, 3, 1).view(M, C), identity, y, block.ls_weight,
@@ -413,12 +414,12 @@ def repconv_block(block, x: torch.Tensor, out: Optional[torch.Tensor] = None) ->
     return result
 
 
-def _repconv_call(lib, block, x: torch.Tensor, result: torch.Tensor, H: int, W: int) -> int:
-    """:func:`repconv_block` at batch 1 as one call (csrc/blocks_avx2.c): 0, or the C code's refusal."""
+def _repconv_call(lib, block, x: torch.Tensor, result: torch.Tensor, B: int, H: int, W: int) -> int:
+    """:func:`repconv_block` as one call (csrc/blocks_avx2.c): 0, or the C code's refusal."""
     mlp, se, norm = block.mlp, block.se, block.norm
     dw, lk, mdw = block.dwconv, block.large_kernel, mlp.dwconv
     return lib.overlock_repconv_block_avx2(
-        x.data_ptr(), result.data_ptr(), H, W, x.shape[1],
+        x.data_ptr(), result.data_ptr(), B, H, W, x.shape[1],
         dw._taps().data_ptr(), dw.bias.data_ptr(), *dw.kernel_size, norm.weight.data_ptr(), norm.bias.data_ptr(),
         norm.eps, _ptr(block.ls_weight),
         lk._taps().data_ptr(), lk.bias.data_ptr(), *lk.kernel_size,

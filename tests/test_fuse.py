@@ -291,11 +291,12 @@ def test_focus_block_native_forward_gives_the_general_forwards_bits(res_scale, l
 
 @NATIVE_HERE
 @pytest.mark.parametrize("place", ["first", "middle", "last"])
-def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, monkeypatch):
-    """At batch 1 each fused block runs as one C call (csrc/blocks_avx2.c; the 1x1s through PyTorch's own sgemm_):
-    the bits of the op-by-op straight-line forward, on maps where GRN's and SE's scales go to the map (6x6) or to
-    the weights (7x9, not square) and where the GRN conv runs in place (28x28), with the 1x1 weights as stored
-    (transposed) and row-major. Not at batch 2; a refused call leaves the op-by-op forward to run."""
+@pytest.mark.parametrize("B", [1, 3])
+def test_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, B, monkeypatch):
+    """Each fused block runs as one C call (csrc/blocks_avx2.c; the 1x1s through PyTorch's own BLAS routines): the
+    bits of the op-by-op straight-line forward, on maps where GRN's and SE's scales go to the map (6x6) or to the
+    weights (7x9, not square; per sample above batch 1) and where the GRN conv runs in place (28x28), with the 1x1
+    weights as stored (transposed) and row-major. A refused call leaves the op-by-op forward to run."""
     from overlock import fused_native
     if native.whole_blocks() is None:
         pytest.skip("no sgemm_ in PyTorch's library here, or not its products' bits")
@@ -326,17 +327,14 @@ def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, mon
         else:
             assert fused_native._t(rep.mlp.fc1_weight) and fused_native._t(focus.proj_weight)
         for size in ((6, 6), (7, 9), (28, 28)):
-            x = torch.randn(1, 32, *size).contiguous(memory_format=cl)
-            ctx, prior = (torch.randn(1, 8, *size).contiguous(memory_format=cl) for _ in range(2))
+            x = torch.randn(B, 32, *size).contiguous(memory_format=cl)
+            ctx, prior = (torch.randn(B, 8, *size).contiguous(memory_format=cl) for _ in range(2))
             for block, args in ((focus, (x, ctx, prior)), (rep, (x[:, :16].contiguous(memory_format=cl),))):
                 out, want = whole_and_op_by_op(block, *args)
                 assert codes.pop() == 0 and not codes, (layout, size)
                 assert len(out) == len(want) and all(torch.equal(o, w) and o.stride() == w.stride()
                                                      for o, w in zip(out, want))
-    x2 = torch.randn(2, 32, 7, 7).contiguous(memory_format=cl)
-    ctx2 = torch.randn(2, 8, 7, 7).contiguous(memory_format=cl)
     with torch.no_grad():
-        focus(x2, ctx2, ctx2)
         monkeypatch.setattr(fused_native, "_focus_call", lambda *a: codes.append(-1) or -1)
         refused, want = whole_and_op_by_op(focus, x, ctx, prior)
     assert codes == [-1] and all(torch.equal(o, w) for o, w in zip(refused, want))
@@ -344,23 +342,28 @@ def test_batch_1_blocks_run_as_one_native_call_with_the_op_by_op_bits(place, mon
 
 @NATIVE_HERE
 def test_whole_block_product_check_catches_other_bits():
-    """``native._same_products`` passes the C products here and refuses one whose first value is off by an ulp."""
+    """``native._same_products`` (and its batched twin) pass the C products here and refuse one whose first value is
+    off by an ulp."""
     import ctypes
 
     lib = native.whole_blocks()
     if lib is None:
         pytest.skip("no whole-block calls here")
-    assert native._same_products(lib)
+    assert native._same_products(lib) and native._same_batched_products(lib)
 
-    class OffByOne:
-        @staticmethod
-        def overlock_blocks_linear(out, *args):
-            rc = lib.overlock_blocks_linear(out, *args)
+    def off_by_one(product):
+        def call(out, *args):
+            rc = product(out, *args)
             value = ctypes.c_float.from_address(out)
             value.value = float(torch.nextafter(torch.tensor(value.value), torch.tensor(float("inf"))))
             return rc
+        return staticmethod(call)
 
-    assert not native._same_products(OffByOne())
+    class OffByOne:
+        overlock_blocks_linear = off_by_one(lib.overlock_blocks_linear)
+        overlock_blocks_batch_linear = off_by_one(lib.overlock_blocks_batch_linear)
+
+    assert not native._same_products(OffByOne()) and not native._same_batched_products(OffByOne())
 
 
 def test_fused_contmix_block():

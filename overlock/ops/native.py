@@ -204,27 +204,29 @@ def _declare_blocks(lib: ctypes.CDLL) -> None:
     """The whole-block calls of csrc/blocks_avx2.c (their arguments in the order of the C prototypes)."""
     a, i, f, n = _ADDRESS, ctypes.c_int, ctypes.c_float, ctypes.c_long
     lib.overlock_blocks_set_sgemm.restype = None
-    lib.overlock_blocks_set_sgemm.argtypes = [a]
+    lib.overlock_blocks_set_sgemm.argtypes = [a, a]
     lib.overlock_blocks_linear.restype = i
     lib.overlock_blocks_linear.argtypes = [a, i, a, i, i, a, i, i, i, i, f]
+    lib.overlock_blocks_batch_linear.restype = i
+    lib.overlock_blocks_batch_linear.argtypes = [a, a, a, i, i, i, i, i, f]
     lib.overlock_repconv_block_avx2.restype = i
     lib.overlock_repconv_block_avx2.argtypes = (
-        [a, a, i, i, i] + [a, a, i, i, a, a, f, a] + [a, a, i, i] + [a, a, i, a, a]
+        [a, a, i, i, i, i] + [a, a, i, i, a, a, f, a] + [a, a, i, i] + [a, a, i, a, a]
         + [a, i, a, i] + [a, a, i, i, a, i] + [a, i, a])
     lib.overlock_focus_block_avx2.restype = i
     lib.overlock_focus_block_avx2.argtypes = (
-        [a, n, i, a, n, i, a, n, a, a, a, a, i, i]
+        [a, n, i, a, n, i, a, n, a, a, a, a, i, i, i]
         + [a, a, i, i, a, a, f, a, a] + [a, a, i, i] + [a, i, a, i, a, a, a, i, a] + [a, a, i, i]
         + [a, i, a, i, i, i, a, a, i, a, a, i, i, i, a, a, a, i] + [a, a, i, a, a] + [a, i]
         + [a, a, i, i, a, a, f, a] + [a, i, a, i, a, a, i, i, a, i, a, i, a])
 
 
-def _torch_sgemm() -> Optional[int]:
-    """The address of the BLAS ``sgemm_`` PyTorch's float32 matrix products call (MKL's, inside libtorch_cpu), or
-    None where there is none."""
+def _torch_blas(name: str) -> Optional[int]:
+    """The address of the BLAS routine ``name`` in PyTorch's library (MKL's ``sgemm_`` and ``cblas_sgemm_batch``,
+    which its float32 matrix products call, are inside libtorch_cpu), or None where there is none."""
     try:
         torch_lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return ctypes.cast(torch_lib.sgemm_, ctypes.c_void_p).value
+        return ctypes.cast(getattr(torch_lib, name), ctypes.c_void_p).value
     except (OSError, AttributeError):
         return None
 
@@ -255,24 +257,48 @@ def _same_products(lib: ctypes.CDLL) -> bool:
     return True
 
 
+def _same_batched_products(lib) -> bool:
+    """Whether the blocks' per-sample 1x1s (a weight scaled per sample) give ``torch.bmm`` / ``baddbmm_``'s bits,
+    for both weight layouts."""
+    gen = torch.Generator().manual_seed(0)
+    B, M, K, N = 3, 100, 32, 48
+    x, scale = torch.randn(B, M, K, generator=gen), torch.rand(B, K, generator=gen) + 0.5
+    for stored_t in (False, True):
+        w = torch.randn(K, N, generator=gen).t() if stored_t else torch.randn(N, K, generator=gen)
+        ws = w.t().unsqueeze(0) * scale.reshape(B, K, 1)  # the layout the product takes, as the blocks write it
+        for beta in (0.0, 1.0):
+            acc = torch.randn(B, M, N, generator=gen)
+            want = acc.clone().baddbmm_(x, ws) if beta else torch.bmm(x, ws)
+            got = acc.clone()
+            if (lib.overlock_blocks_batch_linear(got.data_ptr(), x.data_ptr(), ws.data_ptr(), int(stored_t), B, M, K,
+                                                 N, beta) != 0 or not torch.equal(got, want)):
+                return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _blocks() -> Optional[ctypes.CDLL]:
     lib = _library()
-    address = None if lib is None else _torch_sgemm()
+    address = None if lib is None else _torch_blas("sgemm_")
     if address is None:
         return None
-    lib.overlock_blocks_set_sgemm(address)
+    batched = _torch_blas("cblas_sgemm_batch")
+    lib.overlock_blocks_set_sgemm(address, batched)
     with torch.inference_mode(False), torch.no_grad():
-        if _same_products(lib):
-            return lib
-    lib.overlock_blocks_set_sgemm(None)
-    log.info("overlock: PyTorch's matrix products differ from its sgemm_ here; blocks run op by op")
-    return None
+        if not _same_products(lib):
+            lib.overlock_blocks_set_sgemm(None, None)
+            log.info("overlock: PyTorch's matrix products differ from its sgemm_ here; blocks run op by op")
+            return None
+        if batched is not None and not _same_batched_products(lib):
+            lib.overlock_blocks_set_sgemm(address, None)  # one sample at a time only
+            log.info("overlock: PyTorch's bmm differs from cblas_sgemm_batch here; batches run op by op")
+    return lib
 
 
 def whole_blocks() -> Optional[ctypes.CDLL]:
     """The library with the whole-block calls (csrc/blocks_avx2.c) ready, or None: kernels off or not built, no
-    ``sgemm_`` in PyTorch's library, or its products not PyTorch's bits (checked once per process)."""
+    ``sgemm_`` in PyTorch's library, or its products not PyTorch's bits (checked once per process). Without a
+    batched product of PyTorch's bits, the calls refuse more than one sample."""
     return None if _disabled else _blocks()
 
 
