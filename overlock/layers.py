@@ -15,6 +15,7 @@ from torch import nn
 from .ops import grn as grn_ops
 from .ops import grn_mlp as grn_mlp_ops
 from .ops import native, recompute
+from .ops import se as se_ops
 from .ops.channel_affine import channel_affine
 from .ops.depthwise import depthwise_conv2d, native_grads, runs_native
 from .ops.gelu import GELU
@@ -91,6 +92,8 @@ class SEModule(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if se_ops.applies(x):  # training: the same values, a backward of two passes over the map (ops/se.py)
+            return se_ops.squeeze_excite(self, x)
         return x * self.proj(x)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
