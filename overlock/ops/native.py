@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("csrc") / name
            for name in ("depthwise_avx2.c", "depthwise_avx512.c", "neighborhood_avx2.c", "neighborhood_avx512.c",
                         "grn_avx2.c", "gelu_avx2.c", "gelu_avx512.c", "se_avx2.c", "batchnorm_avx2.c", "concat_avx2.c",
-                                     "blocks_avx2.c")]
+                        "blocks_avx2.c")]
 # included by the sources (part of the cache key)
 HEADERS = [Path(__file__).with_name("csrc") / name for name in (
     "exp_neg_avx2.h", "exp_neg_avx512.h", "gelu_avx2.h", "gelu_math.h", "depthwise_common.h", "neighborhood_common.h")]
